@@ -1,0 +1,5 @@
+"""The one exception type for bad input: the CLI turns it into one error line and exit status 2."""
+
+
+class LmforgeError(Exception):
+    """Bad input or usage: the message says what was given and what was expected."""
