@@ -91,7 +91,9 @@ class DecoderConfig(BaseModel):
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("llama3", "default"):
-                raise ValueError(f"rope_scaling type {kind!r} is not supported; supported: 'llama3', 'default'")
+                raise ValueError(
+                    f"rope_scaling type {kind!r} is not supported; supported: 'llama3', 'default'"
+                )
         return self
 
 

@@ -1,0 +1,233 @@
+"""The `lmforge` command line: one Typer app; every command is a thin call into library code.
+
+Conventions every command follows: results go to stdout (`--json`: one JSON document), logs to stderr; exit
+status 0 on success, 1 when the work fails, 2 on bad input or usage, with one `error:` line and no
+traceback (`lmforge --debug ...` shows it).
+"""
+
+import json
+import logging
+import shutil
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+import typer.rich_utils
+from pydantic import ValidationError
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.table import Table
+from typer.core import TyperGroup
+
+from lmforge import __version__
+from lmforge.config import StageConfig, config_help, load_config, save_config, validation_message
+from lmforge.errors import LmforgeError
+
+log = logging.getLogger(__name__)
+C = TypeVar("C", bound=StageConfig)
+
+
+def _fail(exc: BaseException, code: int, debug: bool) -> NoReturn:
+    """Print one `error:` line (after the traceback with --debug) and exit with `code`."""
+    if debug:
+        traceback.print_exception(exc)
+    if isinstance(exc, ValidationError):
+        message = validation_message(exc)
+    elif isinstance(exc, FileNotFoundError):
+        message = f"{exc.strerror}: {exc.filename}"
+    else:
+        message = str(exc) or type(exc).__name__
+    if code == 1 and not debug:
+        message += f" ({type(exc).__name__}; rerun with `lmforge --debug ...` for the traceback)"
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+class _Group(TyperGroup):
+    """The root command: turns exceptions out of any command into one error line and an exit status."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException, BrokenPipeError):
+            raise  # usage errors (exit 2), --help, --version: Typer handles them
+        except (LmforgeError, ValidationError, FileNotFoundError) as e:
+            _fail(e, 2, ctx.params.get("debug", False))
+        except Exception as e:
+            _fail(e, 1, ctx.params.get("debug", False))
+
+
+def _version(value: bool) -> None:
+    """`--version`: print `lmforge X.Y.Z` and exit 0."""
+    if value:
+        print(f"lmforge {__version__}")
+        raise typer.Exit()
+
+
+def _setup_logging(debug: bool) -> None:
+    """Send `lmforge.*` logs to stderr: INFO, or DEBUG with --debug."""
+    root = logging.getLogger("lmforge")
+    for old in list(root.handlers):  # called once per run; tests run the app many times in one process
+        root.removeHandler(old)
+    root.addHandler(RichHandler(console=Console(stderr=True), show_path=False, log_time_format="[%X]"))
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def make_app() -> typer.Typer:
+    """A fresh `lmforge` app with the global options and error handling, and no commands yet."""
+    new = typer.Typer(
+        name="lmforge",
+        cls=_Group,
+        help="Train, fine-tune, align, steer, serve and evaluate language models with one machinery.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+        rich_markup_mode="rich",
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+
+    @new.callback()
+    def _root(
+        version: Annotated[
+            bool,
+            typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+        ] = False,
+        debug: Annotated[bool, typer.Option("--debug", help="Debug logs, and tracebacks on errors.")] = False,
+    ) -> None:
+        _setup_logging(debug)
+
+    return new
+
+
+def emit(result: dict, as_json: bool) -> None:
+    """Print a command's result: one JSON document with `as_json`, else a two-column table for people."""
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    table = Table.grid(padding=(0, 2))
+    for key, value in _flatten(result):
+        table.add_row(escape(key), escape(_format(value)))
+    Console().print(table)
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested dicts as dotted keys: {"a": {"b": 1}} → [("a.b", 1)]."""
+    rows: list[tuple[str, Any]] = []
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            rows += _flatten(value, f"{prefix}{key}.")
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
+        return ", ".join(map(str, value)) or "-"
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def add_stage_command(
+    app: typer.Typer, name: str, config_cls: type[C], run: Callable[[C, Path], dict], help: str
+) -> None:
+    """Register `lmforge NAME [--config RECIPE] [--set KEY=VALUE]... --out DIR [--json]` calling `run(cfg, out)`."""
+
+    def command(
+        config: Annotated[
+            Path | None, typer.Option("--config", "-c", help="YAML recipe.", metavar="RECIPE")
+        ] = None,
+        overrides: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--set",
+                help="Override a config field (repeatable), e.g. train.max_steps=20.",
+                metavar="KEY=VALUE",
+            ),
+        ] = None,
+        out: Annotated[
+            Path, typer.Option("--out", "-o", help="Run directory (config.yaml and results).", metavar="DIR")
+        ] = ...,
+        as_json: Annotated[
+            bool, typer.Option("--json", help="Print the result as one JSON document.")
+        ] = False,
+    ) -> None:
+        cfg = load_config(config_cls, config, overrides or [])
+        log.info("%s: config written to %s", name, save_config(cfg, out))
+        emit(run(cfg, out), as_json)
+
+    app.command(name, help=help, epilog=_epilog(config_cls))(command)
+
+
+def _epilog(config_cls: type[StageConfig]) -> str:
+    """The config listing as a `--help` epilog that Typer prints as laid out, fitted to the terminal."""
+    if not typer.core.HAS_RICH:  # plain click reflows paragraphs, except those marked with \b
+        return "\b\n" + config_help(config_cls, width=shutil.get_terminal_size().columns - 2)
+    # Typer's rich help: cleandoc() (a blank first line keeps the indent), markup (escape `list[int]`),
+    # then wrapping at the console width less a padding of 1 on each side.
+    width = (typer.rich_utils.MAX_WIDTH or Console().width) - 2
+    return "\n" + escape(config_help(config_cls, width=width))
+
+
+app = make_app()
+
+# Commands. Each is a thin call into library code; stages are registered with `add_stage_command`, other
+# commands with `@app.command()` and print their result with `emit`.
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")]
+
+
+@app.command()
+def inspect(
+    model: Annotated[
+        Path, typer.Argument(help="A Hugging Face model directory (lmforge's or transformers').")
+    ],
+    as_json: JsonFlag = False,
+) -> None:
+    """Show a model directory: architecture, parameters (embedding / rest), dtype, vocabulary, context,
+    tokenizer and chat template, and lineage. Reads headers only: instant even for large models."""
+    from lmforge.inspect import inspect_model
+
+    emit(inspect_model(model), as_json)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for what the demo writes.")] = Path(
+        "demo-out"
+    ),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run the built-in demo end to end on this machine (no downloads); it grows with each lmforge stage."""
+    from lmforge.pipeline import run_demo
+
+    result = run_demo(out, seed)
+    if as_json:
+        emit(result, as_json=True)
+        return
+    console = Console()
+    for name, info in result["inspect"].items():
+        console.rule(f"lmforge inspect: {name}")
+        emit(info, as_json=False)
+    console.rule("all-MiniLM-L6-v2 sentence similarity, computed by lmforge's BERT")
+    table = Table("", *[f"s{i}" for i in range(len(result["minilm_similarity"]["sentences"]))])
+    for i, (sentence, row) in enumerate(zip(*result["minilm_similarity"].values(), strict=True)):
+        table.add_row(f"s{i} {sentence}", *[f"{c:.2f}" for c in row])
+    console.print(table)
+    console.print(
+        f"saved and reloaded {result['model_dir']}: logits bit-exact = {result['reload_bit_exact']}"
+    )
+
+
+def main() -> None:
+    """Console-script entry point (`lmforge`, `python -m lmforge`)."""
+    app(prog_name="lmforge")

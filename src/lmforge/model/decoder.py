@@ -1,0 +1,340 @@
+"""The Llama-family decoder: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM.
+
+Read top to bottom: helpers (RMSNorm, RoPE, masks, KV cache) → attention → MLP → block → model → LM head.
+Module names follow Hugging Face (`model.layers.0.self_attn.q_proj`, ...), so loading a HF checkpoint is an
+identity key map. The family differences are composed when the modules are built (biases, q/k norm, sliding
+window layers, tied embeddings); `forward` has no per-family branches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.model.configs import DecoderConfig
+
+IGNORE_INDEX = -100
+"""Target id that contributes no loss (prompt tokens, padding)."""
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back (as HF does, so bf16 results agree)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: DecoderConfig, device: torch.device | None = None) -> Tensor:
+    """Inverse frequencies of the rotary embedding, (head_dim // 2,) fp32, with Llama-3 scaling if set."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (
+        config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim)
+    )
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+        return inv_freq
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between.
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: Tensor, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin for each position, (B, T, head_dim), in HF's half-split layout."""
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim // 2), fp32
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, head_dim)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, n_head, T, head_dim) by the position angles: x * cos + rotate_half(x) * sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def build_mask(
+    attention_mask: Tensor | None, past: int, T: int, window: int | None, device: torch.device
+) -> Tensor | None:
+    """Boolean (B|1, 1, T, past + T) mask of the keys each query may see, or None for plain causal attention.
+
+    Query i sits at cache index past + i and sees key j when j <= past + i, j is not padding and, on sliding
+    layers, j > past + i - window. A query always sees itself, so padding rows never become all -inf (NaN).
+    """
+    if attention_mask is None and window is None and (past == 0 or T == 1):
+        return None  # SDPA's is_causal (prefill) or attend-to-everything (one-token decode)
+    S = past + T
+    q = torch.arange(past, S, device=device)[:, None]  # (T, 1)
+    k = torch.arange(S, device=device)[None, :]  # (1, S)
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :S].bool()  # (B, 1, T, S)
+    return allowed | (k == q)
+
+
+def positions_from_mask(attention_mask: Tensor, past: int, T: int) -> Tensor:
+    """Position ids that restart at 0 after left padding: (B, T) for the last T columns of the mask."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, past + T)
+    return positions[:, past : past + T]
+
+
+class KVCache:
+    """Pre-allocated keys and values for every layer, so decoding never re-allocates.
+
+    `k`/`v` are (n_layer, B, n_kv_head, max_len, head_dim); `length` is how many positions are filled. The
+    model writes each layer's new keys at [length, length + T) and advances `length` after the last layer.
+    """
+
+    def __init__(
+        self,
+        config: DecoderConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        """Number of positions the cache can hold."""
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's (B, n_kv, T, hd) keys/values for `layer`; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} needed")
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# -------------------------------------------------------------------------------------------- attention
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE through `scaled_dot_product_attention`."""
+
+    def __init__(self, config: DecoderConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        C, qkv_bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=config.o_proj_bias)
+        # Qwen3 normalises each head of q and k before RoPE; elsewhere these are identities with no weights.
+        make_norm = (lambda: RMSNorm(self.head_dim, config.rms_norm_eps)) if config.qk_norm else nn.Identity
+        self.q_norm, self.k_norm = make_norm(), make_norm()
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(
+            1, 2
+        )  # (B, nh, T, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(
+            1, 2
+        )  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        is_causal = mask is None and (cache is None or cache.length == 0)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, past + T, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal and T > 1, enable_gqa=self.n_kv_head != self.n_head
+        )  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+# --------------------------------------------------------------------------------------------------- MLP
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        C, H, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(C, H, bias=bias)
+        self.up_proj = nn.Linear(C, H, bias=bias)
+        self.down_proj = nn.Linear(H, C, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ------------------------------------------------------------------------------------------------- block
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: DecoderConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        is_sliding = config.layer_types[layer_idx] == "sliding_attention"
+        self.window = config.sliding_window if is_sliding else None
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+class DecoderModel(nn.Module):
+    """Embeddings, blocks and the final norm: token ids (B, T) → hidden states (B, T, C)."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self._inv_freq: Tensor | None = (
+            None  # fp32 whatever the weights' dtype; not a buffer, so .to() keeps it
+        )
+
+    def inv_freq(self, device: torch.device) -> Tensor:
+        """The RoPE inverse frequencies on `device`, computed once per device."""
+        if self._inv_freq is None or self._inv_freq.device != device:
+            self._inv_freq = rope_inv_freq(self.config, device)
+        return self._inv_freq
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = positions_from_mask(attention_mask, past, T)
+            else:
+                position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
+        cos, sin = rope_cos_sin(self.inv_freq(x.device), position_ids, x.dtype)  # (B, T, hd)
+        # One mask per distinct window (full and sliding layers), built once per forward.
+        masks = {w: build_mask(attention_mask, past, T, w, x.device) for w in {b.window for b in self.layers}}
+        for block in self.layers:
+            x = block(x, cos, sin, masks[block.window], cache)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    """A decoder with its LM head: logits, or per-token losses given targets (the one log-prob path)."""
+
+    base_model_prefix: ClassVar[str] = "model"
+    architectures: ClassVar[dict[str, str]] = {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+    }
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    @property
+    def hf_architecture(self) -> str:
+        """The `architectures` entry HF uses for this family."""
+        return self.architectures[self.config.model_type]
+
+    def tied_weights(self) -> dict[str, str]:
+        """State-dict keys that share another key's tensor: {tied key: source key}."""
+        return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
+
+    def tie_weights(self) -> None:
+        """Make tied parameters one tensor again (after building, `to_empty` or loading)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """HF's init: normal(0, initializer_range) for linear and embedding weights, zero biases, unit norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        self.tie_weights()
+        self.model._inv_freq = None
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        targets: Tensor | None = None,
+        *,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        reduction: str = "mean",
+    ) -> Tensor:
+        """Logits (B, T, V) — (B, 1, V) with `last_only` — or, given targets (B, T), the cross-entropy.
+
+        `reduction="none"` gives per-token losses (B, T) (0 where the target is IGNORE_INDEX): the negative
+        log-probs SFT, DPO, RL and evaluation all read. "sum" and "mean" reduce over the counted tokens.
+        """
+        x = self.model(input_ids, attention_mask, position_ids, cache)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(x[:, -1:] if last_only else x)
+        logits = self.lm_head(x).float()  # (B, T, V), fp32 for a stable log-softmax
+        loss = F.cross_entropy(
+            logits.view(-1, logits.size(-1)),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction=reduction,
+        )
+        return loss.view(targets.shape) if reduction == "none" else loss

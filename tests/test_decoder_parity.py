@@ -1,0 +1,152 @@
+"""Every decoder family against `transformers`: HF → lmforge, lmforge → HF, round trips, losses, KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from lmforge.model.decoder import IGNORE_INDEX, KVCache, positions_from_mask  # noqa: E402
+from lmforge.model.hf import build_model, load_model, read_config, save_model  # noqa: E402
+
+SMALL = dict(
+    vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)  # fmt: skip
+LLAMA3_ROPE = {
+    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+}  # fmt: skip
+# name → (HF config class, extra config): one entry per family and per variant the decoder composes.
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "llama3-bias": (
+        "LlamaConfig",
+        {"rope_parameters": LLAMA3_ROPE, "attention_bias": True, "mlp_bias": True},
+    ),
+    "smollm-tied": ("LlamaConfig", {"tie_word_embeddings": True}),
+    "mistral-window": ("MistralConfig", {"sliding_window": 5}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen2-window": (
+        "Qwen2Config",
+        {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    ),
+    "qwen3": ("Qwen3Config", {"head_dim": 32, "attention_bias": True}),
+}
+TOL = 1e-4
+
+
+def randomize_(model: torch.nn.Module) -> None:
+    """Non-trivial weights: HF's init leaves norms at 1 and biases at 0, which would hide a missing one."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * noise if "norm" in name else 0.15 * noise)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def hf_dir(request, tmp_path_factory):
+    """A seeded random HF model of the family, saved with `save_pretrained`."""
+    config_cls, extra = FAMILIES[request.param]
+    config = getattr(transformers, config_cls)(**SMALL, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    randomize_(model)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return path
+
+
+def hf_model(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+
+def padded_batch(seed: int = 0):
+    """Three prompts of lengths 12, 7 and 3, left-padded to 12, with their mask and positions."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [12, 7, 3]
+    ids = torch.zeros(3, 12, dtype=torch.long)
+    mask = torch.zeros(3, 12, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, 12 - n :] = torch.randint(3, SMALL["vocab_size"], (n,), generator=g)
+        mask[row, 12 - n :] = 1
+    return ids, mask, positions_from_mask(mask, 0, 12), lengths
+
+
+@torch.no_grad()
+def test_hf_to_lmforge_logits(hf_dir):
+    ref, ours = hf_model(hf_dir), load_model(hf_dir)
+    ids = torch.randint(3, SMALL["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(0))
+    diff = (ours(ids) - ref(ids).logits).abs().max().item()
+    assert diff < TOL, f"max |Δlogits| {diff:.2e}"
+
+    ids, mask, pos, lengths = padded_batch()
+    expected = ref(ids, attention_mask=mask, position_ids=pos).logits
+    for got in (ours(ids, attention_mask=mask, position_ids=pos), ours(ids, attention_mask=mask)):
+        real = mask.bool()
+        diff = (got[real] - expected[real]).abs().max().item()
+        assert diff < TOL, f"padded batch: max |Δlogits| {diff:.2e}"
+    # Padding changes nothing: each row equals the same prompt alone.
+    for row, n in enumerate(lengths):
+        alone = ours(ids[row : row + 1, 12 - n :])
+        assert (got[row, 12 - n :] - alone[0]).abs().max() < TOL
+
+
+@torch.no_grad()
+def test_lmforge_to_hf_logits_and_bitexact_round_trip(hf_dir, tmp_path):
+    config, _ = read_config(hf_dir)
+    torch.manual_seed(3)
+    model = build_model(config).eval()
+    randomize_(model)
+    save_model(model, tmp_path / "ours")
+    ids = torch.randint(3, SMALL["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(0))
+    diff = (hf_model(tmp_path / "ours")(ids).logits - model(ids)).abs().max().item()
+    assert diff < TOL, f"max |Δlogits| {diff:.2e}"
+
+    reloaded = load_model(tmp_path / "ours")
+    assert reloaded.config == model.config
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), reloaded.state_dict().items(), strict=True):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+    assert torch.equal(reloaded(ids), model(ids))
+
+
+@torch.no_grad()
+def test_per_token_losses_match_hf_loss(hf_dir):
+    ref, ours = hf_model(hf_dir), load_model(hf_dir)
+    ids = torch.randint(3, SMALL["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(5))
+    inputs, targets = ids[:, :-1], ids[:, 1:].clone()
+    targets[0, :4] = IGNORE_INDEX  # a masked prompt
+    labels = ids.clone()
+    labels[0, 1:5] = IGNORE_INDEX  # the same positions, in HF's unshifted convention
+    expected = ref(ids, labels=labels).loss
+    per_token = ours(inputs, targets, reduction="none")  # (B, T)
+    assert per_token.shape == targets.shape
+    assert (per_token[0, :4] == 0).all()
+    counted = targets != IGNORE_INDEX
+    assert torch.allclose(per_token.sum() / counted.sum(), expected, atol=TOL)
+    assert torch.allclose(ours(inputs, targets), expected, atol=TOL)
+    logprobs = torch.log_softmax(ours(inputs).float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    assert torch.allclose(-logprobs[counted], per_token[counted], atol=1e-5)
+
+
+@torch.no_grad()
+def test_last_only_and_kv_cache_equal_full_forward(hf_dir):
+    model = load_model(hf_dir)
+    ids, mask, _, _ = padded_batch(seed=1)
+    extra = torch.randint(3, SMALL["vocab_size"], (3, 6), generator=torch.Generator().manual_seed(2))
+    full_ids = torch.cat([ids, extra], 1)
+    full_mask = torch.cat([mask, torch.ones_like(extra)], 1)
+    full = model(full_ids, attention_mask=full_mask)  # (3, 18, V)
+    assert torch.allclose(
+        model(full_ids, attention_mask=full_mask, last_only=True)[:, 0], full[:, -1], atol=1e-6
+    )
+
+    cache = KVCache(model.config, batch_size=3, max_len=32, device="cpu", dtype=torch.float32)
+    prefill = model(ids, attention_mask=mask, cache=cache)
+    steps = [model(extra[:, i : i + 1], attention_mask=full_mask[:, : 13 + i], cache=cache) for i in range(6)]
+    cached = torch.cat([prefill, *steps], 1)
+    real = full_mask.bool()
+    assert cache.length == 18
+    assert (cached[real] - full[real]).abs().max() < TOL
