@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.model.configs import DecoderConfig
+from lmforge.model.init import empty_embedding, init_weights, tie_weights
 
 IGNORE_INDEX = -100
 """Target id that contributes no loss (prompt tokens, padding)."""
@@ -227,7 +228,7 @@ class DecoderModel(nn.Module):
     def __init__(self, config: DecoderConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = empty_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self._inv_freq: Tensor | None = (
@@ -294,21 +295,12 @@ class CausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         """Make tied parameters one tensor again (after building, `to_empty` or loading)."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        tie_weights(self, self.tied_weights())
 
-    @torch.no_grad()
     def init_weights(self) -> None:
         """HF's init: normal(0, initializer_range) for linear and embedding weights, zero biases, unit norms."""
-        std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
         self.tie_weights()
+        init_weights(self, self.config.initializer_range)
         self.model._inv_freq = None
 
     def forward(

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from lmforge.errors import LmforgeError
 from lmforge.model.configs import EncoderConfig
+from lmforge.model.init import empty_embedding, init_weights, tie_weights
 
 # The MLM decoder reads out with the input embedding matrix; its bias is the head's own `cls.predictions.bias`.
 MLM_TIES = {
@@ -39,34 +40,15 @@ def mean_pool(last_hidden_state: Tensor, attention_mask: Tensor) -> Tensor:
     return (last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, C)
 
 
-@torch.no_grad()
-def _init_weights(model: nn.Module, std: float) -> None:
-    # HF's BERT init: normal(0, std) Linear and Embedding weights, zero biases and padding row, LayerNorm 1 and 0.
-    modules = list(model.modules())
-    for m in modules:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=std)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    # Embeddings last: the MLM decoder (a Linear) shares the word-embedding matrix, whose padding row must end zero.
-    for m in modules:
-        if isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=std)
-            if m.padding_idx is not None:
-                m.weight[m.padding_idx].zero_()
-
-
 class Embeddings(nn.Module):
     """Word + token type + learned position embeddings, then LayerNorm and dropout."""
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         C = config.hidden_size
-        self.word_embeddings = nn.Embedding(config.vocab_size, C, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, C)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, C)
+        self.word_embeddings = empty_embedding(config.vocab_size, C, config.pad_token_id)
+        self.position_embeddings = empty_embedding(config.max_position_embeddings, C)
+        self.token_type_embeddings = empty_embedding(config.type_vocab_size, C)
         self.LayerNorm = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -139,7 +121,7 @@ class _BertBase(nn.Module):
     def init_weights(self) -> None:
         """(Re)tie and initialise every parameter, e.g. after building on the meta device and `to_empty`."""
         self.tie_weights()
-        _init_weights(self, self.config.initializer_range)
+        init_weights(self, self.config.initializer_range)
 
     def tied_weights(self) -> dict[str, str]:
         """State-dict key of each tied parameter → key of the parameter it shares."""
@@ -147,9 +129,7 @@ class _BertBase(nn.Module):
 
     def tie_weights(self) -> None:
         """Make tied parameters one Parameter again (after building, `to_empty` or load_state_dict(assign=True))."""
-        for key, target in self.tied_weights().items():
-            owner, _, name = key.rpartition(".")
-            setattr(self.get_submodule(owner), name, self.get_parameter(target))
+        tie_weights(self, self.tied_weights())
 
 
 class BertModel(_BertBase):
