@@ -192,8 +192,11 @@ def inspect(
     ],
     as_json: JsonFlag = False,
 ) -> None:
-    """Show a model directory: architecture, parameters (embedding / rest), dtype, vocabulary, context,
-    tokenizer and chat template, and lineage. Reads headers only: instant even for large models."""
+    """Show what a model directory holds.
+
+    Architecture, parameters (embedding / rest), dtype, vocabulary, context length, tokenizer and chat
+    template, and lineage. Reads headers only: instant even for large models.
+    """
     from lmforge.inspect import inspect_model
 
     emit(inspect_model(model), as_json)
@@ -207,7 +210,12 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     as_json: JsonFlag = False,
 ) -> None:
-    """Run the built-in demo end to end on this machine (no downloads); it grows with each lmforge stage."""
+    """Run the built-in demo end to end (no downloads).
+
+    Today: build a ~14M Llama, save it as a Hugging Face directory, reload it bit-exactly, inspect it and
+    the real all-MiniLM-L6-v2, and compare sentences with MiniLM embeddings computed by lmforge's BERT.
+    It grows with each lmforge stage.
+    """
     from lmforge.pipeline import run_demo
 
     result = run_demo(out, seed)

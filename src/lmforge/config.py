@@ -1,10 +1,8 @@
 """Typed stage configs: YAML recipes, `--set key.sub=value` overrides, clear errors, the saved `config.yaml`."""
 
 import json
-import os
 import re
 import reprlib
-import tempfile
 import textwrap
 import types
 from collections.abc import Callable, Sequence
@@ -16,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmforge.errors import LmforgeError
+from lmforge.fileio import atomic_write
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -235,15 +234,5 @@ def save_config(cfg: BaseModel, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "config.yaml"
     text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".config.yaml.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the config is meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text)
     return path
