@@ -83,7 +83,8 @@ def test_inspect_bad_input_is_one_error_line_exit_2(tmp_path):
     cases = {
         tmp_path / "missing": "no such directory",
         tmp_path / "empty": "not a Hugging Face model directory (config.json not found)",
-        tmp_path / "gpt2": "model_type 'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3, bert",
+        tmp_path
+        / "gpt2": "model_type 'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3, bert",
     }
     for path, message in cases.items():
         result = lmforge("inspect", str(path))
