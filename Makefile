@@ -35,6 +35,7 @@ format: setup
 	$(BIN)/ruff format .
 
 bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/parity.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/models.py
 
 clean:

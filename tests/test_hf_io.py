@@ -9,8 +9,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
-from lmforge.model.configs import preset
-from lmforge.model.hf import build_model, load_model, read_config, save_model
+from lmforge.model.configs import PRESETS, DecoderConfig, preset
+from lmforge.model.hf import (
+    ARCHITECTURES,
+    DEFAULT_ARCHITECTURE,
+    build_model,
+    decoder_config_to_hf,
+    load_model,
+    read_config,
+    save_model,
+)
 
 
 @pytest.fixture
@@ -113,3 +121,23 @@ def test_config_that_no_hf_family_expresses_is_refused(tmp_path):
     with pytest.raises(LmforgeError, match="cannot be saved as HF model_type 'llama'"):
         save_model(model, tmp_path / "bad")
     assert not (tmp_path / "bad" / "config.json").exists()
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_builds_on_meta_and_is_a_hf_family(name):
+    config = PRESETS[name]
+    with torch.device("meta"):
+        model = ARCHITECTURES[DEFAULT_ARCHITECTURE[config.model_type]](config)
+    n_params = sum(p.numel() for p in model.parameters())
+    expected = {"llama-14m": 13_767_552, "llama-124m": 124_275_456}  # the sizes the names promise
+    if name in expected:
+        assert n_params == expected[name]
+    if isinstance(config, DecoderConfig):
+        decoder_config_to_hf(config)  # raises if transformers would read it as a different model
+
+
+def test_preset_overrides_rederive_fields():
+    assert preset("tiny-mistral", num_hidden_layers=3).layer_types == ["sliding_attention"] * 3
+    assert preset("tiny-llama", hidden_size=128).head_dim == 32
+    with pytest.raises(LmforgeError, match="unknown model preset 'gpt-9'; available: bert-mini"):
+        preset("gpt-9")
