@@ -7,6 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import randomize_  # noqa: E402
+
 from lmforge.model.decoder import IGNORE_INDEX, KVCache, positions_from_mask  # noqa: E402
 from lmforge.model.hf import build_model, load_model, read_config, save_model  # noqa: E402
 
@@ -35,15 +37,6 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", {"head_dim": 32, "attention_bias": True}),
 }
 TOL = 1e-4
-
-
-def randomize_(model: torch.nn.Module) -> None:
-    """Non-trivial weights: HF's init leaves norms at 1 and biases at 0, which would hide a missing one."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if "norm" in name else 0.15 * noise)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -11,7 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # the reference models are local directories
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from helpers import randomize_
 
 from lmforge.errors import LmforgeError
 from lmforge.model.configs import EncoderConfig, preset
@@ -23,6 +22,7 @@ from lmforge.model.encoder import (
     BertModel,
     mean_pool,
 )
+from lmforge.model.hf import build_model, load_model, save_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,39 +58,6 @@ def hf_config(config: EncoderConfig):
     )
 
 
-def load_hf_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """Stand-in for `lmforge.model.hf.load_model` until the loader lands: the key map is the identity, and the
-    `embeddings.position_ids` buffer that older HF checkpoints carry is dropped."""
-    state = {k: v for k, v in state.items() if not k.endswith("embeddings.position_ids")}
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
-def load_hf_dir(path: Path) -> BertModel:
-    """A BertModel from a HF directory (config.json + model.safetensors)."""
-    hf = json.loads((path / "config.json").read_text())
-    config = EncoderConfig(**{k: v for k, v in hf.items() if k in EncoderConfig.model_fields})
-    return load_hf_state(BertModel(config), load_file(path / "model.safetensors"))
-
-
-def build(cls: type[torch.nn.Module], config: EncoderConfig) -> torch.nn.Module:
-    """The production path for a fresh model: meta-device build, one materialisation, init_weights."""
-    with torch.device("meta"):
-        model = cls(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    return model
-
-
-def randomize_(model: torch.nn.Module) -> None:
-    """Non-trivial weights: init leaves LayerNorms at 1 and biases at 0, which would hide a missing one."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if "LayerNorm.weight" in name else 0.15 * noise)
-
-
 def padded_batch(vocab_size: int) -> dict[str, torch.Tensor]:
     """Sentence pairs of lengths 16, 9 and 4, right-padded with id 0; segment B is the second half."""
     g = torch.Generator().manual_seed(0)
@@ -122,7 +89,8 @@ def minilm_path(monkeypatch) -> Path:
 @torch.no_grad()
 def test_minilm_matches_transformers_and_sentence_transformers(minilm_path):
     st = pytest.importorskip("sentence_transformers")
-    ours = load_hf_dir(minilm_path)
+    ours = load_model(minilm_path)
+    assert isinstance(ours, BertModel)
     ref = transformers.BertModel.from_pretrained(minilm_path, attn_implementation="eager").eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
@@ -153,12 +121,14 @@ def test_module_tree_gives_hf_keys_and_ties(arch):
 
 @torch.no_grad()
 @pytest.mark.parametrize("arch", list(HEADS))
-def test_hf_to_lmforge_logits(arch):
+def test_hf_to_lmforge_logits(arch, tmp_path):
     config = tiny_config()
     torch.manual_seed(0)
     ref = getattr(transformers, arch)(hf_config(config)).eval()
     randomize_(ref)
-    ours = load_hf_state(HEADS[arch](config), ref.state_dict())
+    ref.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    assert type(ours) is HEADS[arch]
 
     batch = padded_batch(config.vocab_size)
     expected = ref(**batch)
@@ -174,12 +144,13 @@ def test_hf_to_lmforge_logits(arch):
 
 @torch.no_grad()
 @pytest.mark.parametrize("arch", list(HEADS))
-def test_lmforge_to_hf_logits(arch):
+def test_lmforge_to_hf_logits(arch, tmp_path):
     config = tiny_config()
-    ours = build(HEADS[arch], config).eval()
+    ours = build_model(config, arch).eval()
     randomize_(ours)
-    ref = getattr(transformers, arch)(hf_config(config)).eval()
-    ref.load_state_dict(ours.state_dict(), strict=True)
+    save_model(ours, tmp_path)
+    ref = getattr(transformers, arch).from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert load_model(tmp_path).config == config  # config.json round-trips (labels included)
 
     batch = padded_batch(config.vocab_size)
     expected = ref(**batch)
