@@ -1,0 +1,1 @@
+"""Data: readers, formats, governance, the synthetic world, and `data prepare`."""
