@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +22,12 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
 from lmforge import __version__
 from lmforge.config import StageConfig, config_help, load_config, save_config, validation_message
+from lmforge.data.prepare import PrepareConfig
 from lmforge.errors import LmforgeError
 
 log = logging.getLogger(__name__)
@@ -234,6 +237,152 @@ def demo(
     console.print(
         f"saved and reloaded {result['model_dir']}: logits bit-exact = {result['reload_bit_exact']}"
     )
+
+
+# ------------------------------------------------------------------------------------- tokenizer, data
+
+tokenizer_app = typer.Typer(help="Train tokenizers and measure them.", no_args_is_help=True)
+data_app = typer.Typer(help="Synthesise, prepare and inspect datasets.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(data_app, name="data")
+FormatOption = Annotated[
+    str | None,
+    typer.Option("--format", help="Record format (text, messages, alpaca, ...); default: detected."),
+]
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    files: Annotated[
+        list[Path], typer.Argument(help="Text or dataset files (any format `data prepare` reads).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the tokenizer files.")],
+    kind: Annotated[
+        str, typer.Option(help="bpe (byte-level, for decoders) or wordpiece (for BERT).")
+    ] = "bpe",
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size, special tokens included.")] = 8192,
+    min_frequency: Annotated[int, typer.Option(help="Minimum pair frequency for a merge.")] = 2,
+    fmt: FormatOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Train a tokenizer that transformers.AutoTokenizer loads unchanged.
+
+    Byte-level BPE gets bos/eos/pad/unk and <|im_start|>/<|im_end|> chat tokens plus lmforge's ChatML chat
+    template; WordPiece gets [PAD] [UNK] [CLS] [SEP] [MASK]. Pad is never EOS.
+    """
+    from lmforge.data.prepare import iter_texts
+    from lmforge.tokenizer import Tokenizer, train_tokenizer
+
+    if kind not in ("bpe", "wordpiece"):
+        raise LmforgeError(f"--kind {kind!r}: expected bpe or wordpiece")
+    path = train_tokenizer(iter_texts(files, fmt), kind, vocab_size, out, min_frequency=min_frequency)
+    tok = Tokenizer.from_dir(path)
+    specials = {"bos": tok.bos_token, "eos": tok.eos_token, "pad_id": tok.pad_id, "eos_id": tok.eos_id}
+    emit(
+        {"out": str(path), "kind": kind, "vocab_size": tok.vocab_size, "special": specials, "hash": tok.hash},
+        as_json,
+    )
+
+
+@tokenizer_app.command("stats")
+def tokenizer_stats(
+    files: Annotated[list[Path], typer.Argument(help="Text or dataset files to measure on.")],
+    tokenizer: Annotated[Path, typer.Option(help="Tokenizer directory (tokenizer.json).")],
+    fmt: FormatOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Bytes per token, tokens per word, unknown-token rate and vocabulary use of a tokenizer on FILES."""
+    from lmforge.data.prepare import iter_texts
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.tokenizer import tokenizer_stats as stats
+
+    emit(stats(Tokenizer.from_dir(tokenizer), iter_texts(files, fmt)), as_json)
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the world's files.")],
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives byte-identical files.")] = 0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Generate the synthetic world: people (groups A/B/C), biographies, Q&A, a medical domain, preferences."""
+    from lmforge.data.synthetic import synthesize
+
+    emit(synthesize(out, seed=seed), as_json)
+
+
+@data_app.command("prepare", epilog=_epilog(PrepareConfig))
+def data_prepare(
+    files: Annotated[list[Path] | None, typer.Argument(help="Input files or directories.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset directory.")] = ...,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory.")] = None,
+    fmt: FormatOption = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML recipe.", metavar="RECIPE")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config field, e.g. pii=mask.", metavar="KEY=VALUE"),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Tokenise inputs into shards (+ loss masks, labels) with a manifest that versions the dataset.
+
+    Governance (PII scrub, deduplication, contamination) is reported in the manifest. Re-running on
+    unchanged inputs reuses the output; the output appears atomically.
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from lmforge.data.prepare import prepare
+    from lmforge.data.readers import iter_files
+
+    cfg = load_config(PrepareConfig, config, overrides or [])
+    given = {"inputs": files, "tokenizer": tokenizer, "format": fmt}
+    cfg = PrepareConfig.model_validate({**cfg.model_dump(), **{k: v for k, v in given.items() if v}})
+    total = sum(p.stat().st_size for p in iter_files(cfg.inputs) if p.is_file()) if cfg.inputs else 0
+    columns = (TextColumn("prepare"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    started = time.perf_counter()
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("prepare", total=total or None)
+        manifest = prepare(cfg, out, progress=lambda n: bar.advance(task, n))
+    seconds = time.perf_counter() - started
+    splits = {s: {k: v for k, v in info.items() if k != "shards"} for s, info in manifest["splits"].items()}
+    result = {"out": str(out), "id": manifest["id"], "kind": manifest["kind"], "cache_hit": manifest["cache_hit"],
+              "splits": splits, "rejected": manifest["rejected"], "seconds": round(seconds, 3),
+              "input_mb_per_s": round(total / 1e6 / seconds, 2)}  # fmt: skip
+    for name, report in manifest["governance"].items():
+        result[name] = {k: v for k, v in report.items() if k not in ("report", "examples")}
+    emit(result, as_json)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    path: Annotated[Path, typer.Argument(help="A prepared dataset directory.")],
+    samples: Annotated[int, typer.Option(help="Decoded samples to show.")] = 3,
+    as_json: JsonFlag = False,
+) -> None:
+    """Manifest summary, length histogram and decoded samples (trained-on tokens highlighted)."""
+    from lmforge.data.dataset import inspect_dataset
+
+    info = inspect_dataset(path, samples=samples)
+    if as_json:
+        emit(info, as_json=True)
+        return
+    console = Console()
+    emit({k: v for k, v in info.items() if k not in ("length_histogram", "samples")}, as_json=False)
+    console.rule("document lengths (train, tokens)")
+    peak = max((b["documents"] for b in info["length_histogram"]), default=1) or 1
+    for b in info["length_histogram"]:
+        console.print(
+            f"{b['from']:>7,}-{b['to']:<7,} {'█' * round(40 * b['documents'] / peak)} {b['documents']:,}"
+        )
+    for i, sample in enumerate(info["samples"]):
+        label = f" (label {sample['label']})" if sample["label"] is not None else ""
+        console.rule(f"sample {i}{label}: [bold green]trained on[/] / [dim]context[/]")
+        text = Text()
+        for segment, trained in sample["segments"]:
+            text.append(segment, style="bold green" if trained else "dim")
+        console.print(text)
 
 
 def main() -> None:

@@ -1,0 +1,117 @@
+"""Reading a prepared dataset directory (see `data/prepare.py` for the layout), and `lmforge data inspect`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmforge.errors import LmforgeError
+
+
+@dataclass(frozen=True)
+class Document:
+    """One prepared document: token ids, its loss mask (None: every token counts) and its class label."""
+
+    ids: np.ndarray
+    mask: np.ndarray | None
+    label: int | None
+
+
+class PreparedDataset:
+    """A `data prepare` output directory: its manifest and memory-mapped shards."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest = self.path / "manifest.json"
+        if not manifest.exists():
+            raise LmforgeError(
+                f"{self.path}: not a prepared dataset (manifest.json not found; run `lmforge data prepare`)"
+            )
+        self.manifest: dict[str, Any] = json.loads(manifest.read_text())
+        self.dtype = np.dtype(self.manifest["dtype"])
+
+    @property
+    def id(self) -> str:
+        """The dataset's version id (hash of its manifest)."""
+        return self.manifest["id"]
+
+    def columns(self) -> list[str]:
+        """Token columns: ["tokens"], or ["chosen", "rejected"] for preference data."""
+        return ["chosen", "rejected"] if self.manifest["kind"] == "preference" else ["tokens"]
+
+    def documents(self, split: str = "train", column: str = "tokens") -> Iterator[Document]:
+        """Every document of a split, in order, as views into the memory-mapped shards."""
+        root = self.path / split
+        for shard in self.manifest["splits"][split]["shards"]:
+            stem = next(iter(shard["files"])).split(".")[0]
+            tokens = np.memmap(root / f"{stem}.{column}.bin", dtype=self.dtype, mode="r")
+            offsets = np.load(root / f"{stem}.{column}.docs.npy")
+            mask_file = root / f"{stem}.{column}_mask.bin"
+            mask = np.memmap(mask_file, dtype=np.uint8, mode="r") if mask_file.exists() else None
+            labels_file = root / f"{stem}.labels.npy"
+            labels = np.load(labels_file) if labels_file.exists() else None
+            for i in range(len(offsets) - 1):
+                a, b = offsets[i], offsets[i + 1]
+                yield Document(
+                    tokens[a:b],
+                    None if mask is None else mask[a:b],
+                    None if labels is None else int(labels[i]),
+                )
+
+    def lengths(self, split: str = "train", column: str = "tokens") -> np.ndarray:
+        """Token count of every document of a split."""
+        root = self.path / split
+        parts = [np.diff(np.load(root / f"{next(iter(s['files'])).split('.')[0]}.{column}.docs.npy"))
+                 for s in self.manifest["splits"][split]["shards"]]  # fmt: skip
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def mask_segments(tokenizer: Any, ids: np.ndarray, mask: np.ndarray | None) -> list[tuple[str, bool]]:
+    """Decoded runs of consecutive tokens with the same mask value: [(text, trained_on)]."""
+    if mask is None:
+        return [(tokenizer.decode(ids.tolist()), True)]
+    segments, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or mask[i] != mask[start]:
+            segments.append((tokenizer.decode(ids[start:i].tolist()), bool(mask[start])))
+            start = i
+    return segments
+
+
+def inspect_dataset(path: str | Path, samples: int = 3, bins: int = 10) -> dict[str, Any]:
+    """Manifest summary, document-length histogram and a few decoded samples with their loss masks."""
+    from lmforge.tokenizer import Tokenizer
+
+    ds = PreparedDataset(path)
+    m = ds.manifest
+    column = ds.columns()[0]
+    lengths = ds.lengths("train", column)
+    counts, edges = np.histogram(lengths, bins=bins) if len(lengths) else (np.zeros(0), np.zeros(1))
+    tok_path = Path(m["tokenizer"]["path"])
+    tokenizer = Tokenizer.from_dir(tok_path) if tok_path.exists() else None
+    decoded = []
+    if tokenizer is not None:
+        for doc, _ in zip(ds.documents("train", column), range(samples), strict=False):
+            decoded.append({"label": doc.label, "segments": mask_segments(tokenizer, doc.ids, doc.mask)})
+    return {
+        "path": str(ds.path),
+        "id": ds.id,
+        "kind": m["kind"],
+        "dtype": m["dtype"],
+        "inputs": [
+            {k: i[k] for k in ("path", "format", "licence", "records", "examples")} for i in m["inputs"]
+        ],
+        "splits": {s: {k: v for k, v in info.items() if k != "shards"} for s, info in m["splits"].items()},
+        "rejected": m["rejected"],
+        "governance": m["governance"],
+        "length_histogram": [
+            {"from": int(edges[i]), "to": int(edges[i + 1]), "documents": int(c)}
+            for i, c in enumerate(counts)
+        ],
+        "samples": decoded,
+    }

@@ -1,0 +1,314 @@
+"""Streaming readers: txt, jsonl, json, csv and parquet files (each maybe gzipped) and `datasets` dirs → Records.
+
+Bad input raises an LmforgeError naming the file, the line and what was expected, or, when the caller passes
+`on_bad`, becomes a BadRecord handed to it while reading goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib
+import json
+import os
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from types import ModuleType
+from typing import IO
+
+from lmforge.errors import LmforgeError
+
+EXTENSIONS = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+SUPPORTED = ".txt, .jsonl, .json, .csv or .parquet (each maybe .gz), or a datasets.save_to_disk directory"
+LABEL_MAP_NAMES = ("categories.json", "labels.json")  # label maps kept beside data files, not data themselves
+END_OF_TEXT = "<|endoftext|>"  # TinyStories v2's document separator line
+_SNIFF_BYTES = 256 * 1024  # auto text mode looks this far for an END_OF_TEXT line (v2 stories are ~1 KB)
+_RAW_CHARS = 200
+_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)  # a truncated or corrupt .gz
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record: its file, its position and its data (a JSON object, a CSV/parquet row or a text document)."""
+
+    source: str
+    line: int
+    data: dict | str
+    by_index: bool = False  # `line` is a 0-based record index (.json arrays, parquet, datasets), not a line
+
+    @property
+    def where(self) -> str:
+        """`path:LINE` (1-based line) or `path[#INDEX]` (0-based record index), for messages."""
+        return f"{self.source}[#{self.line}]" if self.by_index else f"{self.source}:{self.line}"
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A record that could not be read or converted: where it is, why, and its text (clipped), for rejects."""
+
+    source: str
+    where: str
+    reason: str
+    raw: str
+
+
+OnBad = Callable[[BadRecord], None]
+
+
+def reject(on_bad: OnBad | None, bad: BadRecord) -> None:
+    """Raise `bad` as an LmforgeError, or hand it to `on_bad` so the caller can count it and go on."""
+    if on_bad is None:
+        raise LmforgeError(f"{bad.where}: {bad.reason}")
+    on_bad(bad)
+
+
+def clip(text: str, n: int = _RAW_CHARS) -> str:
+    """`text` cut to `n` characters (with an ellipsis), for BadRecord.raw."""
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def is_datasets_dir(path: Path) -> bool:
+    """Whether `path` is a directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _kind(path: Path) -> tuple[str, bool] | None:
+    """(extension, gzipped) of a supported data file, else None."""
+    name = path.name.lower()
+    gz = name.endswith(".gz")
+    ext = os.path.splitext(name[:-3] if gz else name)[1]
+    return (ext, gz) if ext in EXTENSIONS else None
+
+
+def iter_files(paths: Sequence[Path]) -> list[Path]:
+    """Expand inputs: directories recursively into their data files (sorted); a `datasets` dir is one input."""
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise LmforgeError(f"{path}: no such file or directory; expected {SUPPORTED}")
+        if path.is_dir() and not is_datasets_dir(path):
+            found = _walk(path)
+            if not found:
+                raise LmforgeError(f"{path}: the directory holds no data files; expected {SUPPORTED}")
+            out.extend(found)
+        elif path.is_file() and _kind(path) is None:
+            raise LmforgeError(f"{path}: unsupported file type; expected {SUPPORTED}")
+        else:
+            out.append(path)
+    return out
+
+
+def _walk(root: Path) -> list[Path]:
+    found = []
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        datasets_dirs = [d for d in dirs if is_datasets_dir(here / d)]
+        found += [here / d for d in datasets_dirs]  # their .json/.arrow files are not separate inputs
+        dirs[:] = [d for d in dirs if d not in datasets_dirs and not d.startswith(".")]
+        data = [f for f in files if f not in LABEL_MAP_NAMES and not f.startswith(".") and _kind(here / f)]
+        found += [here / f for f in data]
+    return sorted(found)
+
+
+def read_records(
+    path: Path, *, on_bad: OnBad | None = None, text_separator: str | None = None
+) -> Iterator[Record]:
+    """Stream the records of one data file or `datasets` dir; only a .json document is loaded whole.
+
+    A text file yields one record per document: documents end at lines equal to `text_separator` ("" means blank
+    lines); by default at `<|endoftext|>` lines, and also at blank lines unless the file's first 256 KiB hold an
+    `<|endoftext|>` line. An input with no records is bad input too.
+    """
+    path = Path(path)
+    if path.is_dir() and is_datasets_dir(path):
+        kind = ("datasets", False)
+    elif not path.is_file():
+        raise LmforgeError(f"{path}: no such file; expected {SUPPORTED}")
+    elif (kind := _kind(path)) is None:  # type: ignore[assignment]
+        raise LmforgeError(f"{path}: unsupported file type; expected {SUPPORTED}")
+    return _records(path, *kind, on_bad, text_separator)
+
+
+def _records(path: Path, ext: str, gz: bool, on_bad: OnBad | None, sep: str | None) -> Iterator[Record]:
+    n_bad = 0
+
+    def count(bad: BadRecord) -> None:
+        nonlocal n_bad
+        n_bad += 1
+        on_bad(bad)  # type: ignore[misc]  # installed only when on_bad is set
+
+    note = None if on_bad is None else count
+    records = {
+        "datasets": lambda: _read_datasets(path),
+        ".txt": lambda: _read_text(_Lines(path, gz, note), sep),
+        ".jsonl": lambda: _read_jsonl(_Lines(path, gz, note), note),
+        ".json": lambda: _read_json(path, gz, note),
+        ".csv": lambda: _read_csv(_Lines(path, gz, note), note),
+        ".parquet": lambda: _read_parquet(path, gz),
+    }[ext]()
+    n = 0
+    for n, record in enumerate(records, 1):  # noqa: B007  # n is read after the loop
+        yield record
+    if n == 0 and n_bad == 0:
+        reason = "no records (empty, or only blank lines or a header); expected at least one record"
+        reject(on_bad, BadRecord(str(path), str(path), reason, ""))
+
+
+def _open(path: Path, gz: bool) -> IO[bytes]:
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+class _Lines:
+    """A file's lines decoded as UTF-8, `lineno` counting from 1; a line that is not UTF-8 is a bad record."""
+
+    def __init__(self, path: Path, gz: bool, on_bad: OnBad | None) -> None:
+        self.path, self.gz, self.on_bad, self.lineno = path, gz, on_bad, 0
+
+    def __iter__(self) -> Iterator[str]:
+        src = str(self.path)
+        try:
+            with _open(self.path, self.gz) as f:
+                for self.lineno, raw in enumerate(f, 1):
+                    try:  # utf-8-sig on line 1: spreadsheet exports start with a byte-order mark
+                        text = raw.decode("utf-8-sig" if self.lineno == 1 else "utf-8")
+                    except UnicodeDecodeError as e:
+                        reason = f"byte 0x{raw[e.start]:02x} (column {e.start + 1}) is not UTF-8; expected UTF-8 text"
+                        text = raw.decode("utf-8", "replace").rstrip("\r\n")
+                        reject(self.on_bad, BadRecord(src, f"{src}:{self.lineno}", reason, clip(text)))
+                        continue
+                    yield text
+        except _GZIP_ERRORS as e:
+            raise LmforgeError(f"{src}:{self.lineno + 1}: cannot decompress ({e}); expected gzip data") from e
+
+
+def _read_text(lines: _Lines, separator: str | None) -> Iterator[Record]:
+    numbered: Iterator[tuple[int, str]] = ((lines.lineno, text) for text in lines)
+    blank_ends = separator == ""
+    if separator is None:  # auto: peek for a TinyStories-v2 separator before deciding what blank lines mean
+        head, size = [], 0
+        for item in numbered:
+            head.append(item)
+            size += len(item[1])
+            if size >= _SNIFF_BYTES:
+                break
+        blank_ends = all(text.strip() != END_OF_TEXT for _, text in head)
+        numbered = chain(head, numbered)
+    marker = END_OF_TEXT if separator is None else separator.strip()
+    src, doc, first = str(lines.path), [], 0
+    for lineno, text in numbered:
+        stripped = text.strip()
+        if (marker and stripped == marker) or (blank_ends and not stripped):
+            if doc and (document := "\n".join(doc).strip()):
+                yield Record(src, first, document)
+            doc = []
+        elif doc or stripped:  # a document starts at its first non-blank line
+            first = first if doc else lineno
+            doc.append(text.rstrip("\r\n"))
+    if doc and (document := "\n".join(doc).strip()):
+        yield Record(src, first, document)
+
+
+def _read_jsonl(lines: _Lines, on_bad: OnBad | None) -> Iterator[Record]:
+    src = str(lines.path)
+    for text in lines:
+        if not text.strip():
+            continue
+        try:
+            data = json.loads(text)
+            found = "" if isinstance(data, dict) else f"found a JSON {type(data).__name__}"
+        except json.JSONDecodeError as e:
+            found = f"malformed JSON ({e.msg} at column {e.colno})"
+        if found:
+            reason = f"{found}; expected one JSON object per line"
+            reject(on_bad, BadRecord(src, f"{src}:{lines.lineno}", reason, clip(text.rstrip("\r\n"))))
+        else:
+            yield Record(src, lines.lineno, data)
+
+
+def _read_json(path: Path, gz: bool, on_bad: OnBad | None) -> Iterator[Record]:
+    src = str(path)
+    try:
+        with _open(path, gz) as f:
+            raw = f.read()  # a JSON document has no record boundaries to stream on: it is loaded whole
+    except _GZIP_ERRORS as e:
+        raise LmforgeError(f"{src}: cannot decompress ({e}); expected gzip data") from e
+    try:
+        doc = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        line, found = raw[: e.start].count(b"\n") + 1, f"byte 0x{raw[e.start]:02x} is not UTF-8"
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # JSON Lines named .json, as `Dataset.to_json` writes them
+            yield from _read_jsonl(_Lines(path, gz, on_bad), on_bad)
+            return
+        line, found = e.lineno, f"malformed JSON ({e.msg} at column {e.colno})"
+    else:
+        lists = (
+            [key for key, value in doc.items() if isinstance(value, list)] if isinstance(doc, dict) else []
+        )
+        doc = doc[lists[0]] if len(lists) == 1 else doc
+        keys = f" with keys {sorted(doc)}" if isinstance(doc, dict) else ""
+        line, found = 1, "" if isinstance(doc, list) else f"found a JSON {type(doc).__name__}{keys}"
+    if found:
+        reason = f"{found}; expected a JSON array of objects, or an object holding one such list"
+        text = (raw.splitlines()[line - 1 : line] or [b""])[0].decode("utf-8", "replace")
+        reject(on_bad, BadRecord(src, f"{src}:{line}", reason, clip(text)))
+        return
+    for i, item in enumerate(doc):
+        if isinstance(item, dict):
+            yield Record(src, i, item, by_index=True)
+        else:
+            reason = f"found a JSON {type(item).__name__}; expected an object"
+            reject(on_bad, BadRecord(src, f"{src}[#{i}]", reason, clip(json.dumps(item, ensure_ascii=False))))
+
+
+def _read_csv(lines: _Lines, on_bad: OnBad | None) -> Iterator[Record]:
+    src = str(lines.path)
+    rows = csv.reader(lines)  # fed decoded lines with their line ends, as with open(newline="")
+    try:
+        header = next(rows, None)
+        start = lines.lineno + 1  # a quoted field may span lines: a row is numbered by its first line
+        for row in rows:
+            if row and len(row) != len(header):  # type: ignore[arg-type]  # rows is empty when header is None
+                reason = f"found {len(row)} fields; expected {len(header)} ({', '.join(header)})"
+                reject(on_bad, BadRecord(src, f"{src}:{start}", reason, clip(",".join(row))))
+            elif row:
+                yield Record(src, start, dict(zip(header, row, strict=True)))  # type: ignore[arg-type]
+            start = lines.lineno + 1
+    except csv.Error as e:  # the parser's state is unknown after this, so it is fatal even with on_bad
+        raise LmforgeError(f"{src}:{lines.lineno}: {e}; expected CSV with a header row") from e
+
+
+def _optional(module: str, path: Path) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        package = module.split(".")[0]
+        raise LmforgeError(
+            f"{path}: reading it needs the optional package {package}; pip install {package}"
+        ) from e
+
+
+def _read_parquet(path: Path, gz: bool) -> Iterator[Record]:
+    pa, pq = _optional("pyarrow", path), _optional("pyarrow.parquet", path)
+    src, i = str(path), 0
+    with _open(path, gz) as f:  # gzip: works, but Parquet's footer-first layout makes it decompress twice
+        try:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+                for row in batch.to_pylist():
+                    yield Record(src, i, row, by_index=True)
+                    i += 1
+        except (pa.ArrowException, OSError, *_GZIP_ERRORS) as e:
+            raise LmforgeError(f"{src}[#{i}]: cannot read ({e}); expected a Parquet file") from e
+
+
+def _read_datasets(path: Path) -> Iterator[Record]:
+    datasets = _optional("datasets", path)
+    loaded = datasets.load_from_disk(str(path))  # memory-mapped Arrow: rows are read as iterated
+    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
+    for split, dataset in splits:
+        src = str(path / split) if split else str(path)
+        for i, row in enumerate(dataset):
+            yield Record(src, i, row, by_index=True)

@@ -1,0 +1,205 @@
+"""`data prepare`: shards that decode back to the inputs, masks, labels, manifest, cache, atomicity, governance."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmforge.data.dataset import PreparedDataset, inspect_dataset, mask_segments
+from lmforge.data.prepare import PrepareConfig, prepare
+from lmforge.data.readers import read_records
+from lmforge.errors import LmforgeError
+from lmforge.tokenizer import Tokenizer, train_tokenizer
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A journey of a thousand miles begins with a single step.",
+    "All that glitters is not gold; all who wander are not lost.",
+    "Write to alice@example.com or call +44 20 7946 0958 for details.",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A small byte-level BPE with lmforge's chat template, trained on the test corpus."""
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(CORPUS, "bpe", 400, out)
+    return out
+
+
+def write(path: Path, lines: list) -> Path:
+    path.write_text("".join((json.dumps(x) if not isinstance(x, str) else x) + "\n" for x in lines))
+    return path
+
+
+def run(
+    tmp_path: Path, tokenizer_dir: Path, inputs: list[Path], name: str = "out", **kw
+) -> tuple[dict, Path]:
+    cfg = PrepareConfig(inputs=inputs, tokenizer=tokenizer_dir, **{"num_proc": 1, **kw})
+    return prepare(cfg, tmp_path / name), tmp_path / name
+
+
+def decoded_docs(out: Path, tok: Tokenizer, column: str = "tokens") -> list[str]:
+    ds = PreparedDataset(out)
+    return [tok.decode(d.ids.tolist()) for split in ("train", "val") for d in ds.documents(split, column)]
+
+
+def test_text_shards_decode_back_to_the_documents(tmp_path, tokenizer_dir):
+    docs = [f"Document number {i}. " + CORPUS[i % 4] for i in range(200)]
+    src = tmp_path / "corpus.txt"
+    src.write_text("\n\n".join(docs) + "\n")
+    (tmp_path / "LICENSE").write_text("MIT License\n\nCopyright ...\n")
+    manifest, out = run(tmp_path, tokenizer_dir, [src], val_fraction=0.2, pii="off", dedup="off")
+    tok = Tokenizer.from_dir(tokenizer_dir)
+
+    assert manifest["kind"] == "text" and manifest["dtype"] == "uint16" and not manifest["cache_hit"]
+    (info,) = manifest["inputs"]
+    assert info["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert (info["format"], info["records"], info["examples"], info["licence"]) == (
+        "text",
+        200,
+        200,
+        "MIT License",
+    )
+    assert manifest["tokenizer"]["hash"] == tok.hash
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert train["documents"] + val["documents"] == 200 and 20 <= val["documents"] <= 60
+
+    eos = tok.decode([tok.eos_id])
+    assert sorted(d.removesuffix(eos) for d in decoded_docs(out, tok)) == sorted(docs)
+    for split in ("train", "val"):
+        ds = PreparedDataset(out)
+        assert ds.lengths(split).sum() == manifest["splits"][split]["tokens"]
+        for shard in manifest["splits"][split]["shards"]:
+            for name, digest in shard["files"].items():
+                assert hashlib.sha256((out / split / name).read_bytes()).hexdigest() == digest
+
+    # Same inputs and config: reused. Another config: rebuilt, with another id.
+    again, _ = run(tmp_path, tokenizer_dir, [src], val_fraction=0.2, pii="off", dedup="off")
+    assert again["cache_hit"] and again["id"] == manifest["id"]
+    other, _ = run(tmp_path, tokenizer_dir, [src], val_fraction=0.3, pii="off", dedup="off")
+    assert not other["cache_hit"] and other["id"] != manifest["id"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp dirs left
+
+
+def test_split_is_deterministic_and_worker_count_does_not_matter(tmp_path, tokenizer_dir):
+    src = tmp_path / "c.txt"
+    src.write_text("\n\n".join(f"Line {i}: {CORPUS[i % 4]}" for i in range(1500)))
+    one, _ = run(tmp_path, tokenizer_dir, [src], "one", pii="off")
+    two, _ = run(tmp_path, tokenizer_dir, [src], "two", pii="off", num_proc=2)
+    assert one["splits"] == two["splits"]  # same shards, same sha256s
+
+
+def test_chat_masks_cover_exactly_the_assistant_replies(tmp_path, tokenizer_dir):
+    chats = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"Say {i}."},
+                {"role": "assistant", "content": f"Number {i}."},
+            ]
+        }
+        for i in range(30)
+    ]
+    manifest, out = run(tmp_path, tokenizer_dir, [write(tmp_path / "chat.jsonl", chats)], val_fraction=0.0)
+    assert manifest["kind"] == "chat" and manifest["inputs"][0]["format"] == "messages"
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    replies = []
+    for doc in PreparedDataset(out).documents("train"):
+        assert doc.mask is not None and doc.mask.sum() > 0
+        replies.append("".join(text for text, trained in mask_segments(tok, doc.ids, doc.mask) if trained))
+    assert sorted(replies) == sorted(f"Number {i}.<|im_end|>" for i in range(30))
+    assert manifest["splits"]["train"]["masked_tokens"] == sum(len(tok.encode(r)) for r in replies)
+
+
+def test_classification_labels_follow_the_label_map(tmp_path, tokenizer_dir):
+    (tmp_path / "categories.json").write_text(json.dumps(["greeting", "farewell"]))
+    src = tmp_path / "train.csv"
+    src.write_text("text,category\n" + "".join(f"hello {i},greeting\nbye {i},farewell\n" for i in range(10)))
+    manifest, out = run(tmp_path, tokenizer_dir, [src], val_fraction=0.0)
+    assert manifest["kind"] == "classification"
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    pairs = {
+        (tok.decode(d.ids.tolist(), skip_special_tokens=True).strip(), d.label)
+        for d in PreparedDataset(out).documents("train")
+    }
+    assert ("hello 3", 0) in pairs and ("bye 7", 1) in pairs and len(pairs) == 20
+
+
+def test_bad_record_names_file_and_line_and_leaves_nothing(tmp_path, tokenizer_dir):
+    good = {"text": "fine"}
+    src = write(tmp_path / "bad.jsonl", [good, good, "{not json", good])
+    with pytest.raises(LmforgeError, match=r"bad\.jsonl.*3"):
+        run(tmp_path, tokenizer_dir, [src])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # no output, no temp dir
+
+    manifest, out = run(tmp_path, tokenizer_dir, [src], skip_bad=True, dedup="off", val_fraction=0.0)
+    assert manifest["rejected"] == 1 and manifest["splits"]["train"]["documents"] == 3
+    (reject,) = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert reject["raw"].startswith("{not json") and "3" in reject["where"]
+
+
+def test_failed_prepare_keeps_the_previous_output(tmp_path, tokenizer_dir):
+    src = write(tmp_path / "a.jsonl", [{"text": "one"}, {"text": "two"}])
+    first, out = run(tmp_path, tokenizer_dir, [src])
+    write(src, [{"text": "one"}, "{broken"])
+    with pytest.raises(LmforgeError):
+        run(tmp_path, tokenizer_dir, [src])
+    assert PreparedDataset(out).id == first["id"]
+
+
+def test_governance_pii_dedup_and_contamination(tmp_path, tokenizer_dir):
+    docs = [{"text": t} for t in CORPUS[:4]] + [{"text": "the QUICK brown  fox jumps over the lazy dog."}]
+    docs += [{"text": "Unrelated words that appear in the benchmark question about apples and pears today."}]
+    src = write(tmp_path / "train.jsonl", docs)
+    evals = write(
+        tmp_path / "eval.jsonl",
+        [{"text": "Q: words that appear in the benchmark question about apples and pears today?"}],
+    )
+    manifest, out = run(
+        tmp_path, tokenizer_dir, [src], pii="mask", dedup="exact", val_fraction=0.0,
+        eval_sets={"bench": [evals]}, contamination_ngram=8, decontaminate=True,
+    )  # fmt: skip
+    gov = manifest["governance"]
+    assert gov["pii"]["found"] == {"email": 1, "phone": 1}
+    assert gov["dedup"]["dropped"] == {"exact": 1}
+    assert gov["contamination"]["decontaminated"] is True
+    texts = decoded_docs(out, Tokenizer.from_dir(tokenizer_dir))
+    assert manifest["splits"]["train"]["documents"] == 4 == len(texts)
+    assert any("<EMAIL>" in t and "<PHONE>" in t for t in texts)
+    assert not any("alice@example.com" in t or "apples" in t for t in texts)
+
+
+def test_inspect_dataset_summary_and_samples(tmp_path, tokenizer_dir):
+    src = write(tmp_path / "t.jsonl", [{"text": f"Sample text {i}."} for i in range(12)])
+    manifest, out = run(tmp_path, tokenizer_dir, [src], val_fraction=0.0)
+    info = inspect_dataset(out, samples=2)
+    assert info["id"] == manifest["id"] and info["splits"]["train"]["documents"] == 12
+    assert sum(b["documents"] for b in info["length_histogram"]) == 12
+    assert len(info["samples"]) == 2 and info["samples"][0]["segments"][0][1] is True
+
+
+def test_every_shared_dataset_prepares(tmp_path, shared_data, tokenizer_dir):
+    cases = {
+        "tinyshakespeare/input.txt": "text",
+        "self_instruct_seed/seed_tasks.jsonl": "chat",
+        "gsm8k/test.jsonl": "chat",
+        "banking77/test.csv": "classification",
+        "hh_rlhf/harmless_base_test.jsonl": "preference",
+    }
+    for rel, kind in cases.items():
+        manifest, out = run(tmp_path, tokenizer_dir, [shared_data / rel], rel.split("/")[0], num_proc=2)
+        assert manifest["kind"] == kind, rel
+        assert manifest["inputs"][0]["licence"], rel
+        ds = PreparedDataset(out)
+        n_docs = sum(manifest["splits"][s]["documents"] for s in ("train", "val"))
+        assert n_docs == sum(1 for s in ("train", "val") for _ in ds.documents(s, ds.columns()[0])) > 0
+        if kind == "preference":
+            assert len(ds.lengths("train", "chosen")) == len(ds.lengths("train", "rejected"))
+    records = sum(1 for _ in read_records(shared_data / "banking77/test.csv"))
+    assert records == 2772
+    assert np.dtype(PreparedDataset(tmp_path / "banking77").manifest["dtype"]) == np.uint16
