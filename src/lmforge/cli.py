@@ -215,9 +215,10 @@ def demo(
 ) -> None:
     """Run the built-in demo end to end (no downloads).
 
-    Today: build a ~14M Llama, save it as a Hugging Face directory, reload it bit-exactly, inspect it and
-    the real all-MiniLM-L6-v2, and compare sentences with MiniLM embeddings computed by lmforge's BERT.
-    It grows with each lmforge stage.
+    Today: synthesise the world, train its tokenizer, prepare its datasets (pretraining text, SFT chats,
+    medical Q&A, preference pairs), build a ~14M Llama for it, save it as a Hugging Face directory, reload
+    it bit-exactly, inspect it and the real all-MiniLM-L6-v2, and compare sentences with MiniLM embeddings
+    computed by lmforge's BERT. It grows with each lmforge stage.
     """
     from lmforge.pipeline import run_demo
 
@@ -226,10 +227,21 @@ def demo(
         emit(result, as_json=True)
         return
     console = Console()
+    console.rule("1. the synthetic world: records per file (bytes for the others)")
+    emit(result["world"], as_json=False)
+    console.rule("2. its byte-level BPE tokenizer")
+    emit(result["tokenizer"], as_json=False)
+    console.rule("3. prepared datasets (token shards + manifest; id = dataset version)")
+    table = Table("dataset", "id", "kind", "documents", "tokens", "trained-on tokens")
+    for name, d in result["datasets"].items():
+        table.add_row(
+            name, d["id"], d["kind"], f"{d['documents']:,}", f"{d['tokens']:,}", f"{d['trained_tokens']:,}"
+        )
+    console.print(table)
     for name, info in result["inspect"].items():
-        console.rule(f"lmforge inspect: {name}")
+        console.rule(f"4. lmforge inspect: {name}")
         emit(info, as_json=False)
-    console.rule("all-MiniLM-L6-v2 sentence similarity, computed by lmforge's BERT")
+    console.rule("5. all-MiniLM-L6-v2 sentence similarity, computed by lmforge's BERT")
     table = Table("", *[f"s{i}" for i in range(len(result["minilm_similarity"]["sentences"]))])
     for i, (sentence, row) in enumerate(zip(*result["minilm_similarity"].values(), strict=True)):
         table.add_row(f"s{i} {sentence}", *[f"{c:.2f}" for c in row])
@@ -237,6 +249,7 @@ def demo(
     console.print(
         f"saved and reloaded {result['model_dir']}: logits bit-exact = {result['reload_bit_exact']}"
     )
+    console.print(f"seconds: {result['seconds']}")
 
 
 # ------------------------------------------------------------------------------------- tokenizer, data

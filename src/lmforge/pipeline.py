@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,13 @@ from lmforge.model.hf import build_model, load_model, save_model
 
 log = logging.getLogger(__name__)
 
+DEMO_DATASETS = {
+    "pretrain": "pretrain.jsonl",
+    "sft_a": "sft_a.jsonl",
+    "medical_qa": "medical_qa.jsonl",
+    "preferences": "preferences.jsonl",
+}
+STAT_KEYS = ("bytes_per_token", "tokens_per_word", "vocab_use")
 SENTENCES = [
     "A man is playing a guitar on stage.",
     "Someone performs music with a string instrument.",
@@ -49,16 +57,50 @@ def sentence_embeddings(model_dir: Path, sentences: list[str]) -> torch.Tensor:
 
 
 def run_demo(out: Path, seed: int = 0) -> dict[str, Any]:
-    """Build a ~14M Llama, save it as a HF dir, reload it bit-exactly, inspect it, and embed with MiniLM."""
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    model = build_model(preset("llama-14m", bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
-    model_dir = save_model(model, out / "llama-14m-random")
-    log.info("built and saved a random llama-14m in %.1fs → %s", time.perf_counter() - t0, model_dir)
+    """The demo so far: synthesise the world, train its tokenizer, prepare its datasets, build a model for it."""
+    from lmforge.data.prepare import PrepareConfig, iter_texts, prepare
+    from lmforge.data.synthetic import synthesize
+    from lmforge.tokenizer import Tokenizer, tokenizer_stats, train_tokenizer
 
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        timings[name] = round(time.perf_counter() - t0, 2)
+        return result
+
+    world = timed("synthesize", synthesize, out / "world", seed=seed)
+    w = Path(world["out"])
+    corpus = [w / "pretrain.jsonl", w / "medical_corpus.jsonl", w / "sft_a.jsonl"]
+    tok_dir = timed("tokenizer", train_tokenizer, iter_texts(corpus), "bpe", 4096, out / "tokenizer")
+    tok = Tokenizer.from_dir(tok_dir)
+    stats = tokenizer_stats(tok, iter_texts([w / "pretrain.jsonl"]))
+
+    datasets = {}
+    for name, file in DEMO_DATASETS.items():
+        cfg = PrepareConfig(inputs=[w / file], tokenizer=tok_dir, seed=seed)
+        manifest = timed(f"prepare {name}", prepare, cfg, out / "data" / name)
+        datasets[name] = {
+            "id": manifest["id"][:16],
+            "kind": manifest["kind"],
+            "documents": sum(s["documents"] for s in manifest["splits"].values()),
+            "tokens": sum(s["tokens"] for s in manifest["splits"].values()),
+            "trained_tokens": sum(s["masked_tokens"] or s["tokens"] for s in manifest["splits"].values()),
+            "cache_hit": manifest["cache_hit"],
+        }
+
+    # A ~14M Llama sized for the world's tokenizer, saved as a HF dir with the tokenizer beside its weights.
+    torch.manual_seed(seed)
+    config = preset("llama-14m", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                    pad_token_id=tok.pad_id)  # fmt: skip
+    model = timed("build model", build_model, config)
+    model_dir = save_model(model.eval(), out / "llama-14m-world")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(tok_dir / name, model_dir / name)
     reloaded = load_model(model_dir)
-    ids = torch.randint(0, model.config.vocab_size, (2, 64))
+    ids = torch.tensor([tok.encode("Peregrine Oakley was born in")])
     with torch.no_grad():
         exact = torch.equal(model(ids), reloaded(ids))
     if not exact:
@@ -68,11 +110,15 @@ def run_demo(out: Path, seed: int = 0) -> dict[str, Any]:
     embeddings = sentence_embeddings(minilm, SENTENCES)
     similarity = (embeddings @ embeddings.T).tolist()
     return {
+        "world": {name: info.get("records") or info["bytes"] for name, info in world["files"].items()},
+        "tokenizer": {"path": str(tok_dir), "vocab_size": tok.vocab_size, **{k: stats[k] for k in STAT_KEYS}},
+        "datasets": datasets,
         "model_dir": str(model_dir),
         "reload_bit_exact": exact,
-        "inspect": {"llama-14m-random": inspect_model(model_dir), "all-MiniLM-L6-v2": inspect_model(minilm)},
+        "inspect": {"llama-14m-world": inspect_model(model_dir), "all-MiniLM-L6-v2": inspect_model(minilm)},
         "minilm_similarity": {
             "sentences": SENTENCES,
             "cosine": [[round(c, 4) for c in row] for row in similarity],
         },
+        "seconds": timings,
     }

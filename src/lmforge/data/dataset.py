@@ -91,7 +91,10 @@ def inspect_dataset(path: str | Path, samples: int = 3, bins: int = 10) -> dict[
     m = ds.manifest
     column = ds.columns()[0]
     lengths = ds.lengths("train", column)
-    counts, edges = np.histogram(lengths, bins=bins) if len(lengths) else (np.zeros(0), np.zeros(1))
+    # Integer bins [from, to) that cover every length: np.histogram's float edges would print as "26-26".
+    lo, hi = (int(lengths.min()), int(lengths.max()) + 1) if len(lengths) else (0, 1)
+    edges = np.unique(np.linspace(lo, hi, min(bins, hi - lo) + 1).round().astype(np.int64))
+    counts, _ = np.histogram(lengths, bins=edges)
     tok_path = Path(m["tokenizer"]["path"])
     tokenizer = Tokenizer.from_dir(tok_path) if tok_path.exists() else None
     decoded = []

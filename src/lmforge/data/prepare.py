@@ -159,6 +159,7 @@ class _SplitWriter:
     masks: dict[str, list[np.ndarray]] = field(default_factory=dict)
     labels: list[int] = field(default_factory=list)
     shards: list[dict] = field(default_factory=list)
+    buffered: int = 0  # tokens waiting in `buffers` for the next shard
     documents: int = 0
     tokens: int = 0
     masked: int = 0
@@ -170,10 +171,11 @@ class _SplitWriter:
                 self.masks.setdefault(name, []).append(mask)
                 self.masked += int(mask.sum())
             self.tokens += len(ids)
+            self.buffered += len(ids)
         if enc.label is not None:
             self.labels.append(enc.label)
         self.documents += 1
-        if sum(map(len, next(iter(self.buffers.values())))) >= self.shard_tokens:
+        if self.buffered >= self.shard_tokens:
             self.flush()
 
     def flush(self) -> None:
@@ -198,7 +200,7 @@ class _SplitWriter:
             )
         n_docs = len(next(iter(self.buffers.values())))
         self.shards.append({"documents": n_docs, "files": files})
-        self.buffers, self.masks, self.labels = {}, {}, []
+        self.buffers, self.masks, self.labels, self.buffered = {}, {}, [], 0
 
     def summary(self) -> dict:
         return {
