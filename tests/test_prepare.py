@@ -87,11 +87,20 @@ def test_text_shards_decode_back_to_the_documents(tmp_path, tokenizer_dir):
 
 
 def test_split_is_deterministic_and_worker_count_does_not_matter(tmp_path, tokenizer_dir):
-    src = tmp_path / "c.txt"
-    src.write_text("\n\n".join(f"Line {i}: {CORPUS[i % 4]}" for i in range(1500)))
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Line {i}?"},
+                {"role": "assistant", "content": CORPUS[i % 4]},
+            ]
+        }
+        for i in range(1500)
+    ]
+    src = write(tmp_path / "c.jsonl", chats)
     one, _ = run(tmp_path, tokenizer_dir, [src], "one", pii="off")
     two, _ = run(tmp_path, tokenizer_dir, [src], "two", pii="off", num_proc=2)
     assert one["splits"] == two["splits"]  # same shards, same sha256s
+    assert 0 < one["splits"]["val"]["documents"] < 150
 
 
 def test_chat_masks_cover_exactly_the_assistant_replies(tmp_path, tokenizer_dir):

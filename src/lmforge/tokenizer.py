@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -201,6 +202,10 @@ class Tokenizer:
         self.chat_template: str | None = template
         if self.pad_id is not None and self.pad_id == self.eos_id:
             log.warning("%s: pad is the eos token; lmforge masks padding by length, not by pad id", path)
+        added = [t.content for t in backend.get_added_tokens_decoder().values()]
+        # Texts that spell an added token are left to the backend, which matches added tokens before the BPE.
+        self._added_re = re.compile("|".join(map(re.escape, added))) if added else None
+        self._fast: Any = None if path is None else ...  # ... = not built yet (fast_bpe.tiktoken_encoding)
 
     @classmethod
     def from_dir(cls, path: Path | str) -> Tokenizer:
@@ -237,10 +242,25 @@ class Tokenizer:
         return enc.ids, enc.type_ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
-        """Token ids of many texts through the parallel Rust path (no offsets computed)."""
+        """Token ids of many texts: tiktoken's BPE when it is exactly equivalent, else the parallel Rust path."""
+        fast = None if add_special_tokens else self._fast_encoding()
+        if fast is None:
+            return [
+                e.ids
+                for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)
+            ]
+        special = self._added_re
         return [
-            e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)
+            self.encode(t) if special is not None and special.search(t) else fast.encode_ordinary(t)
+            for t in texts
         ]
+
+    def _fast_encoding(self) -> Any:
+        if self._fast is ...:
+            from lmforge.fast_bpe import tiktoken_encoding
+
+            self._fast = tiktoken_encoding(_read_json(self.path / "tokenizer.json"), self.backend)
+        return self._fast
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and each token's (start, end) character span in `text`, without special tokens."""

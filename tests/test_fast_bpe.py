@@ -1,0 +1,61 @@
+"""The tiktoken fast path gives exactly the `tokenizers` ids, or is not used."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizers import Tokenizer as Backend
+from tokenizers import models, pre_tokenizers, trainers
+
+from lmforge.fast_bpe import tiktoken_encoding
+from lmforge.tokenizer import Tokenizer, train_tokenizer
+
+pytest.importorskip("tiktoken")
+
+TRICKY = [
+    "Hello, world! It's   spaced\t\ttabs\r\nand CRLF.",
+    "naïve café — 東京 😀👍🏽 ümlaut",
+    "numbers 1234567 3.14159 $19.99 and 'quotes' don't WON'T",
+    "ends with a special token <|im_end|> and <|end_of_text|> inside",
+    "",
+    "   ",
+]
+
+
+def corpus(shared_data) -> list[str]:
+    text = (shared_data / "tinyshakespeare/input.txt").read_text()[:200_000]
+    text += (shared_data / "tinystories/tinystories_val_sample.txt").read_text()[:100_000]
+    gsm = [
+        json.loads(line)["answer"]
+        for line in (shared_data / "gsm8k/test.jsonl").read_text().splitlines()[:200]
+    ]
+    return text.split("\n\n") + gsm + TRICKY
+
+
+def test_lmforge_bpe_fast_path_equals_tokenizers(tmp_path, shared_data):
+    texts = corpus(shared_data)
+    tok = Tokenizer.from_dir(train_tokenizer(texts, "bpe", 2000, tmp_path))
+    assert tok._fast_encoding() is not None
+    expected = [e.ids for e in tok.backend.encode_batch_fast(texts, add_special_tokens=False)]
+    assert tok.encode_batch(texts) == expected
+    assert tok.encode_batch(["<|im_end|>"]) == [[tok.token_to_id("<|im_end|>")]]  # added tokens still special
+
+
+def test_gpt2_style_byte_level_converts(shared_data):
+    texts = corpus(shared_data)
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=1500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    enc = tiktoken_encoding(json.loads(backend.to_str()), backend)
+    assert enc is not None
+    assert [enc.encode_ordinary(t) for t in texts] == [backend.encode(t).ids for t in texts]
+
+
+def test_wordpiece_has_no_fast_path(tmp_path):
+    tok = Tokenizer.from_dir(
+        train_tokenizer(["some words here", "and more words"] * 50, "wordpiece", 200, tmp_path)
+    )
+    assert tok._fast_encoding() is None
+    assert tok.encode_batch(["some words"]) == [tok.encode("some words")]
