@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -40,3 +43,29 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
             f.write(data)
 
     return replace_atomically(path, write)
+
+
+@contextmanager
+def staging_dir(out: str | Path) -> Iterator[Path]:
+    """A fresh directory beside `out` to fill; on success it replaces `out` (an old `out` is removed last), on
+    error it is deleted, so `out` is always either the old complete version or the new complete one."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp.mkdir()  # respects the umask, unlike tempfile.mkdtemp's 0700
+    try:
+        yield tmp
+        if out.exists():
+            old = tmp.with_suffix(".old")
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -24,9 +24,7 @@ import logging
 import multiprocessing as mp
 import os
 import re
-import shutil
 import sys
-import tempfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -43,7 +41,7 @@ from lmforge.data.formats import Example, detect_format, load_label_map, to_exam
 from lmforge.data.governance import Deduplicator, contamination, scrub_pii
 from lmforge.data.readers import BadRecord, iter_files, read_records
 from lmforge.errors import LmforgeError
-from lmforge.fileio import atomic_write
+from lmforge.fileio import atomic_write, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -322,30 +320,12 @@ def prepare(cfg: PrepareConfig, out: Path, progress: Callable[[int], None] | Non
             return {**old, "cache_hit": True}
     template = cfg.chat_template.read_text(encoding="utf-8") if cfg.chat_template else None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with staging_dir(out) as tmp:
         manifest = _prepare_into(cfg, inputs, tok, template, tmp, progress)
         manifest["fingerprint"] = key
         manifest["id"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
         atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {**manifest, "cache_hit": False}
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Replace `out` with `tmp`: the old version stays intact until the new one is complete."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
 
 
 def _prepare_into(

@@ -19,10 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import shutil
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import date
@@ -33,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lmforge.data import world_phrases as wp
 from lmforge.errors import LmforgeError
-from lmforge.fileio import atomic_write
+from lmforge.fileio import atomic_write, staging_dir
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -645,26 +642,9 @@ def _publish(out: Path, files: dict[str, bytes]) -> None:
         raise LmforgeError(
             f"{out} exists and is not a synthetic world written by lmforge; give another --out"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
-    tmp.mkdir()  # respects the umask, unlike tempfile.mkdtemp's 0700
-    try:
+    with staging_dir(out) as tmp:
         for name, data in files.items():
             atomic_write(tmp / name, data)
-        if out.exists():
-            old = tmp.with_suffix(".old")
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _build(seed: int, sizes: WorldSizes) -> tuple[dict[str, bytes], dict[str, int]]:
