@@ -76,6 +76,10 @@ def test_prepare_bad_input_is_one_error_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "bad.jsonl:2" in lines[0]
     assert not (tmp_path / "out").exists()
+    skipped = invoke(
+        "data", "prepare", bad, "--tokenizer", tok, "--out", tmp_path / "out", "--skip-bad", "--json"
+    )
+    assert skipped.exit_code == 0 and json.loads(skipped.stdout)["rejected"] == 1
     typo = invoke(
         "data", "prepare", bad, "--tokenizer", tok, "--out", tmp_path / "out", "--set", "dedupe=near"
     )

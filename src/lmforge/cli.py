@@ -330,6 +330,12 @@ def data_prepare(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset directory.")] = ...,
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory.")] = None,
     fmt: FormatOption = None,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="Write bad records to rejects.jsonl, go on.")
+    ] = False,
+    decontaminate: Annotated[
+        bool, typer.Option("--decontaminate", help="Drop training documents that overlap eval_sets.")
+    ] = False,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="YAML recipe.", metavar="RECIPE")
     ] = None,
@@ -350,7 +356,13 @@ def data_prepare(
     from lmforge.data.readers import iter_files
 
     cfg = load_config(PrepareConfig, config, overrides or [])
-    given = {"inputs": files, "tokenizer": tokenizer, "format": fmt}
+    given = {
+        "inputs": files,
+        "tokenizer": tokenizer,
+        "format": fmt,
+        "skip_bad": skip_bad,
+        "decontaminate": decontaminate,
+    }
     cfg = PrepareConfig.model_validate({**cfg.model_dump(), **{k: v for k, v in given.items() if v}})
     total = sum(p.stat().st_size for p in iter_files(cfg.inputs) if p.is_file()) if cfg.inputs else 0
     columns = (TextColumn("prepare"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
