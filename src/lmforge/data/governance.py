@@ -13,7 +13,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -176,6 +176,13 @@ def _ngram_hashes(tok: np.ndarray, n: int) -> np.ndarray:
     return _mix(h + _U64(n))
 
 
+class DedupKey(NamedTuple):
+    """A document's dedup key: sha256 of its normalised text, and its MinHash signature (None: exact only)."""
+
+    digest: bytes
+    signature: np.ndarray | None
+
+
 @dataclass(frozen=True)
 class DupResult:
     """A duplicate: the kept document it repeats, how ("exact" or "near"), estimated Jaccard (1.0 if exact)."""
@@ -254,12 +261,20 @@ class Deduplicator:
 
     def add(self, doc_id: str, text: str) -> DupResult | None:
         """Record a document: None if it is new (it is kept and indexed), else the DupResult naming the earlier one."""
-        self._counts["documents"] += 1
+        return self.add_key(doc_id, self.key(text), text)
+
+    def key(self, text: str) -> DedupKey:
+        """What `add` compares: the exact digest and, for near dedup, the MinHash signature. Pure, so worker
+        processes can compute keys (with a Deduplicator of the same settings) while one process adds them."""
         norm = normalize(text)
-        digest = hashlib.sha256(norm.encode()).digest()
+        return DedupKey(hashlib.sha256(norm.encode()).digest(), self._signature(norm) if self.near else None)
+
+    def add_key(self, doc_id: str, key: DedupKey, text: str = "") -> DupResult | None:
+        """`add` with a precomputed key; `text` (or a snippet of it) only feeds the report's examples."""
+        self._counts["documents"] += 1
+        digest, sig = key
         if (j := self._exact.get(digest)) is not None:
             return self._found(doc_id, text, DupResult("exact", self._ids[j], 1.0), j)
-        sig = self._signature(norm) if self.near else None
         r = self.rows
         keys = [] if sig is None else [sig[i * r : (i + 1) * r].tobytes() for i in range(self.bands)]
         candidates = {c for table, key in zip(self._tables, keys, strict=False) for c in table.get(key, ())}

@@ -18,7 +18,6 @@ document index. Everything is written into a temporary directory beside the outp
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -30,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import Field
@@ -38,13 +37,14 @@ from pydantic import Field
 from lmforge import __version__
 from lmforge.config import Section
 from lmforge.data.formats import Example, detect_format, load_label_map, to_examples
-from lmforge.data.governance import Deduplicator, contamination, scrub_pii
-from lmforge.data.readers import BadRecord, iter_files, read_records
+from lmforge.data.governance import DedupKey, Deduplicator, contamination, scrub_pii
+from lmforge.data.readers import BadRecord, Record, iter_files, read_records
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write, staging_dir
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 CHUNK = 512  # examples per tokenisation task: large enough to amortise IPC, small enough to stream
 
 
@@ -107,24 +107,119 @@ class _Encoded:
     label: int | None = None
 
 
+@dataclass
+class _Task:
+    """A chunk of raw records of one input: what a worker turns into tokens."""
+
+    source: str
+    fmt: str
+    label_map: dict[str, int] | None
+    records: list[tuple[int, Any, bool]]  # (line, data, by_index) of each Record: cheap to pickle
+
+
+@dataclass
+class _Chunk:
+    """A processed task: its kept examples' tokens in order, plus what the main process merges and reports."""
+
+    columns: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]  # name -> (ids, offsets, mask): one
+    labels: list[int | None]  # array per column, not one per document, so it crosses processes cheaply
+    ids: list[str]
+    in_val: list[bool]
+    keys: list[DedupKey | None]
+    snippets: list[str]
+    kinds: set[str]
+    examples: int = 0
+    text_bytes: int = 0
+    pii: Counter = field(default_factory=Counter)
+    pii_dropped: int = 0
+    decontaminated: int = 0
+    rejects: list[BadRecord] = field(default_factory=list)
+
+
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_dir: str, template: str | None, add_bos: bool, append_eos: bool) -> None:
+def _init_worker(cfg: PrepareConfig, template: str | None, drop_ids: set[str]) -> None:
+    """Per-process state: the tokenizer, and a Deduplicator only to compute keys (the main process adds them)."""
     from lmforge.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_dir(Path(tokenizer_dir))
-    _worker.update(tok=tok, template=template, add_bos=add_bos, append_eos=append_eos)
+    dedup = None if cfg.dedup == "off" else _deduplicator(cfg)
+    _worker.update(
+        cfg=cfg, tok=Tokenizer.from_dir(cfg.tokenizer), template=template, drop_ids=drop_ids, dedup=dedup
+    )
 
 
-def _encode_chunk(examples: list[Example]) -> list[_Encoded]:
-    """Tokenise a chunk in a worker (or in-process): text in one batched call, chats through the template."""
-    tok, template = _worker["tok"], _worker["template"]
+def _deduplicator(cfg: PrepareConfig) -> Deduplicator:
+    return Deduplicator(threshold=cfg.dedup_threshold, near=cfg.dedup == "near")
+
+
+def _process(task: _Task) -> _Chunk:
+    """Records → examples → PII → decontamination → split and dedup keys → tokens, in a worker or in-process."""
+    cfg: PrepareConfig = _worker["cfg"]
+    chunk = _Chunk({}, [], [], [], [], [], set())
+    on_bad = chunk.rejects.append if cfg.skip_bad else None
+    records = (Record(task.source, line, data, by_index) for line, data, by_index in task.records)
+    kwargs: dict[str, Any] = {"label_map": task.label_map, "on_bad": on_bad}
+    if cfg.label_field:
+        kwargs["label_field"] = cfg.label_field
+    kept: list[Example] = []
+    for ex in to_examples(records, task.fmt, **kwargs):
+        chunk.examples += 1
+        chunk.kinds.add(ex.kind)
+        texts = _texts(ex)
+        chunk.text_bytes += sum(len(t.encode()) for t in texts)
+        if cfg.pii != "off":
+            ex, found = _scrub(ex, texts, cfg.pii)
+            chunk.pii.update(found)
+            if cfg.pii == "drop" and found:
+                chunk.pii_dropped += 1
+                continue
+        if ex.id in _worker["drop_ids"]:
+            chunk.decontaminated += 1
+            continue
+        kept.append(ex)
+    dedup = _worker["dedup"]
+    for ex in kept:
+        joined = "\n".join(_texts(ex))
+        chunk.ids.append(ex.id)
+        chunk.in_val.append(_in_val(joined, cfg.val_fraction, cfg.seed))
+        chunk.keys.append(dedup.key(joined) if dedup is not None else None)
+        chunk.snippets.append(joined[:200])
+    encoded = _encode(kept)
+    chunk.labels = [enc.label for enc in encoded]
+    for name in encoded[0].columns if encoded else ():
+        parts = [enc.columns[name] for enc in encoded]
+        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum([len(ids) for ids, _ in parts], out=offsets[1:])
+        masks = None if parts[0][1] is None else np.concatenate([m for _, m in parts])
+        chunk.columns[name] = (np.concatenate([ids for ids, _ in parts]), offsets, masks)
+    return chunk
+
+
+def _scrub(ex: Example, texts: list[str], mode: str) -> tuple[Example, Counter]:
+    """PII: counts per kind, and in mask mode the example with placeholders."""
+    found: Counter[str] = Counter()
+    if mode != "mask":
+        for text in texts:
+            found.update(scrub_pii(text, "report")[1])
+        return ex, found
+
+    def mask(text: str) -> str:
+        new, counts = scrub_pii(text, "mask")
+        found.update(counts)
+        return new
+
+    return _map_texts(ex, mask), found
+
+
+def _encode(examples: list[Example]) -> list[_Encoded]:
+    """Tokenise examples: text in one batched call, chats and preference pairs through the chat template."""
+    tok, template, cfg = _worker["tok"], _worker["template"], _worker["cfg"]
     out: list[_Encoded | None] = [None] * len(examples)
     texts = [(i, ex.text) for i, ex in enumerate(examples) if ex.kind == "text"]
     if texts:
-        head = [tok.bos_id] if _worker["add_bos"] and tok.bos_id is not None else []
-        tail = [tok.eos_id] if _worker["append_eos"] and tok.eos_id is not None else []
+        head = [tok.bos_id] if cfg.add_bos and tok.bos_id is not None else []
+        tail = [tok.eos_id] if cfg.append_eos and tok.eos_id is not None else []
         for (i, _), ids in zip(texts, tok.encode_batch([t for _, t in texts]), strict=True):
             out[i] = _Encoded({"tokens": (np.asarray(head + ids + tail), None)})
     for i, ex in enumerate(examples):
@@ -134,9 +229,8 @@ def _encode_chunk(examples: list[Example]) -> list[_Encoded]:
             r = render_chat(tok, ex.messages, template=template)
             out[i] = _Encoded({"tokens": (np.asarray(r.ids), np.asarray(r.mask, dtype=np.uint8))})
         elif ex.kind == "classification":
-            out[i] = _Encoded(
-                {"tokens": (np.asarray(tok.encode(ex.text, add_special_tokens=True)), None)}, ex.label
-            )
+            ids = np.asarray(tok.encode(ex.text, add_special_tokens=True))
+            out[i] = _Encoded({"tokens": (ids, None)}, ex.label)
         elif ex.kind == "preference":
             from lmforge.chat import render_chat
 
@@ -255,9 +349,9 @@ def _map_texts(ex: Example, fn: Callable[[str], str]) -> Example:
     )
 
 
-def _in_val(ex: Example, fraction: float, seed: int) -> bool:
+def _in_val(text: str, fraction: float, seed: int) -> bool:
     """Deterministic split by a hash of the content (duplicates land on the same side)."""
-    digest = hashlib.blake2b("\x1f".join(_texts(ex)).encode(), digest_size=8, salt=seed.to_bytes(8, "little"))
+    digest = hashlib.blake2b(text.encode(), digest_size=8, salt=seed.to_bytes(8, "little"))
     return int.from_bytes(digest.digest(), "little") / 2**64 < fraction
 
 
@@ -338,98 +432,69 @@ def _prepare_into(
     root: Path,
     progress: Callable | None,
 ) -> dict:
+    """Read every input here, turn chunks of records into tokens in workers (or here), then deduplicate and write
+    in input order: the output does not depend on the number of workers."""
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
     rejects: list[BadRecord] = []
-    on_bad = rejects.append if cfg.skip_bad else None
     pii_counts: Counter[str] = Counter()
-    pii_dropped = 0
-    dedup = (
-        None if cfg.dedup == "off" else Deduplicator(threshold=cfg.dedup_threshold, near=cfg.dedup == "near")
-    )
+    totals = Counter()
+    dedup = None if cfg.dedup == "off" else _deduplicator(cfg)
     dedup_dropped: Counter[str] = Counter()
     input_reports: list[dict] = []
     kinds: set[str] = set()
+    writers = {s: _SplitWriter(root / s, dtype, cfg.shard_tokens) for s in ("train", "val")}
 
-    def examples_of(path: Path, report: dict) -> Iterator[Example]:
-        records = read_records(path, on_bad=on_bad, text_separator=cfg.text_separator)
-        fmt = cfg.format or detect_format(_peek_records(path, cfg.text_separator))
-        report["format"] = fmt
-        label_map = load_label_map(cfg.label_map) if cfg.label_map else _label_map_beside(path)
-        kwargs = {"label_map": label_map, "on_bad": on_bad}
-        if cfg.label_field:
-            kwargs["label_field"] = cfg.label_field
-        for ex in to_examples(_count(records, report), fmt, **kwargs):
-            report["examples"] += 1
-            yield ex
-
-    contamination_report = _contamination_report(cfg, inputs, examples_of) if cfg.eval_sets else None
+    contamination_report = _contamination_report(cfg, inputs) if cfg.eval_sets else None
     drop_ids = set(contamination_report["drop_ids"]) if contamination_report and cfg.decontaminate else set()
 
-    def governed() -> Iterator[Example]:
-        nonlocal pii_dropped
+    def tasks() -> Iterator[tuple[_Task, dict]]:
         for path in inputs:
             report = {"path": str(path), "bytes": _size(path), "sha256": _tree_sha256(path), "records": 0,
                       "examples": 0, "licence": cfg.licence or read_licence(path)}  # fmt: skip
+            report["format"] = fmt = cfg.format or detect_format(_peek_records(path, cfg.text_separator))
             input_reports.append(report)
-            for ex in examples_of(path, report):
-                if kinds and ex.kind not in kinds:
-                    raise LmforgeError(
-                        f"{path}: holds {ex.kind} examples but earlier inputs hold {next(iter(kinds))} examples; "
-                        "prepare each kind into its own dataset"
-                    )
-                kinds.add(ex.kind)
-                if progress:
-                    progress(sum(len(t.encode()) for t in _texts(ex)))
-                if cfg.pii == "mask":
-                    found: Counter[str] = Counter()
+            label_map = load_label_map(cfg.label_map) if cfg.label_map else _label_map_beside(path)
+            records = read_records(path, on_bad=rejects.append if cfg.skip_bad else None,
+                                   text_separator=cfg.text_separator)  # fmt: skip
+            for batch in _chunks(records, CHUNK):
+                report["records"] += len(batch)
+                yield _Task(str(path), fmt, label_map, [(r.line, r.data, r.by_index) for r in batch]), report
 
-                    def scrub(text: str, found: Counter = found) -> str:
-                        new, counts = scrub_pii(text, "mask")
-                        found.update(counts)
-                        return new
+    def merge(chunk: _Chunk, report: dict) -> None:
+        report["examples"] += chunk.examples
+        for kind in chunk.kinds:
+            if kinds and kind not in kinds:
+                raise LmforgeError(
+                    f"{report['path']}: holds {kind} examples but earlier inputs hold {next(iter(kinds))} "
+                    "examples; prepare each kind into its own dataset"
+                )
+            kinds.add(kind)
+        if progress:
+            progress(chunk.text_bytes)
+        pii_counts.update(chunk.pii)
+        totals.update(pii_dropped=chunk.pii_dropped, decontaminated=chunk.decontaminated)
+        rejects.extend(chunk.rejects)
+        for i, label in enumerate(chunk.labels):
+            if dedup is not None and (dup := dedup.add_key(chunk.ids[i], chunk.keys[i], chunk.snippets[i])):
+                dedup_dropped[dup.kind] += 1
+                continue
+            columns = {
+                name: (ids[o[i] : o[i + 1]], None if mask is None else mask[o[i] : o[i + 1]])
+                for name, (ids, o, mask) in chunk.columns.items()
+            }
+            writers["val" if chunk.in_val[i] else "train"].add(_Encoded(columns, label))
 
-                    ex = _map_texts(ex, scrub)
-                    pii_counts.update(found)
-                elif cfg.pii != "off":
-                    found = Counter()
-                    for text in _texts(ex):
-                        found.update(scrub_pii(text, "report")[1])
-                    pii_counts.update(found)
-                    if cfg.pii == "drop" and found:
-                        pii_dropped += 1
-                        continue
-                if dedup is not None:
-                    dup = dedup.add(ex.id, "\n".join(_texts(ex)))
-                    if dup is not None:
-                        dedup_dropped[dup.kind] += 1
-                        continue
-                if ex.id in drop_ids:
-                    continue
-                yield ex
-
-    writers = {s: _SplitWriter(root / s, dtype, cfg.shard_tokens) for s in ("train", "val")}
-    chunks = _chunks(governed(), CHUNK)
-    init = (str(cfg.tokenizer), template, cfg.add_bos, cfg.append_eos)
-    first = next(chunks, None)
-    chunks = itertools.chain([first] if first else [], chunks)
-    # Plain text tokenises at several MB/s in-process (tiktoken or the Rust backend), faster than shipping it
-    # to workers and back; chat templates and preference pairs are Python-heavy, and workers pay off there.
-    if cfg.num_proc > 1 and first and first[0].kind != "text":
-        # A bounded window of chunks in flight: workers tokenise while this process reads and governs, and
-        # memory stays flat whatever the input size (Pool.imap would read the whole input ahead).
-        with _worker_pool(cfg.num_proc, init) as pool:
-            pending: deque = deque()
-            for chunk in chunks:
-                pending.append((chunk, pool.apply_async(_encode_chunk, (chunk,))))
-                if len(pending) >= 2 * cfg.num_proc:
-                    done, result = pending.popleft()
-                    _route(done, result.get(), writers, cfg)
-            for done, result in pending:
-                _route(done, result.get(), writers, cfg)
-    else:
-        _init_worker(*init)
-        for chunk in chunks:
-            _route(chunk, _encode_chunk(chunk), writers, cfg)
+    init = (cfg, template, drop_ids)
+    with _worker_pool(cfg.num_proc, init) if cfg.num_proc > 1 else _in_process(init) as submit:
+        # A bounded window of chunks in flight keeps memory flat whatever the input size.
+        pending: deque = deque()
+        for task, report in tasks():
+            pending.append((submit(task), report))
+            if len(pending) >= 2 * cfg.num_proc:
+                result, done = pending.popleft()
+                merge(result(), done)
+        for result, done in pending:
+            merge(result(), done)
     for w in writers.values():
         w.flush()
     if rejects:
@@ -439,7 +504,7 @@ def _prepare_into(
         ]
         atomic_write(root / "rejects.jsonl", "\n".join(lines) + "\n")
     governance: dict[str, Any] = {
-        "pii": {"mode": cfg.pii, "found": dict(pii_counts), "documents_dropped": pii_dropped},
+        "pii": {"mode": cfg.pii, "found": dict(pii_counts), "documents_dropped": totals["pii_dropped"]},
         "dedup": {
             "mode": cfg.dedup,
             "dropped": dict(dedup_dropped),
@@ -447,7 +512,11 @@ def _prepare_into(
         },
     }
     if contamination_report is not None:
-        governance["contamination"] = {**contamination_report, "decontaminated": cfg.decontaminate}
+        governance["contamination"] = {
+            **contamination_report,
+            "decontaminated": cfg.decontaminate,
+            "documents_dropped": totals["decontaminated"],
+        }
     return {
         "lmforge_version": __version__,
         "kind": next(iter(kinds), None),
@@ -468,8 +537,8 @@ def _prepare_into(
 
 
 @contextmanager
-def _worker_pool(n: int, init: tuple) -> Iterator[Any]:
-    """A pool of tokenising workers. Fork where it exists: it starts in milliseconds and needs no `__main__`
+def _worker_pool(n: int, init: tuple) -> Iterator[Callable]:
+    """Worker processes; yields submit(task) -> result getter. Fork where it exists: it starts in milliseconds and needs no `__main__`
     guard in the caller's script; TOKENIZERS_PARALLELISM is pinned while forking so the Rust thread pool
     neither warns nor deadlocks in the children."""
     method = "fork" if "fork" in mp.get_all_start_methods() and sys.platform != "darwin" else "spawn"
@@ -483,18 +552,23 @@ def _worker_pool(n: int, init: tuple) -> Iterator[Any]:
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
     with pool:
-        yield pool
+        yield lambda task: pool.apply_async(_process, (task,)).get
 
 
-def _route(
-    chunk: list[Example], encoded: list[_Encoded], writers: dict[str, _SplitWriter], cfg: PrepareConfig
-):
-    for ex, enc in zip(chunk, encoded, strict=True):
-        writers["val" if _in_val(ex, cfg.val_fraction, cfg.seed) else "train"].add(enc)
+@contextmanager
+def _in_process(init: tuple) -> Iterator[Callable]:
+    """The same work in this process; yields submit(task) -> result getter (the task runs at once)."""
+    _init_worker(*init)
+
+    def submit(task: _Task) -> Callable[[], _Chunk]:
+        result = _process(task)
+        return lambda: result
+
+    yield submit
 
 
-def _chunks(items: Iterator[Example], n: int) -> Iterator[list[Example]]:
-    chunk: list[Example] = []
+def _chunks(items: Iterator[T], n: int) -> Iterator[list[T]]:
+    chunk: list[T] = []
     for item in items:
         chunk.append(item)
         if len(chunk) == n:
@@ -502,12 +576,6 @@ def _chunks(items: Iterator[Example], n: int) -> Iterator[list[Example]]:
             chunk = []
     if chunk:
         yield chunk
-
-
-def _count(records: Iterator, report: dict) -> Iterator:
-    for r in records:
-        report["records"] += 1
-        yield r
 
 
 def _peek_records(path: Path, text_separator: str | None, n: int = 20) -> list:
@@ -548,17 +616,23 @@ def _size(path: Path) -> int:
     )
 
 
-def _eval_examples(cfg: PrepareConfig, examples_of: Callable) -> dict[str, list[tuple[str, str]]]:
-    sets = {}
-    for name, files in cfg.eval_sets.items():
-        sets[name] = [
-            (ex.id, "\n".join(_texts(ex)))
-            for path in iter_files(files)
-            for ex in examples_of(path, Counter())
+def _examples(cfg: PrepareConfig, path: Path, fmt: str | None) -> Iterator[Example]:
+    """The examples of one input with bad records skipped: what the contamination scan reads."""
+    ignore = lambda bad: None  # noqa: E731  (the main pass reports bad records)
+    kwargs: dict[str, Any] = {"on_bad": ignore, "label_map": _label_map_beside(path)}
+    if cfg.label_field:
+        kwargs["label_field"] = cfg.label_field
+    records = read_records(path, on_bad=ignore, text_separator=cfg.text_separator)
+    return to_examples(records, fmt or detect_format(_peek_records(path, cfg.text_separator)), **kwargs)
+
+
+def _contamination_report(cfg: PrepareConfig, inputs: list[Path]) -> dict:
+    """Word n-gram overlap of the training inputs with each evaluation set."""
+    train = ((ex.id, "\n".join(_texts(ex))) for path in inputs for ex in _examples(cfg, path, cfg.format))
+    evals = {
+        name: [
+            (ex.id, "\n".join(_texts(ex))) for path in iter_files(files) for ex in _examples(cfg, path, None)
         ]
-    return sets
-
-
-def _contamination_report(cfg: PrepareConfig, inputs: list[Path], examples_of: Callable) -> dict:
-    train = ((ex.id, "\n".join(_texts(ex))) for path in inputs for ex in examples_of(path, Counter()))
-    return contamination(train, _eval_examples(cfg, examples_of), n=cfg.contamination_ngram)
+        for name, files in cfg.eval_sets.items()
+    }
+    return contamination(train, evals, n=cfg.contamination_ngram)
