@@ -101,6 +101,11 @@ def test_split_is_deterministic_and_worker_count_does_not_matter(tmp_path, token
     two, _ = run(tmp_path, tokenizer_dir, [src], "two", pii="off", num_proc=2)
     assert one["splits"] == two["splits"]  # same shards, same sha256s
     assert 0 < one["splits"]["val"]["documents"] < 150
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"Line {i}: {CORPUS[i % 4]}" for i in range(1500)))
+    one, _ = run(tmp_path, tokenizer_dir, [text], "t1", num_proc=1, dedup="near")
+    two, _ = run(tmp_path, tokenizer_dir, [text], "t2", num_proc=2, dedup="near")
+    assert one["splits"] == two["splits"] and one["governance"] == two["governance"]
 
 
 def test_chat_masks_cover_exactly_the_assistant_replies(tmp_path, tokenizer_dir):

@@ -76,8 +76,7 @@ class PrepareConfig(Section):
     append_eos: bool = True
     """Append the EOS token to every text document, so the model learns where documents end."""
     num_proc: int = Field(default_factory=lambda: min(2, os.cpu_count() or 1), ge=1)
-    """Worker processes for chat/preference/classification data (1 = in-process); plain text is always
-    tokenised in-process, where it is fastest."""
+    """Worker processes that turn records into tokens (1 = in-process); the output is the same for any value."""
     shard_tokens: int = Field(100_000_000, ge=1)
     """Tokens per shard file at most (a shard holds whole documents)."""
     pii: Literal["off", "report", "mask", "drop"] = "report"
