@@ -1,16 +1,101 @@
-"""Reading a prepared dataset directory (see `data/prepare.py` for the layout), and `lmforge data inspect`."""
+"""The prepared-dataset format (see `data/prepare.py` for the layout): writing shards, reading them back, and
+`lmforge data inspect`."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lmforge.errors import LmforgeError
+from lmforge.fileio import sha256_file
+
+
+@dataclass
+class Encoded:
+    """One tokenised example: per column (ids, mask or None), and the label for classification."""
+
+    columns: dict[str, tuple[np.ndarray, np.ndarray | None]]
+    label: int | None = None
+
+
+@dataclass
+class ShardWriter:
+    """Accumulates encoded documents of one split and writes whole-document shards."""
+
+    root: Path
+    dtype: np.dtype
+    shard_tokens: int
+    buffers: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    masks: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    labels: list[int] = field(default_factory=list)
+    shards: list[dict] = field(default_factory=list)
+    buffered: int = 0  # tokens waiting in `buffers` for the next shard
+    documents: int = 0
+    tokens: int = 0
+    masked: int = 0
+
+    def add(self, enc: Encoded) -> None:
+        """Buffer one document; write a shard once `shard_tokens` are buffered."""
+        for name, (ids, mask) in enc.columns.items():
+            self.buffers.setdefault(name, []).append(ids)
+            if mask is not None:
+                self.masks.setdefault(name, []).append(mask)
+                self.masked += int(mask.sum())
+            self.tokens += len(ids)
+            self.buffered += len(ids)
+        if enc.label is not None:
+            self.labels.append(enc.label)
+        self.documents += 1
+        if self.buffered >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered documents as one shard (token ids, document offsets, masks, labels)."""
+        if not self.buffers or not next(iter(self.buffers.values())):
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        stem = f"{len(self.shards):05d}"
+        files: dict[str, str] = {}
+        for name, docs in self.buffers.items():
+            offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+            np.cumsum([len(d) for d in docs], out=offsets[1:])
+            files[f"{stem}.{name}.bin"] = _write(
+                self.root / f"{stem}.{name}.bin", np.concatenate(docs).astype(self.dtype)
+            )
+            files[f"{stem}.{name}.docs.npy"] = _write(self.root / f"{stem}.{name}.docs.npy", offsets)
+            if name in self.masks:
+                mask = np.concatenate(self.masks[name])
+                files[f"{stem}.{name}_mask.bin"] = _write(self.root / f"{stem}.{name}_mask.bin", mask)
+        if self.labels:
+            files[f"{stem}.labels.npy"] = _write(
+                self.root / f"{stem}.labels.npy", np.asarray(self.labels, np.int64)
+            )
+        n_docs = len(next(iter(self.buffers.values())))
+        self.shards.append({"documents": n_docs, "files": files})
+        self.buffers, self.masks, self.labels, self.buffered = {}, {}, [], 0
+
+    def summary(self) -> dict:
+        """The split's manifest entry: counts and every shard's files with their sha256."""
+        return {
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "masked_tokens": self.masked,
+            "shards": self.shards,
+        }
+
+
+def _write(path: Path, array: np.ndarray) -> str:
+    """Write an array (raw .bin or .npy) and return its sha256."""
+    if path.suffix == ".npy":
+        np.save(path, array)
+    else:
+        array.tofile(path)
+    return sha256_file(path)
 
 
 @dataclass(frozen=True)

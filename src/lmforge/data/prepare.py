@@ -36,11 +36,12 @@ from pydantic import Field
 
 from lmforge import __version__
 from lmforge.config import Section
+from lmforge.data.dataset import Encoded, ShardWriter
 from lmforge.data.formats import Example, detect_format, load_label_map, to_examples
 from lmforge.data.governance import DedupKey, Deduplicator, contamination, scrub_pii
 from lmforge.data.readers import BadRecord, Record, iter_files, read_records
 from lmforge.errors import LmforgeError
-from lmforge.fileio import atomic_write, staging_dir
+from lmforge.fileio import atomic_write, sha256_file, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +97,6 @@ class PrepareConfig(Section):
 
 
 # ------------------------------------------------------------------------------------- tokenisation
-
-
-@dataclass
-class _Encoded:
-    """One tokenised example: per column (ids, mask or None), and the label for classification."""
-
-    columns: dict[str, tuple[np.ndarray, np.ndarray | None]]
-    label: int | None = None
 
 
 @dataclass
@@ -211,25 +204,25 @@ def _scrub(ex: Example, texts: list[str], mode: str) -> tuple[Example, Counter]:
     return _map_texts(ex, mask), found
 
 
-def _encode(examples: list[Example]) -> list[_Encoded]:
+def _encode(examples: list[Example]) -> list[Encoded]:
     """Tokenise examples: text in one batched call, chats and preference pairs through the chat template."""
     tok, template, cfg = _worker["tok"], _worker["template"], _worker["cfg"]
-    out: list[_Encoded | None] = [None] * len(examples)
+    out: list[Encoded | None] = [None] * len(examples)
     texts = [(i, ex.text) for i, ex in enumerate(examples) if ex.kind == "text"]
     if texts:
         head = [tok.bos_id] if cfg.add_bos and tok.bos_id is not None else []
         tail = [tok.eos_id] if cfg.append_eos and tok.eos_id is not None else []
         for (i, _), ids in zip(texts, tok.encode_batch([t for _, t in texts]), strict=True):
-            out[i] = _Encoded({"tokens": (np.asarray(head + ids + tail), None)})
+            out[i] = Encoded({"tokens": (np.asarray(head + ids + tail), None)})
     for i, ex in enumerate(examples):
         if ex.kind == "chat":
             from lmforge.chat import render_chat  # here, not above: Jinja's import costs plain text 0.1 s
 
             r = render_chat(tok, ex.messages, template=template)
-            out[i] = _Encoded({"tokens": (np.asarray(r.ids), np.asarray(r.mask, dtype=np.uint8))})
+            out[i] = Encoded({"tokens": (np.asarray(r.ids), np.asarray(r.mask, dtype=np.uint8))})
         elif ex.kind == "classification":
             ids = np.asarray(tok.encode(ex.text, add_special_tokens=True))
-            out[i] = _Encoded({"tokens": (ids, None)}, ex.label)
+            out[i] = Encoded({"tokens": (ids, None)}, ex.label)
         elif ex.kind == "preference":
             from lmforge.chat import render_chat
 
@@ -238,91 +231,8 @@ def _encode(examples: list[Example]) -> list[_Encoded]:
                 reply = {"role": "assistant", "content": getattr(ex, name)}
                 r = render_chat(tok, [*ex.messages, reply], template=template)
                 columns[name] = (np.asarray(r.ids), np.asarray(r.mask, dtype=np.uint8))
-            out[i] = _Encoded(columns)
+            out[i] = Encoded(columns)
     return out  # type: ignore[return-value]
-
-
-# ------------------------------------------------------------------------------------------ shards
-
-
-@dataclass
-class _SplitWriter:
-    """Accumulates encoded documents of one split and writes whole-document shards."""
-
-    root: Path
-    dtype: np.dtype
-    shard_tokens: int
-    buffers: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    masks: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    labels: list[int] = field(default_factory=list)
-    shards: list[dict] = field(default_factory=list)
-    buffered: int = 0  # tokens waiting in `buffers` for the next shard
-    documents: int = 0
-    tokens: int = 0
-    masked: int = 0
-
-    def add(self, enc: _Encoded) -> None:
-        for name, (ids, mask) in enc.columns.items():
-            self.buffers.setdefault(name, []).append(ids)
-            if mask is not None:
-                self.masks.setdefault(name, []).append(mask)
-                self.masked += int(mask.sum())
-            self.tokens += len(ids)
-            self.buffered += len(ids)
-        if enc.label is not None:
-            self.labels.append(enc.label)
-        self.documents += 1
-        if self.buffered >= self.shard_tokens:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.buffers or not next(iter(self.buffers.values())):
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        stem = f"{len(self.shards):05d}"
-        files: dict[str, str] = {}
-        for name, docs in self.buffers.items():
-            offsets = np.zeros(len(docs) + 1, dtype=np.int64)
-            np.cumsum([len(d) for d in docs], out=offsets[1:])
-            files[f"{stem}.{name}.bin"] = _write(
-                self.root / f"{stem}.{name}.bin", np.concatenate(docs).astype(self.dtype)
-            )
-            files[f"{stem}.{name}.docs.npy"] = _write(self.root / f"{stem}.{name}.docs.npy", offsets)
-            if name in self.masks:
-                mask = np.concatenate(self.masks[name])
-                files[f"{stem}.{name}_mask.bin"] = _write(self.root / f"{stem}.{name}_mask.bin", mask)
-        if self.labels:
-            files[f"{stem}.labels.npy"] = _write(
-                self.root / f"{stem}.labels.npy", np.asarray(self.labels, np.int64)
-            )
-        n_docs = len(next(iter(self.buffers.values())))
-        self.shards.append({"documents": n_docs, "files": files})
-        self.buffers, self.masks, self.labels, self.buffered = {}, {}, [], 0
-
-    def summary(self) -> dict:
-        return {
-            "documents": self.documents,
-            "tokens": self.tokens,
-            "masked_tokens": self.masked,
-            "shards": self.shards,
-        }
-
-
-def _write(path: Path, array: np.ndarray) -> str:
-    """Write an array (raw .bin or .npy) and return its sha256."""
-    if path.suffix == ".npy":
-        np.save(path, array)
-    else:
-        array.tofile(path)
-    return _sha256(path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------- governance
@@ -388,11 +298,11 @@ def fingerprint(cfg: PrepareConfig, inputs: Sequence[Path], tokenizer_hash: str)
 
 def _tree_sha256(path: Path) -> str:
     if path.is_file():
-        return _sha256(path)
+        return sha256_file(path)
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         h.update(f.relative_to(path).as_posix().encode())
-        h.update(_sha256(f).encode())
+        h.update(sha256_file(f).encode())
     return h.hexdigest()
 
 
@@ -441,7 +351,7 @@ def _prepare_into(
     dedup_dropped: Counter[str] = Counter()
     input_reports: list[dict] = []
     kinds: set[str] = set()
-    writers = {s: _SplitWriter(root / s, dtype, cfg.shard_tokens) for s in ("train", "val")}
+    writers = {s: ShardWriter(root / s, dtype, cfg.shard_tokens) for s in ("train", "val")}
 
     contamination_report = _contamination_report(cfg, inputs) if cfg.eval_sets else None
     drop_ids = set(contamination_report["drop_ids"]) if contamination_report and cfg.decontaminate else set()
@@ -481,7 +391,7 @@ def _prepare_into(
                 name: (ids[o[i] : o[i + 1]], None if mask is None else mask[o[i] : o[i + 1]])
                 for name, (ids, o, mask) in chunk.columns.items()
             }
-            writers["val" if chunk.in_val[i] else "train"].add(_Encoded(columns, label))
+            writers["val" if chunk.in_val[i] else "train"].add(Encoded(columns, label))
 
     init = (cfg, template, drop_ids)
     with _worker_pool(cfg.num_proc, init) if cfg.num_proc > 1 else _in_process(init) as submit:
