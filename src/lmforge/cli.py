@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from inspect import cleandoc
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -62,6 +63,13 @@ class _Group(TyperGroup):
             _fail(e, 2, ctx.params.get("debug", False))
         except Exception as e:
             _fail(e, 1, ctx.params.get("debug", False))
+
+
+def _reflow(fn: Callable) -> Callable:
+    """Join the lines of each docstring paragraph: Typer's rich help keeps single newlines as line breaks."""
+    paragraphs = cleandoc(fn.__doc__ or "").split("\n\n")
+    fn.__doc__ = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    return fn
 
 
 def _version(value: bool) -> None:
@@ -189,6 +197,7 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one 
 
 
 @app.command()
+@_reflow
 def inspect(
     model: Annotated[
         Path, typer.Argument(help="A Hugging Face model directory (lmforge's or transformers').")
@@ -206,6 +215,7 @@ def inspect(
 
 
 @app.command()
+@_reflow
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for what the demo writes.")] = Path(
         "demo-out"
@@ -265,6 +275,7 @@ FormatOption = Annotated[
 
 
 @tokenizer_app.command("train")
+@_reflow
 def tokenizer_train(
     files: Annotated[
         list[Path], typer.Argument(help="Text or dataset files (any format `data prepare` reads).")
@@ -298,6 +309,7 @@ def tokenizer_train(
 
 
 @tokenizer_app.command("stats")
+@_reflow
 def tokenizer_stats(
     files: Annotated[list[Path], typer.Argument(help="Text or dataset files to measure on.")],
     tokenizer: Annotated[Path, typer.Option(help="Tokenizer directory (tokenizer.json).")],
@@ -313,6 +325,7 @@ def tokenizer_stats(
 
 
 @data_app.command("synth")
+@_reflow
 def data_synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the world's files.")],
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives byte-identical files.")] = 0,
@@ -325,6 +338,7 @@ def data_synth(
 
 
 @data_app.command("prepare", epilog=_epilog(PrepareConfig))
+@_reflow
 def data_prepare(
     files: Annotated[list[Path] | None, typer.Argument(help="Input files or directories.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset directory.")] = ...,
@@ -381,6 +395,7 @@ def data_prepare(
 
 
 @data_app.command("inspect")
+@_reflow
 def data_inspect(
     path: Annotated[Path, typer.Argument(help="A prepared dataset directory.")],
     samples: Annotated[int, typer.Option(help="Decoded samples to show.")] = 3,
