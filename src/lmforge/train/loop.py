@@ -1,0 +1,278 @@
+"""The one training loop every stage runs: `train(model, batches, objective, optimizer, optim_cfg, cfg)`.
+
+Read it top to bottom like nanochat's `base_train.py`: `while step < max_steps` → once in a while (validation)
+→ one step (micro-batches, clipping, schedule, update) → logging. No callbacks: a stage is a batch iterator
+plus an `Objective`. Randomness: the caller seeds model init (`torch.manual_seed(cfg.seed)`); the loop draws
+from the global torch RNG only through the model's own dropout, and `WindowSampler` has its own generator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+
+from lmforge.config import TrainSection
+from lmforge.data.batches import clm_windows
+from lmforge.errors import LmforgeError
+from lmforge.train.objectives import Batch, Objective, normalized_loss, total_counts
+from lmforge.train.optim import AnyOptimizer, OptimSection, lr_at, set_lr
+
+log = logging.getLogger(__name__)
+
+
+class LoopSection(TrainSection):
+    """The training loop: batch shape, accumulation, evaluation and logging cadence, precision, guards."""
+
+    micro_batch_size: int = Field(8, ge=1)
+    """Sequences per forward/backward pass."""
+    grad_accum_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step (step batch = micro_batch_size x grad_accum_steps sequences)."""
+    seq_len: int = Field(256, ge=1)
+    """Tokens per training sequence."""
+    eval_every: int = Field(0, ge=0)
+    """Validate every this many steps (at steps 0, N, 2N, ... and after the last); 0 = never."""
+    eval_batches: int = Field(20, ge=1)
+    """Validation batches per evaluation (the stage's builder reads it)."""
+    log_every: int = Field(1, ge=1)
+    """Write a metrics line and report progress every this many steps."""
+    max_bad_steps: int = Field(10, ge=1)
+    """Steps with a NaN/inf loss or gradient are skipped; the run aborts when this many have been skipped."""
+    autocast: Literal["off", "bf16"] = "off"
+    """bf16: forward passes under bf16 autocast, weights and optimizer state stay fp32."""
+    compile: bool = False
+    """Run the model through `torch.compile` (applied from outside; the model itself is unchanged)."""
+    deterministic: bool = False
+    """`torch.use_deterministic_algorithms(True)` for the run (bit-identical reruns and resumes)."""
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+class WindowSampler:
+    """CLM micro-batches forever: each epoch a fresh permutation of the `clm_windows`, cut into full batches.
+
+    The cursor is (epoch, position): epoch e's order is a permutation from `numpy.random.default_rng([seed,
+    e])`, so `state_dict()` is three integers and a resume continues the exact sequence. An epoch's last
+    `n_windows % micro_batch_size` windows of the order are dropped (every micro-batch has the same shape).
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        micro_batch_size: int,
+        *,
+        seed: int,
+        mask: np.ndarray | None = None,
+    ) -> None:
+        self.windows = clm_windows(tokens, seq_len, mask)  # {"input_ids", "targets"}: (N, seq_len) each
+        self.n = len(self.windows["input_ids"])
+        if self.n < micro_batch_size:
+            raise LmforgeError(
+                f"{self.n} windows of {seq_len} tokens: fewer than micro_batch_size {micro_batch_size}"
+            )
+        self.micro_batch_size, self.seed = micro_batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def __iter__(self) -> WindowSampler:
+        return self
+
+    def __next__(self) -> Batch:
+        if self.position + self.micro_batch_size > self.n:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        rows = torch.from_numpy(self._order[self.position : self.position + self.micro_batch_size])
+        self.position += self.micro_batch_size
+        return {k: v[rows] for k, v in self.windows.items()}  # (micro_batch_size, seq_len) each
+
+    def state_dict(self) -> dict[str, int]:
+        """The data cursor: {"seed", "epoch", "position"}."""
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a saved cursor (same tokens, seq_len and batch size; the seed must match)."""
+        if state["seed"] != self.seed:
+            raise LmforgeError(
+                f"data cursor was saved with seed {state['seed']}, this run has seed {self.seed}"
+            )
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)
+
+
+def clm_batches(
+    tokens: np.ndarray, cfg: LoopSection, *, seed: int, mask: np.ndarray | None = None
+) -> WindowSampler:
+    """Shuffled next-token micro-batches of `cfg.micro_batch_size` x `cfg.seq_len`, cycling over epochs."""
+    return WindowSampler(tokens, cfg.seq_len, cfg.micro_batch_size, seed=seed, mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+def evaluate(
+    model: nn.Module, objective: Objective, batches: Iterable[Batch], autocast: Any = nullcontext
+) -> dict[str, float]:
+    """Validation metrics: each `objective.evaluate` sum over `batches` divided once, as "val_<name>";
+    "val_loss" is the sum of the "*_loss" means (the training loss's definition)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums: dict[str, list[float]] = {}
+    with torch.no_grad(), autocast():
+        for batch in batches:
+            for name, (num, den) in objective.evaluate(model, _to(batch, device)).items():
+                total = sums.setdefault(name, [0.0, 0.0])
+                total[0], total[1] = total[0] + num, total[1] + den
+    model.train(was_training)
+    metrics = {f"val_{name}": num / max(den, 1.0) for name, (num, den) in sums.items()}
+    metrics["val_loss"] = sum(v for k, v in metrics.items() if k.endswith("_loss"))
+    return metrics
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train(
+    model: nn.Module,
+    batches: Iterator[Batch],
+    objective: Objective,
+    optimizer: AnyOptimizer,
+    optim_cfg: OptimSection,
+    cfg: LoopSection,
+    *,
+    eval_batches: Callable[[], Iterable[Batch]] | None = None,
+    metrics_path: Path | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
+    """Run `cfg.max_steps` optimizer steps; return {"loss", "val", "steps", "bad_steps", "tokens", "seconds",
+    "losses"} (`losses`: every step's train loss, NaN or inf at a skipped step).
+
+    Each step takes `grad_accum_steps` micro-batches from `batches` and minimises the objective's mean over
+    all of them (`normalized_loss` against the step's total units). `eval_batches()` gives a fresh validation
+    pass each time it is called. Every `log_every` steps one JSON line goes to `metrics_path` (appended) and
+    the same dict to `progress`: step, loss, lr, grad_norm, tokens, tokens_per_s, elapsed, and val_* keys at
+    evaluation steps.
+    """
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    forward_model = torch.compile(model) if cfg.compile else model
+    bf16 = cfg.autocast == "bf16"
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses determinism without it
+        torch.use_deterministic_algorithms(True)
+    step, bad_steps, tokens, train_seconds = 0, 0, 0, 0.0
+    losses: list[float] = []
+    val: dict[str, float] = {}
+    interval_tokens, interval_seconds = 0, 0.0  # since the last metrics line, for tokens_per_s
+    start = time.perf_counter()
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        while step < cfg.max_steps:
+            # ---- once in a while: validation of the weights after `step` updates
+            record: dict[str, Any] = {}
+            if eval_batches is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                val = evaluate(model, objective, eval_batches(), autocast)
+                record.update(val)
+
+            # ---- one step: units counted over every micro-batch first, then one backward per micro-batch
+            t0 = time.perf_counter()
+            micro = [_to(_next(batches, step), device) for _ in range(cfg.grad_accum_steps)]
+            totals = total_counts(objective.counts(b) for b in micro)
+            step_loss = torch.zeros((), device=device)
+            for b in micro:
+                with autocast():
+                    loss = normalized_loss(objective.losses(forward_model, b), totals)
+                loss.backward()
+                step_loss += loss.detach()
+            grads = [p.grad for p in params if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads)  # the norm before clipping, reported
+            loss_value, norm_value = float(step_loss), float(grad_norm)  # one device sync per step
+            lr = lr_at(step, cfg.max_steps, optim_cfg)
+            if math.isfinite(loss_value) and math.isfinite(norm_value):
+                if optim_cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grads_with_norm_(params, optim_cfg.grad_clip, grad_norm)
+                set_lr(optimizer, lr)
+                optimizer.step()
+            else:  # NaN/inf guard: no update, the poisoned gradients are dropped below
+                bad_steps += 1
+                log.warning("step %d: loss %s, grad norm %s: skipped", step, loss_value, norm_value)
+                if bad_steps >= cfg.max_bad_steps:
+                    raise LmforgeError(
+                        f"{bad_steps} steps had a NaN/inf loss or gradient (train.max_bad_steps="
+                        f"{cfg.max_bad_steps}); last at step {step}: lower optim.lr or check the data"
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - t0
+            step_tokens = sum(b["input_ids"].numel() for b in micro)
+            tokens, train_seconds = tokens + step_tokens, train_seconds + seconds
+            interval_tokens, interval_seconds = interval_tokens + step_tokens, interval_seconds + seconds
+            losses.append(loss_value)
+
+            # ---- logging
+            if math.isfinite(loss_value) and (step % cfg.log_every == 0 or record):
+                record = {
+                    "step": step,
+                    "loss": loss_value,
+                    "lr": lr * optim_cfg.lr,
+                    "grad_norm": norm_value,
+                    "tokens": tokens,
+                    "tokens_per_s": interval_tokens / max(interval_seconds, 1e-9),
+                    "elapsed": time.perf_counter() - start,
+                    **record,
+                }
+                _emit(record, metrics_path, progress)
+                interval_tokens, interval_seconds = 0, 0.0
+            step += 1
+
+        # ---- after the last step: validate the final weights
+        if eval_batches is not None and cfg.eval_every:
+            val = evaluate(model, objective, eval_batches(), autocast)
+            _emit({"step": step, "elapsed": time.perf_counter() - start, **val}, metrics_path, progress)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+    finite = [x for x in losses if math.isfinite(x)]
+    return {
+        "loss": finite[-1] if finite else math.nan,
+        "val": val,
+        "steps": step,
+        "bad_steps": bad_steps,
+        "tokens": tokens,
+        "seconds": train_seconds,
+        "losses": losses,
+    }
+
+
+def _next(batches: Iterator[Batch], step: int) -> Batch:
+    try:
+        return next(batches)
+    except StopIteration:
+        raise LmforgeError(f"the training batches ran out at step {step}") from None
+
+
+def _emit(record: dict[str, Any], path: Path | None, progress: Callable[[dict], None] | None) -> None:
+    """One metrics line to `path` (appended, so a resumed run continues the file) and to `progress`."""
+    if path is not None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    if progress is not None:
+        progress(record)
