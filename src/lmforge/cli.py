@@ -30,6 +30,7 @@ from lmforge import __version__
 from lmforge.config import StageConfig, config_help, load_config, save_config, validation_message
 from lmforge.data.prepare import PrepareConfig
 from lmforge.errors import LmforgeError
+from lmforge.stages.configs import PretrainConfig
 
 log = logging.getLogger(__name__)
 C = TypeVar("C", bound=StageConfig)
@@ -221,6 +222,7 @@ def demo(
         "demo-out"
     ),
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    pretrain_steps: Annotated[int, typer.Option(help="Pretraining steps on the synthetic world.")] = 200,
     as_json: JsonFlag = False,
 ) -> None:
     """Run the built-in demo end to end (no downloads).
@@ -232,7 +234,7 @@ def demo(
     """
     from lmforge.pipeline import run_demo
 
-    result = run_demo(out, seed)
+    result = run_demo(out, seed, pretrain_steps)
     if as_json:
         emit(result, as_json=True)
         return
@@ -248,10 +250,12 @@ def demo(
             name, d["id"], d["kind"], f"{d['documents']:,}", f"{d['tokens']:,}", f"{d['trained_tokens']:,}"
         )
     console.print(table)
+    console.rule("4. pretraining on the world (the one training loop)")
+    emit(result["pretrain"], as_json=False)
     for name, info in result["inspect"].items():
-        console.rule(f"4. lmforge inspect: {name}")
+        console.rule(f"5. lmforge inspect: {name}")
         emit(info, as_json=False)
-    console.rule("5. all-MiniLM-L6-v2 sentence similarity, computed by lmforge's BERT")
+    console.rule("6. all-MiniLM-L6-v2 sentence similarity, computed by lmforge's BERT")
     table = Table("", *[f"s{i}" for i in range(len(result["minilm_similarity"]["sentences"]))])
     for i, (sentence, row) in enumerate(zip(*result["minilm_similarity"].values(), strict=True)):
         table.add_row(f"s{i} {sentence}", *[f"{c:.2f}" for c in row])
@@ -260,6 +264,24 @@ def demo(
         f"saved and reloaded {result['model_dir']}: logits bit-exact = {result['reload_bit_exact']}"
     )
     console.print(f"seconds: {result['seconds']}")
+
+
+# ------------------------------------------------------------------------------------------- stages
+
+
+def _pretrain(cfg: PretrainConfig, out: Path) -> dict:
+    from lmforge.stages.pretrain import run_pretrain
+
+    return run_pretrain(cfg, out)
+
+
+add_stage_command(
+    app,
+    "pretrain",
+    PretrainConfig,
+    _pretrain,
+    help="Pretrain a model (a preset, or continue from a HF dir) on a prepared dataset with the one training loop.",
+)
 
 
 # ------------------------------------------------------------------------------------- tokenizer, data

@@ -56,8 +56,12 @@ def sentence_embeddings(model_dir: Path, sentences: list[str]) -> torch.Tensor:
     return torch.nn.functional.normalize(mean_pool(hidden, mask), dim=-1)
 
 
-def run_demo(out: Path, seed: int = 0) -> dict[str, Any]:
-    """The demo so far: synthesise the world, train its tokenizer, prepare its datasets, build a model for it."""
+DEMO_MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4}
+"""A ~4M-parameter Llama: big enough to learn the world's language, small enough for a few CPU minutes."""
+
+
+def run_demo(out: Path, seed: int = 0, pretrain_steps: int = 200) -> dict[str, Any]:
+    """The demo so far: synthesise the world, train its tokenizer, prepare its datasets, pretrain on it."""
     from lmforge.data.prepare import PrepareConfig, iter_texts, prepare
     from lmforge.data.synthetic import synthesize
     from lmforge.tokenizer import Tokenizer, tokenizer_stats, train_tokenizer
@@ -91,6 +95,19 @@ def run_demo(out: Path, seed: int = 0) -> dict[str, Any]:
             "cache_hit": manifest["cache_hit"],
         }
 
+    from lmforge.stages.configs import PretrainConfig
+    from lmforge.stages.pretrain import run_pretrain
+
+    pretrain_cfg = PretrainConfig.model_validate({
+        "model": {"overrides": DEMO_MODEL},
+        "data": {"dataset": str(out / "data" / "pretrain")},
+        "train": {"max_steps": pretrain_steps, "seq_len": 128, "micro_batch_size": 16, "eval_every": 100, "eval_batches": 8,
+                  "seed": seed},
+        "optim": {"lr": 3e-3, "warmup_steps": min(20, pretrain_steps // 10)},
+        "sample_prompt": "Peregrine Oakley was born in",
+    })  # fmt: skip
+    pretrained = timed("pretrain", run_pretrain, pretrain_cfg, out / "pretrain")
+
     # A ~14M Llama sized for the world's tokenizer, saved as a HF dir with the tokenizer beside its weights.
     torch.manual_seed(seed)
     config = preset("llama-14m", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
@@ -113,6 +130,20 @@ def run_demo(out: Path, seed: int = 0) -> dict[str, Any]:
         "world": {name: info.get("records") or info["bytes"] for name, info in world["files"].items()},
         "tokenizer": {"path": str(tok_dir), "vocab_size": tok.vocab_size, **{k: stats[k] for k in STAT_KEYS}},
         "datasets": datasets,
+        "pretrain": {
+            k: pretrained[k]
+            for k in (
+                "params",
+                "steps",
+                "tokens",
+                "train_loss",
+                "val_loss",
+                "unigram_baseline",
+                "tokens_per_s",
+                "sample",
+                "model_dir",
+            )
+        },
         "model_dir": str(model_dir),
         "reload_bit_exact": exact,
         "inspect": {"llama-14m-world": inspect_model(model_dir), "all-MiniLM-L6-v2": inspect_model(minilm)},

@@ -16,45 +16,19 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 
-from lmforge.config import TrainSection
 from lmforge.data.batches import clm_windows
 from lmforge.errors import LmforgeError
 from lmforge.train.objectives import Batch, Objective, normalized_loss, total_counts
 from lmforge.train.optim import AnyOptimizer, OptimSection, lr_at, set_lr
+from lmforge.train.sections import LoopSection
 
 log = logging.getLogger(__name__)
-
-
-class LoopSection(TrainSection):
-    """The training loop: batch shape, accumulation, evaluation and logging cadence, precision, guards."""
-
-    micro_batch_size: int = Field(8, ge=1)
-    """Sequences per forward/backward pass."""
-    grad_accum_steps: int = Field(1, ge=1)
-    """Micro-batches per optimizer step (step batch = micro_batch_size x grad_accum_steps sequences)."""
-    seq_len: int = Field(256, ge=1)
-    """Tokens per training sequence."""
-    eval_every: int = Field(0, ge=0)
-    """Validate every this many steps (at steps 0, N, 2N, ... and after the last); 0 = never."""
-    eval_batches: int = Field(20, ge=1)
-    """Validation batches per evaluation (the stage's builder reads it)."""
-    log_every: int = Field(1, ge=1)
-    """Write a metrics line and report progress every this many steps."""
-    max_bad_steps: int = Field(10, ge=1)
-    """Steps with a NaN/inf loss or gradient are skipped; the run aborts when this many have been skipped."""
-    autocast: Literal["off", "bf16"] = "off"
-    """bf16: forward passes under bf16 autocast, weights and optimizer state stay fp32."""
-    compile: bool = False
-    """Run the model through `torch.compile` (applied from outside; the model itself is unchanged)."""
-    deterministic: bool = False
-    """`torch.use_deterministic_algorithms(True)` for the run (bit-identical reruns and resumes)."""
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -9,14 +9,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
-from lmforge.config import Section
 from lmforge.errors import LmforgeError
+from lmforge.train.sections import OptimSection
 
 log = logging.getLogger(__name__)
 
@@ -25,37 +24,6 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 FUSED_DEVICES = ("cuda", "cpu")
 """Device types with PyTorch's fused AdamW kernel that lmforge runs on (CPU's since torch 2.4)."""
-
-
-class OptimSection(Section):
-    """The optimiser, its learning-rate schedule and gradient clipping (the `optim` section)."""
-
-    name: Literal["adamw", "muon"] = "adamw"
-    """adamw for every parameter, or muon for 2-D hidden weights (inside the layer stack) with AdamW for the rest."""
-    lr: float = Field(6e-4, gt=0)
-    """Peak AdamW learning rate (nanoGPT's GPT-2 124M value; recipes set their own)."""
-    weight_decay: float = Field(0.1, ge=0)
-    """AdamW decoupled weight decay on 2-D weights; norms, biases and embeddings get none (nanoGPT)."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW (beta1, beta2); 0.95 rather than 0.999 is the GPT-3 / Llama value, steadier for LMs."""
-    eps: float = Field(1e-8, gt=0)
-    """AdamW denominator epsilon."""
-    grad_clip: float = Field(1.0, ge=0)
-    """Clip the global gradient norm to this before each step; 0 disables clipping."""
-    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
-    """Learning-rate schedule after warmup: cosine or linear decay, constant, or warmup-stable-decay (wsd)."""
-    warmup_steps: int = Field(100, ge=0)
-    """Steps of linear warmup from peak/warmup_steps to the peak (every schedule); 0 starts at the peak."""
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    """Final learning rate as a fraction of the peak (0.1: nanoGPT's and Chinchilla's 10x decay)."""
-    decay_fraction: float = Field(0.2, ge=0, le=1)
-    """wsd only: the last fraction of steps that decays linearly to min_lr_ratio (nanochat's warmdown 0.2)."""
-    muon_lr: float = Field(0.02, gt=0)
-    """Peak Muon learning rate, in spectral-norm units per step (the Muon reference default)."""
-    muon_momentum: float = Field(0.95, ge=0, lt=1)
-    """Muon's Nesterov momentum (the Muon reference default)."""
-    muon_weight_decay: float = Field(0.0, ge=0)
-    """Muon decoupled weight decay (the Muon reference default 0: lr 0.02 would make 0.1 a strong pull)."""
 
 
 # ------------------------------------------------------------------------------------------- schedules

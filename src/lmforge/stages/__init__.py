@@ -1,0 +1,1 @@
+"""Stages: each wires data, an objective and the one training loop."""
