@@ -106,6 +106,7 @@ def run_demo(out: Path, seed: int = 0, pretrain_steps: int = 200) -> dict[str, A
         "optim": {"lr": 3e-3, "warmup_steps": min(20, pretrain_steps // 10)},
         "sample_prompt": "Peregrine Oakley was born in",
     })  # fmt: skip
+    shutil.rmtree(out / "pretrain", ignore_errors=True)  # a demo rerun trains afresh (no stale run to refuse)
     pretrained = timed("pretrain", run_pretrain, pretrain_cfg, out / "pretrain")
 
     # A ~14M Llama sized for the world's tokenizer, saved as a HF dir with the tokenizer beside its weights.

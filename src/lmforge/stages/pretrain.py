@@ -1,6 +1,7 @@
 """`lmforge pretrain`: a prepared text dataset + a model (a preset, or `init_from` a HF dir) → the one loop → a
-HF model directory with its tokenizer and lineage. Causal LM for now; MLM/NSP, resume and distributed runs
-are the rest of issue 5."""
+HF model directory with its tokenizer and lineage, with resumable checkpoints in `out/checkpoints` (`--set
+train.resume=true` continues from the newest). Causal LM for now; MLM/NSP and distributed runs are the rest of
+issue 5."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ from lmforge.model.configs import DecoderConfig, preset
 from lmforge.model.hf import build_model, load_model, save_model
 from lmforge.stages.configs import PretrainConfig
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.checkpoint import (
+    CHECKPOINTS,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from lmforge.train.loop import WindowSampler, train
 from lmforge.train.objectives import OBJECTIVES
 from lmforge.train.optim import build_optimizer
@@ -64,6 +71,8 @@ def run_pretrain(cfg: PretrainConfig, out: Path) -> dict[str, Any]:
         raise LmforgeError(
             "pretrain: data.dataset is required (a directory written by `lmforge data prepare`)"
         )
+    if not cfg.train.resume and any((out / name).exists() for name in (CHECKPOINTS, "model")):
+        raise LmforgeError(f"{out} exists; use --set train.resume=true to continue or choose another --out")
     ds = PreparedDataset(cfg.data.dataset)
     tok = ds.manifest["tokenizer"]
     torch.manual_seed(cfg.train.seed)
@@ -119,8 +128,27 @@ def run_pretrain(cfg: PretrainConfig, out: Path) -> dict[str, Any]:
             log.info("step %d  val loss %.4f", record["step"], record["val_loss"])
 
     out.mkdir(parents=True, exist_ok=True)
+    run_config = json.loads(cfg.model_dump_json())
+    start_step, start_tokens = 0, 0
+    checkpoint = latest_checkpoint(out) if cfg.train.resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer)  # weights, optimizer state, every RNG
+        batches.load_state_dict(state["data"])
+        start_step, start_tokens = state["step"], state["tokens"]
+        log.info("resuming from %s (step %d)", checkpoint, start_step)
+    elif cfg.train.resume:
+        log.info("train.resume: no checkpoint in %s, starting from scratch", out / CHECKPOINTS)
+
+    def save(step: int) -> None:
+        lineage = {"parent": parent, "data": [ds.id], "stage": "pretrain", "config": run_config,
+                   "lmforge_version": __version__, "seed": cfg.train.seed, "step": step}  # fmt: skip
+        tokens = step * cfg.train.grad_accum_steps * cfg.train.micro_batch_size * cfg.train.seq_len
+        save_checkpoint(out, step, model, optimizer, tokens=tokens, data_state=batches.state_dict(),
+                        lineage=lineage, keep=cfg.train.keep_checkpoints)  # fmt: skip
+
     summary = train(model, batches, OBJECTIVES["clm"], optimizer, cfg.optim, cfg.train,
-                    eval_batches=eval_batches, metrics_path=out / "metrics.jsonl", progress=report)  # fmt: skip
+                    eval_batches=eval_batches, metrics_path=out / "metrics.jsonl", progress=report,
+                    start_step=start_step, start_tokens=start_tokens, save=save)  # fmt: skip
 
     model_dir = save_model(model.eval(), out / "model")
     tok_dir = Path(tok["path"])
@@ -143,12 +171,12 @@ def run_pretrain(cfg: PretrainConfig, out: Path) -> dict[str, Any]:
         "train_loss": summary["loss"],
         "val_loss": summary["val"].get("val_loss", math.nan),
         "unigram_baseline": float(unigram),
-        "tokens_per_s": summary["tokens"] / max(summary["seconds"], 1e-9),
+        "tokens_per_s": (summary["tokens"] - start_tokens) / max(summary["seconds"], 1e-9),
         "bad_steps": summary["bad_steps"],
         "model_dir": str(model_dir),
         "sample": sample,
     }
-    lineage = {"parent": parent, "data": [ds.id], "stage": "pretrain", "config": json.loads(cfg.model_dump_json()),
+    lineage = {"parent": parent, "data": [ds.id], "stage": "pretrain", "config": run_config,
                "lmforge_version": __version__, "seed": cfg.train.seed, "results": results}  # fmt: skip
     atomic_write(model_dir / "lmforge.json", json.dumps(lineage, indent=2) + "\n")
     atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")

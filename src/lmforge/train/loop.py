@@ -134,6 +134,9 @@ def train(
     eval_batches: Callable[[], Iterable[Batch]] | None = None,
     metrics_path: Path | None = None,
     progress: Callable[[dict], None] | None = None,
+    start_step: int = 0,
+    start_tokens: int = 0,
+    save: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Run `cfg.max_steps` optimizer steps; return {"loss", "val", "steps", "bad_steps", "tokens", "seconds",
     "losses"} (`losses`: every step's train loss, NaN or inf at a skipped step).
@@ -143,6 +146,12 @@ def train(
     pass each time it is called. Every `log_every` steps one JSON line goes to `metrics_path` (appended) and
     the same dict to `progress`: step, loss, lr, grad_norm, tokens, tokens_per_s, elapsed, and val_* keys at
     evaluation steps.
+
+    A resumed run passes `start_step` (steps already done) and `start_tokens` (tokens already seen) and must
+    have restored the weights, optimizer, RNGs and `batches`' cursor itself. `save(n)` (if given) is called
+    with `n` completed steps every `cfg.checkpoint_every` steps and after the last step, once the step's
+    update and logging are done. "steps" and "tokens" in the result are run totals; "seconds" and "losses"
+    cover this call's steps only.
     """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -153,7 +162,7 @@ def train(
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses determinism without it
         torch.use_deterministic_algorithms(True)
-    step, bad_steps, tokens, train_seconds = 0, 0, 0, 0.0
+    step, bad_steps, tokens, train_seconds = start_step, 0, start_tokens, 0.0
     losses: list[float] = []
     val: dict[str, float] = {}
     interval_tokens, interval_seconds = 0, 0.0  # since the last metrics line, for tokens_per_s
@@ -216,6 +225,13 @@ def train(
                 }
                 _emit(record, metrics_path, progress)
                 interval_tokens, interval_seconds = 0, 0.0
+
+            # ---- once in a while: a resumable checkpoint of the weights after `step + 1` updates
+            done = step + 1
+            if save is not None and (
+                done == cfg.max_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+            ):
+                save(done)
             step += 1
 
         # ---- after the last step: validate the final weights

@@ -32,6 +32,12 @@ class LoopSection(TrainSection):
     """Run the model through `torch.compile` (applied from outside; the model itself is unchanged)."""
     deterministic: bool = False
     """`torch.use_deterministic_algorithms(True)` for the run (bit-identical reruns and resumes)."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Write a resumable checkpoint every this many steps (and after the last); 0 = only after the last."""
+    keep_checkpoints: int = Field(3, ge=1)
+    """Keep this many newest checkpoints in `--out/checkpoints`; older ones are deleted."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in --out (from scratch when it has none)."""
 
 
 class OptimSection(Section):

@@ -1,0 +1,123 @@
+"""Resume (issue 5, test 2): a pretrain run killed with SIGKILL after a checkpoint and resumed with
+`train.resume=true` logs the same losses, bit for bit, as a run never interrupted (CPU, fp32, deterministic)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from lmforge.cli import app
+from lmforge.data.prepare import PrepareConfig, prepare
+from lmforge.tokenizer import train_tokenizer
+
+SMALL = (
+    "model.overrides={hidden_size: 64, intermediate_size: 192, num_hidden_layers: 2, num_attention_heads: 4}"
+)
+STORY = "the cat sat on the mat and the dog ran to the park where the children played until dark"
+STEPS, EVERY, KILL_AFTER = 12, 4, 8
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    docs = [f"{STORY} {i % 7}" for i in range(400)]
+    src = root / "corpus.txt"
+    src.write_text("\n\n".join(docs) + "\n")
+    tok = train_tokenizer(docs, "bpe", 300, root / "tok")
+    prepare(PrepareConfig(inputs=[src], tokenizer=tok, num_proc=1, dedup="off"), root / "data")
+    return root / "data"
+
+
+def args(out, dataset, *overrides: str) -> list[str]:
+    settings = (
+        SMALL,
+        f"data.dataset={dataset}",
+        "train.seq_len=32",
+        "train.micro_batch_size=8",
+        "train.deterministic=true",
+        f"train.max_steps={STEPS}",
+        f"train.checkpoint_every={EVERY}",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=2",
+        "sample_prompt=null",
+        *overrides,
+    )
+    return ["pretrain", "--out", str(out), "--json", *[a for s in settings for a in ("--set", s)]]
+
+
+def cli(argv: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmforge", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+
+
+def finish(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+
+
+def losses(lines: list[str]) -> dict[int, str]:
+    """step -> the loss as written in the JSON (compared as text: bit-identical floats)."""
+    found = {}
+    for line in lines:
+        record = json.loads(line)
+        if "loss" in record:
+            found[record["step"]] = line.split('"loss": ', 1)[1].split(",", 1)[0]
+    return found
+
+
+def test_killed_run_resumes_bit_identically(tmp_path, dataset):
+    whole = cli(args(tmp_path / "whole", dataset))  # the uninterrupted run, alongside the killed one
+    killed = tmp_path / "killed"
+    proc = cli(args(killed, dataset))
+    marker = killed / "checkpoints" / f"step-{KILL_AFTER:06d}" / "COMPLETE"
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.monotonic() < deadline, "no step-8 checkpoint within 120 s"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished
+    assert not (killed / "model").exists() and not (killed / "results.json").exists()
+    before = (killed / "metrics.jsonl").read_text().splitlines()
+
+    finish(cli(args(killed, dataset, "train.resume=true")))
+    finish(whole)
+
+    after = (killed / "metrics.jsonl").read_text().splitlines()
+    assert after[: len(before)] == before  # appended, not truncated
+    resumed = losses(after[len(before) :])
+    reference = losses((tmp_path / "whole" / "metrics.jsonl").read_text().splitlines())
+    assert sorted(reference) == list(range(STEPS))
+    assert sorted(resumed) == list(range(KILL_AFTER, STEPS))
+    assert resumed == {s: reference[s] for s in range(KILL_AFTER, STEPS)}
+    results = json.loads((killed / "results.json").read_text())
+    assert results["steps"] == STEPS and results["tokens"] == STEPS * 8 * 32
+    names = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    assert names == ["step-000004", "step-000008", "step-000012"]  # keep_checkpoints=3
+
+
+def test_resume_without_checkpoints_starts_afresh_and_existing_runs_are_refused(tmp_path, dataset):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    fresh = runner.invoke(app, args(out, dataset, "train.max_steps=2", "train.resume=true"))
+    assert fresh.exit_code == 0, fresh.output
+    assert json.loads(fresh.stdout)["steps"] == 2
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert (out / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+
+    again = runner.invoke(app, args(out, dataset, "train.max_steps=2"))
+    assert again.exit_code == 2, again.output
+    assert "exists; use --set train.resume=true to continue or choose another --out" in again.stderr
