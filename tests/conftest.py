@@ -15,3 +15,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"needs the shared datasets at {SHARED_DATA} (../shared/data beside the checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def story_dataset(tmp_path_factory) -> Path:
+    """A prepared, highly repetitive text dataset (400 short stories) with its own 300-id BPE."""
+    from lmforge.data.prepare import PrepareConfig, prepare
+    from lmforge.tokenizer import train_tokenizer
+
+    story = "the cat sat on the mat and the dog ran to the park where the children played until dark"
+    root = tmp_path_factory.mktemp("stories")
+    docs = [f"{story} {i % 7}" for i in range(400)]
+    src = root / "corpus.txt"
+    src.write_text("\n\n".join(docs) + "\n")
+    tok = train_tokenizer(docs, "bpe", 300, root / "tok")
+    prepare(PrepareConfig(inputs=[src], tokenizer=tok, num_proc=1, dedup="off"), root / "data")
+    return root / "data"

@@ -13,3 +13,9 @@ def randomize_(model: torch.nn.Module, seed: int = 1) -> None:
             noise = torch.randn(p.shape, generator=g)
             is_norm_weight = "norm" in name.lower() and name.endswith(".weight")
             p.copy_(1 + 0.1 * noise if is_norm_weight else 0.15 * noise)
+
+
+TINY_MODEL = (
+    "model.overrides={hidden_size: 64, intermediate_size: 192, num_hidden_layers: 2, num_attention_heads: 4}"
+)
+"""A `--set` override that makes the pretrain preset a ~0.1M-parameter Llama for fast tests."""

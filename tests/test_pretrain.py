@@ -5,28 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import TINY_MODEL
 from typer.testing import CliRunner
 
 from lmforge.cli import app
-from lmforge.data.prepare import PrepareConfig, prepare
-from lmforge.tokenizer import train_tokenizer
 
 runner = CliRunner()
-SMALL = (
-    "model.overrides={hidden_size: 64, intermediate_size: 192, num_hidden_layers: 2, num_attention_heads: 4}"
-)
-STORY = "the cat sat on the mat and the dog ran to the park where the children played until dark"
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pt")
-    docs = [f"{STORY} {i % 7}" for i in range(400)]
-    src = root / "corpus.txt"
-    src.write_text("\n\n".join(docs) + "\n")
-    tok = train_tokenizer(docs, "bpe", 300, root / "tok")
-    prepare(PrepareConfig(inputs=[src], tokenizer=tok, num_proc=1, dedup="off"), root / "data")
-    return root / "data"
+@pytest.fixture
+def dataset(story_dataset):
+    return story_dataset
 
 
 def pretrain(out, *overrides: str):
@@ -35,7 +24,7 @@ def pretrain(out, *overrides: str):
         "--out",
         str(out),
         "--set",
-        SMALL,
+        TINY_MODEL,
         "--json",
         *[a for o in overrides for a in ("--set", o)],
     ]

@@ -11,33 +11,22 @@ import sys
 import time
 
 import pytest
+from helpers import TINY_MODEL
 from typer.testing import CliRunner
 
 from lmforge.cli import app
-from lmforge.data.prepare import PrepareConfig, prepare
-from lmforge.tokenizer import train_tokenizer
 
-SMALL = (
-    "model.overrides={hidden_size: 64, intermediate_size: 192, num_hidden_layers: 2, num_attention_heads: 4}"
-)
-STORY = "the cat sat on the mat and the dog ran to the park where the children played until dark"
 STEPS, EVERY, KILL_AFTER = 12, 4, 8
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    docs = [f"{STORY} {i % 7}" for i in range(400)]
-    src = root / "corpus.txt"
-    src.write_text("\n\n".join(docs) + "\n")
-    tok = train_tokenizer(docs, "bpe", 300, root / "tok")
-    prepare(PrepareConfig(inputs=[src], tokenizer=tok, num_proc=1, dedup="off"), root / "data")
-    return root / "data"
+@pytest.fixture
+def dataset(story_dataset):
+    return story_dataset
 
 
 def args(out, dataset, *overrides: str) -> list[str]:
     settings = (
-        SMALL,
+        TINY_MODEL,
         f"data.dataset={dataset}",
         "train.seq_len=32",
         "train.micro_batch_size=8",
