@@ -124,8 +124,9 @@ class _BertBase(nn.Module):
         init_weights(self, self.config.initializer_range)
 
     def tied_weights(self) -> dict[str, str]:
-        """State-dict key of each tied parameter → key of the parameter it shares."""
-        return {}
+        """State-dict key of each tied parameter → key of the parameter it shares (the MLM head's decoder)."""
+        cls = getattr(self, "cls", None)
+        return dict(MLM_TIES) if cls is not None and "predictions" in cls else {}
 
     def tie_weights(self) -> None:
         """Make tied parameters one Parameter again (after building, `to_empty` or load_state_dict(assign=True))."""
@@ -213,9 +214,6 @@ class BertForPreTraining(_BertBase):
         x, pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids)  # (B, T, C), (B, C)
         return PreTrainingOutput(self.cls.predictions(x), self.cls.seq_relationship(pooled))
 
-    def tied_weights(self) -> dict[str, str]:
-        return dict(MLM_TIES)
-
 
 class BertForMaskedLM(_BertBase):
     """BERT with the masked-LM head only (no pooler, as in HF); returns logits (B, T, vocab_size)."""
@@ -238,9 +236,6 @@ class BertForMaskedLM(_BertBase):
     ) -> Tensor:
         x = self.bert(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state  # (B, T, C)
         return self.cls.predictions(x)  # (B, T, vocab_size)
-
-    def tied_weights(self) -> dict[str, str]:
-        return dict(MLM_TIES)
 
 
 class BertForSequenceClassification(_BertBase):
