@@ -96,7 +96,7 @@ def run_demo(out: Path, seed: int = 0, pretrain_steps: int = 200) -> dict[str, A
         }
 
     from lmforge.stages.configs import PretrainConfig
-    from lmforge.stages.pretrain import run_pretrain
+    from lmforge.stages.pretrain import TOKENIZER_FILES, run_pretrain
 
     pretrain_cfg = PretrainConfig.model_validate({
         "model": {"overrides": DEMO_MODEL},
@@ -115,8 +115,9 @@ def run_demo(out: Path, seed: int = 0, pretrain_steps: int = 200) -> dict[str, A
                     pad_token_id=tok.pad_id)  # fmt: skip
     model = timed("build model", build_model, config)
     model_dir = save_model(model.eval(), out / "llama-14m-world")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy2(tok_dir / name, model_dir / name)
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).exists():
+            shutil.copy2(tok_dir / name, model_dir / name)
     reloaded = load_model(model_dir)
     ids = torch.tensor([tok.encode("Peregrine Oakley was born in")])
     with torch.no_grad():

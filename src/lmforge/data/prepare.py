@@ -285,12 +285,12 @@ def read_licence(path: Path) -> str | None:
 # ------------------------------------------------------------------------------------------- prepare
 
 
-def fingerprint(cfg: PrepareConfig, inputs: Sequence[Path], tokenizer_hash: str) -> str:
-    """What the output depends on: the config, every input's bytes, the tokenizer and lmforge's version."""
+def fingerprint(cfg: PrepareConfig, digests: dict[Path, str], tokenizer_hash: str) -> str:
+    """What the output depends on: the config, every input's bytes (their sha256s), the tokenizer, the version."""
     h = hashlib.sha256(cfg.model_dump_json().encode())
-    for path in inputs:
+    for path, digest in digests.items():
         h.update(str(path).encode())
-        h.update(_tree_sha256(path).encode())
+        h.update(digest.encode())
     h.update(tokenizer_hash.encode())
     h.update(__version__.encode())
     return h.hexdigest()
@@ -316,7 +316,10 @@ def prepare(cfg: PrepareConfig, out: Path, progress: Callable[[int], None] | Non
         raise LmforgeError("data prepare: --tokenizer DIR is required")
     inputs = iter_files(cfg.inputs)
     tok = Tokenizer.from_dir(cfg.tokenizer)
-    key = fingerprint(cfg, inputs, tok.hash)
+    digests = {
+        path: _tree_sha256(path) for path in inputs
+    }  # read once: the cache key and the manifest use them
+    key = fingerprint(cfg, digests, tok.hash)
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
@@ -326,7 +329,7 @@ def prepare(cfg: PrepareConfig, out: Path, progress: Callable[[int], None] | Non
     template = cfg.chat_template.read_text(encoding="utf-8") if cfg.chat_template else None
 
     with staging_dir(out) as tmp:
-        manifest = _prepare_into(cfg, inputs, tok, template, tmp, progress)
+        manifest = _prepare_into(cfg, digests, tok, template, tmp, progress)
         manifest["fingerprint"] = key
         manifest["id"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
         atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
@@ -335,7 +338,7 @@ def prepare(cfg: PrepareConfig, out: Path, progress: Callable[[int], None] | Non
 
 def _prepare_into(
     cfg: PrepareConfig,
-    inputs: list[Path],
+    digests: dict[Path, str],
     tok: Any,
     template: str | None,
     root: Path,
@@ -343,6 +346,7 @@ def _prepare_into(
 ) -> dict:
     """Read every input here, turn chunks of records into tokens in workers (or here), then deduplicate and write
     in input order: the output does not depend on the number of workers."""
+    inputs = list(digests)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
     rejects: list[BadRecord] = []
     pii_counts: Counter[str] = Counter()
@@ -358,7 +362,7 @@ def _prepare_into(
 
     def tasks() -> Iterator[tuple[_Task, dict]]:
         for path in inputs:
-            report = {"path": str(path), "bytes": _size(path), "sha256": _tree_sha256(path), "records": 0,
+            report = {"path": str(path), "bytes": _size(path), "sha256": digests[path], "records": 0,
                       "examples": 0, "licence": cfg.licence or read_licence(path)}  # fmt: skip
             report["format"] = fmt = cfg.format or detect_format(_peek_records(path, cfg.text_separator))
             input_reports.append(report)
