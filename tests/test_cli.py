@@ -117,9 +117,46 @@ def test_stage_runs_with_recipe_and_overrides(toy, tmp_path):
     )
     assert result.exit_code == 0, result.output
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved == {"train": {"max_steps": 20, "seed": 3}, "optim": {"lr": 0.01, "betas": [0.9, 0.95]}}
+    assert saved == {
+        "train": {"max_steps": 20, "seed": 3, "resume": False},
+        "optim": {"lr": 0.01, "betas": [0.9, 0.95]},
+    }
     assert "max_steps" in result.stdout and "20" in result.stdout  # the human summary
     assert "config written" in result.stderr  # logs go to stderr
+
+
+def test_run_directory_flags(toy, tmp_path):
+    out = tmp_path / "run"
+    first = runner.invoke(toy, ["toy", "--set", "train.max_steps=7", "--out", str(out), "--json"])
+    assert first.exit_code == 0, first.output
+    (out / "results.json").write_text("{}")  # what a run leaves
+
+    refused = runner.invoke(toy, ["toy", "--out", str(out)])
+    assert refused.exit_code == 2
+    assert f"--out {out} is not empty: use --resume {out} to continue its run, --overwrite" in refused.stderr
+
+    # --resume reads the run's config.yaml, sets train.resume and still takes --set.
+    resumed = runner.invoke(toy, ["toy", "--resume", str(out), "--set", "optim.lr=0.5", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout) == {"loss": 0.5, "max_steps": 7, "lr": 0.5, "out": str(out)}
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["resume"] is True
+    assert (out / "results.json").exists()
+
+    replaced = runner.invoke(toy, ["toy", "--out", str(out), "--overwrite", "--json"])
+    assert replaced.exit_code == 0, replaced.output
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]  # the old run is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no hidden leftover either
+
+    for args, message in [
+        (["--resume", str(tmp_path / "nothing")], "not a run directory (no config.yaml)"),
+        (["--resume", str(out), "--overwrite"], "give one of them"),
+        (["--resume", str(out), "--out", str(tmp_path / "x")], "continues in its own directory"),
+        ([], "give --out DIR for a new run"),
+        (["--out", str(tmp_path / "y"), "--init-from", str(tmp_path)], "toy starts from no model"),
+    ]:
+        result = runner.invoke(toy, ["toy", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr, (args, result.stderr)
 
 
 def test_json_output_is_one_document(toy, tmp_path):

@@ -62,7 +62,7 @@ def test_pretrain_learns_and_writes_a_hf_dir(tmp_path, dataset):
 
 def test_pretrain_bad_input(tmp_path, dataset):
     cases = {
-        "data.dataset is required": (),
+        "data.dataset (or data.datasets) is required": (),
         "exceeds the model's max_position_embeddings": (f"data.dataset={dataset}", "train.seq_len=4096"),
         "not a prepared dataset": (f"data.dataset={tmp_path}",),
         "did you mean 'train.max_steps'": (f"data.dataset={dataset}", "train.max_step=3"),

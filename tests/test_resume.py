@@ -1,5 +1,6 @@
-"""Resume (issue 5, test 2): a pretrain run killed with SIGKILL after a checkpoint and resumed with
-`train.resume=true` logs the same losses, bit for bit, as a run never interrupted (CPU, fp32, deterministic)."""
+"""Resume (issue 5, test 2): a pretrain run killed with SIGKILL after a checkpoint, or in the middle of writing
+one, and resumed with `--resume RUN_DIR` logs the same losses, bit for bit, as a run never interrupted (CPU,
+fp32, deterministic)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def dataset(story_dataset):
     return story_dataset
 
 
-def args(out, dataset, *overrides: str) -> list[str]:
+def args(out, dataset, *overrides: str, resume: bool = False) -> list[str]:
     settings = (
         TINY_MODEL,
         f"data.dataset={dataset}",
@@ -38,13 +39,37 @@ def args(out, dataset, *overrides: str) -> list[str]:
         "sample_prompt=null",
         *overrides,
     )
-    return ["pretrain", "--out", str(out), "--json", *[a for s in settings for a in ("--set", s)]]
+    where = ["--resume" if resume else "--out", str(out)]
+    return ["pretrain", *where, "--json", *[a for s in settings for a in ("--set", s)]]
 
 
-def cli(argv: list[str]) -> subprocess.Popen:
+# Runs the CLI with checkpoint saves of step STALL_AT stalled after the model files are written (before the
+# optimizer state and the COMPLETE marker): the test kills the process inside a checkpoint write.
+STALLED_SAVE = """
+import sys, time
+import lmforge.train.checkpoint as checkpoint
+from lmforge.cli import main
+
+stall_at, save_model = int(sys.argv.pop(1)), checkpoint.save_model
+
+def stalling_save_model(model, path, **kwargs):
+    out = save_model(model, path, **kwargs)
+    if path.parent.name.startswith(f".step-{stall_at:06d}."):  # the staging dir of that checkpoint
+        (path.parent.parent / "stalled").touch()
+        time.sleep(600)
+    return out
+
+checkpoint.save_model = stalling_save_model
+sys.argv[0] = "lmforge"
+main()
+"""
+
+
+def cli(argv: list[str], stall_at: int | None = None) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    launcher = ["-m", "lmforge"] if stall_at is None else ["-c", STALLED_SAVE, str(stall_at)]
     return subprocess.Popen(
-        [sys.executable, "-m", "lmforge", *argv],
+        [sys.executable, *launcher, *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
@@ -82,7 +107,7 @@ def test_killed_run_resumes_bit_identically(tmp_path, dataset):
     assert not (killed / "model").exists() and not (killed / "results.json").exists()
     before = (killed / "metrics.jsonl").read_text().splitlines()
 
-    finish(cli(args(killed, dataset, "train.resume=true")))
+    finish(cli(args(killed, dataset, resume=True)))
     finish(whole)
 
     after = (killed / "metrics.jsonl").read_text().splitlines()
@@ -98,10 +123,37 @@ def test_killed_run_resumes_bit_identically(tmp_path, dataset):
     assert names == ["step-000004", "step-000008", "step-000012"]  # keep_checkpoints=3
 
 
+def test_run_killed_while_writing_a_checkpoint_resumes_from_the_one_before(tmp_path, dataset):
+    killed = tmp_path / "killed"
+    proc = cli(args(killed, dataset), stall_at=KILL_AFTER)
+    root = killed / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not (root / "stalled").exists():
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.monotonic() < deadline, "no stalled step-8 save within 120 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    (root / "stalled").unlink()
+    staged = [p.name for p in root.iterdir() if p.name.startswith(f".step-{KILL_AFTER:06d}.")]
+    assert len(staged) == 1 and not (root / f"step-{KILL_AFTER:06d}").exists()  # half-written, hidden
+    before = (killed / "metrics.jsonl").read_text().splitlines()
+    assert sorted(losses(before)) == list(range(KILL_AFTER))  # it had logged step 7 before saving
+
+    whole = tmp_path / "whole"
+    finish(cli(args(whole, dataset)))
+    finish(cli(args(killed, dataset, resume=True)))  # from step-4: the torn step-8 is ignored
+
+    resumed = losses((killed / "metrics.jsonl").read_text().splitlines()[len(before) :])
+    reference = losses((whole / "metrics.jsonl").read_text().splitlines())
+    assert resumed == {s: reference[s] for s in range(EVERY, STEPS)}
+    assert sorted(p.name for p in root.iterdir()) == ["step-000004", "step-000008", "step-000012"]
+
+
 def test_resume_without_checkpoints_starts_afresh_and_existing_runs_are_refused(tmp_path, dataset):
     runner = CliRunner()
     out = tmp_path / "run"
-    fresh = runner.invoke(app, args(out, dataset, "train.max_steps=2", "train.resume=true"))
+    fresh = runner.invoke(app, args(out, dataset, "train.max_steps=2", "train.resume=true"))  # nothing to resume
     assert fresh.exit_code == 0, fresh.output
     assert json.loads(fresh.stdout)["steps"] == 2
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
@@ -109,4 +161,4 @@ def test_resume_without_checkpoints_starts_afresh_and_existing_runs_are_refused(
 
     again = runner.invoke(app, args(out, dataset, "train.max_steps=2"))
     assert again.exit_code == 2, again.output
-    assert "exists; use --set train.resume=true to continue or choose another --out" in again.stderr
+    assert f"--out {out} is not empty: use --resume {out}" in again.stderr

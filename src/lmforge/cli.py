@@ -30,6 +30,7 @@ from lmforge import __version__
 from lmforge.config import StageConfig, config_help, load_config, save_config, validation_message
 from lmforge.data.prepare import PrepareConfig
 from lmforge.errors import LmforgeError
+from lmforge.fileio import remove_tree
 from lmforge.stages.configs import PretrainConfig
 
 log = logging.getLogger(__name__)
@@ -167,17 +168,65 @@ def add_stage_command(
             ),
         ] = None,
         out: Annotated[
-            Path, typer.Option("--out", "-o", help="Run directory (config.yaml and results).", metavar="DIR")
-        ] = ...,
+            Path | None,
+            typer.Option("--out", "-o", help="Run directory (config.yaml and results).", metavar="DIR"),
+        ] = None,
+        resume: Annotated[
+            Path | None,
+            typer.Option(
+                help="Continue the run in RUN_DIR from its newest checkpoint, with its config.yaml "
+                "(--config and --set still apply, e.g. --set train.max_steps=2000 to train longer).",
+                metavar="RUN_DIR",
+            ),
+        ] = None,
+        overwrite: Annotated[
+            bool, typer.Option(help="Delete what --out holds and start afresh.")
+        ] = False,
+        init_from: Annotated[
+            Path | None,
+            typer.Option(help="Start from this HF model directory (continued training).", metavar="DIR"),
+        ] = None,
         as_json: Annotated[
             bool, typer.Option("--json", help="Print the result as one JSON document.")
         ] = False,
     ) -> None:
-        cfg = load_config(config_cls, config, overrides or [])
+        out = _run_dir(out, resume, overwrite)
+        sets = list(overrides or [])
+        if resume is not None:
+            config = config or resume / "config.yaml"
+            sets.append("train.resume=true")
+        if init_from is not None:
+            if config_cls.init_from_key is None:
+                raise LmforgeError(f"{name} starts from no model: --init-from does not apply")
+            sets.insert(0, f"{config_cls.init_from_key}={init_from}")  # a --set may still change it
+        cfg = load_config(config_cls, config, sets)
         log.info("%s: config written to %s", name, save_config(cfg, out))
         emit(run(cfg, out), as_json)
 
     app.command(name, help=help, epilog=_epilog(config_cls))(command)
+
+
+def _run_dir(out: Path | None, resume: Path | None, overwrite: bool) -> Path:
+    """The run directory: --out (refused when it holds something, unless --overwrite) or --resume's."""
+    if resume is not None:
+        if overwrite:
+            raise LmforgeError("--resume continues a run and --overwrite deletes it: give one of them")
+        if out is not None and out.resolve() != resume.resolve():
+            raise LmforgeError(f"--resume {resume} continues in its own directory; drop --out {out}")
+        if not (resume / "config.yaml").is_file():
+            raise LmforgeError(f"--resume {resume}: not a run directory (no config.yaml)")
+        return resume
+    if out is None:
+        raise LmforgeError("give --out DIR for a new run (or --resume RUN_DIR to continue one)")
+    # config.yaml alone is a run that failed before it started (bad input): rerunning it needs no flag.
+    if out.exists() and (not out.is_dir() or any(p.name != "config.yaml" for p in out.iterdir())):
+        if not overwrite:
+            raise LmforgeError(
+                f"--out {out} is not empty: use --resume {out} to continue its run, --overwrite to replace "
+                "it, or another --out"
+            )
+        remove_tree(out)
+    return out
 
 
 def _epilog(config_cls: type[StageConfig]) -> str:

@@ -8,7 +8,7 @@ import types
 from collections.abc import Callable, Sequence
 from difflib import SequenceMatcher
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -32,10 +32,15 @@ class TrainSection(Section):
     """Number of optimizer steps to run."""
     seed: int = 0
     """Seed of every random number generator (model init, data order, dropout, sampling)."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in the run directory (`--resume RUN_DIR` sets it)."""
 
 
 class StageConfig(Section):
     """Base of a stage's config; stages add their `model`, `data`, `optim` and `eval` sections."""
+
+    init_from_key: ClassVar[str | None] = None
+    """The dotted field `--init-from DIR` sets (the model a stage starts from); None: the stage has none."""
 
     train: TrainSection = Field(default_factory=TrainSection)
     """Training loop."""

@@ -79,3 +79,15 @@ def staging_dir(out: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_tree(path: str | Path) -> None:
+    """Delete a directory tree: renamed aside first (one atomic step), so a crash mid-delete leaves a hidden
+    `.NAME.<id>.del.tmp` leftover, never a half-deleted tree under the original name."""
+    path = Path(path)
+    hidden = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.del.tmp"
+    os.replace(path, hidden)
+    if hidden.is_dir():
+        shutil.rmtree(hidden)
+    else:
+        hidden.unlink()

@@ -216,17 +216,24 @@ def load_model(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    architecture: str | None = None,
 ) -> nn.Module:
     """Load a HF model directory (single or sharded safetensors) into lmforge's model, in eval mode.
 
     Weights are read tensor by tensor from the memory-mapped files and assigned into a meta-device model, so
-    the weights are never held twice. `dtype` defaults to the checkpoint's `torch_dtype`.
+    the weights are never held twice. `dtype` defaults to the checkpoint's `torch_dtype`. `architecture`
+    loads the weights under another head (e.g. a `BertModel` checkpoint as `BertForMaskedLM` to continue its
+    pretraining): the heads the checkpoint lacks start from lmforge's init, as `from_pretrained` does.
     """
     path = _model_dir(path)
-    config, architecture = read_config(path)
+    config, saved_architecture = read_config(path)
     dtype = dtype or DTYPES[config.torch_dtype]
-    with torch.device("meta"):
-        model = ARCHITECTURES[architecture](config)
+    new_heads = architecture is not None and architecture != saved_architecture
+    if new_heads:  # initialised weights for what the checkpoint lacks; the rest is overwritten below
+        model = build_model(config, architecture, device=device, dtype=dtype)
+    else:
+        with torch.device("meta"):
+            model = ARCHITECTURES[saved_architecture](config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tied = model.tied_weights()
     key_map = _key_map(_checkpoint_keys(path), set(expected), model.base_model_prefix)
@@ -245,9 +252,14 @@ def load_model(
                         f"{tuple(expected[key])}"
                     )
                 state[key] = f.get_tensor(ckpt_key).to(dtype)
-        model.load_state_dict(state, strict=False, assign=True)
+        model.load_state_dict(state, strict=False, assign=not new_heads)
         loaded |= set(state)
     missing = sorted(set(expected) - loaded - set(tied))
+    if new_heads:
+        base = model.base_model_prefix + "."
+        if missing:
+            log.info("%s: new %s weights, not in the checkpoint: %s", path, architecture, ", ".join(missing))
+        missing = [k for k in missing if k.startswith(base)]  # only the heads may start fresh
     if missing:
         raise LmforgeError(
             f"{path}: {len(missing)} tensor(s) the config needs are missing from the checkpoint: "

@@ -1,7 +1,7 @@
-"""`lmforge pretrain`: a prepared text dataset + a model (a preset, or `init_from` a HF dir) → the one loop → a
-HF model directory with its tokenizer and lineage, with resumable checkpoints in `out/checkpoints` (`--set
-train.resume=true` continues from the newest). Causal LM for now; MLM/NSP and distributed runs are the rest of
-issue 5."""
+"""`lmforge pretrain`: prepared text + a model (a preset, or `init_from` a HF dir) → the one loop → a HF model
+directory with its tokenizer and lineage, with resumable checkpoints in `out/checkpoints` (`--resume` continues
+from the newest). Objectives: clm for decoders; mlm, nsp, mlm+nsp for BERT encoders. Several datasets can be
+mixed in fixed proportions (continued pretraining with replay of the original data)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,20 @@ import torch
 
 from lmforge import __version__
 from lmforge.data.dataset import PreparedDataset
+from lmforge.data.samplers import (
+    EpochSampler,
+    MaskedWindows,
+    MaskSpec,
+    MixSampler,
+    Windows,
+    fixed,
+    sentence_pairs,
+    split_sentences,
+)
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write
-from lmforge.model.configs import DecoderConfig, preset
-from lmforge.model.hf import build_model, load_model, save_model
+from lmforge.model.configs import DecoderConfig, EncoderConfig, preset
+from lmforge.model.hf import build_model, load_model, read_config, save_model
 from lmforge.stages.configs import PretrainConfig
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import (
@@ -29,7 +39,7 @@ from lmforge.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from lmforge.train.loop import WindowSampler, train
+from lmforge.train.loop import evaluate, train
 from lmforge.train.objectives import OBJECTIVES
 from lmforge.train.optim import build_optimizer
 
@@ -40,6 +50,12 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
+# The head each encoder objective trains (a headless checkpoint gets it freshly initialised).
+ENCODER_ARCHITECTURE = {
+    "mlm": "BertForMaskedLM",
+    "nsp": "BertForPreTraining",
+    "mlm+nsp": "BertForPreTraining",
+}
 
 
 def _tokens(ds: PreparedDataset, split: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -50,6 +66,107 @@ def _tokens(ds: PreparedDataset, split: str) -> tuple[np.ndarray, np.ndarray | N
     ids = np.concatenate([d.ids for d in docs]).astype(np.int64)
     masks = [d.mask for d in docs]
     return ids, None if masks[0] is None else np.concatenate(masks)
+
+
+SENTENCE_ENDERS = (".", "!", "?")
+
+
+class _Examples:
+    """Builds the samplers of one objective over prepared datasets (one tokenizer, the run's batch shape)."""
+
+    def __init__(self, cfg: PretrainConfig, tokenizer: Tokenizer, rows: int) -> None:
+        self.cfg, self.rows = cfg, rows  # rows: the global micro-batch (per-rank batch x world size)
+        self.objective = cfg.objective
+        if self.objective == "clm":
+            return
+        special = tokenizer.special_tokens
+        named = {k: tokenizer.token_to_id(special[k]) if k in special else None
+                 for k in ("cls_token", "sep_token", "mask_token", "pad_token")}  # fmt: skip
+        needed = ["cls_token", "sep_token", "pad_token"] + (["mask_token"] if "mlm" in self.objective else [])
+        lacking = [k for k in needed if named[k] is None]
+        if lacking:
+            raise LmforgeError(
+                f"objective {self.objective!r} needs a tokenizer with {', '.join(lacking)} (a WordPiece "
+                f"tokenizer: `lmforge tokenizer train --kind wordpiece`); {tokenizer.path} has none"
+            )
+        self.cls, self.sep, self.pad = named["cls_token"], named["sep_token"], named["pad_token"]
+        self.spec = None
+        if "mlm" in self.objective:
+            self.spec = MaskSpec(tokenizer.vocab_size, named["mask_token"], (self.cls, self.sep, self.pad),
+                                 cfg.mlm_rate)  # fmt: skip
+        self.enders = [i for t in SENTENCE_ENDERS if (i := tokenizer.token_to_id(t)) is not None]
+
+    def sampler(self, ds: PreparedDataset, split: str, seed: int) -> EpochSampler | None:
+        """Micro-batches of a split, or None when it has too little data for one."""
+        T = self.cfg.train.seq_len
+        if self.objective in ("clm", "mlm"):
+            ids, mask = _tokens(ds, split)
+            examples = Windows(ids, T, mask) if self.objective == "clm" else MaskedWindows(
+                ids, T, self.cls, self.sep, self.spec)  # fmt: skip
+            epochs = fixed(examples)
+        else:  # nsp, mlm+nsp: sentence pairs drawn afresh every epoch
+            docs = [split_sentences(d.ids, self.enders) for d in ds.documents(split)]
+            if sum(1 for d in docs if d) < 2:
+                return None
+            epochs = sentence_pairs(docs, max_len=T, cls_id=self.cls, sep_id=self.sep, pad_id=self.pad,
+                                    seed=seed, spec=self.spec)  # fmt: skip
+        try:
+            return EpochSampler(epochs, self.rows, seed=seed)
+        except LmforgeError:
+            if split == "train":
+                raise
+            return None
+
+
+def _build_model(cfg: PretrainConfig, tok: dict[str, Any]) -> tuple[torch.nn.Module, str]:
+    """The model to train (a preset, or `init_from` a HF dir) and its lineage parent."""
+    architecture = ENCODER_ARCHITECTURE.get(cfg.objective)
+    if cfg.model.init_from is not None:
+        config, _ = read_config(cfg.model.init_from)
+        if architecture is not None and not isinstance(config, EncoderConfig):
+            architecture = None  # the objective check below names the problem
+        return load_model(cfg.model.init_from, architecture=architecture).train(), str(cfg.model.init_from)
+    ids = {"vocab_size": tok["vocab_size"], "pad_token_id": tok["pad_id"]}
+    if isinstance(preset(cfg.model.preset), DecoderConfig):
+        ids["eos_token_id"] = tok["eos_id"]
+    config = preset(cfg.model.preset, **{**ids, **cfg.model.overrides})
+    return build_model(config, architecture if isinstance(config, EncoderConfig) else None), (
+        f"preset:{cfg.model.preset}"
+    )
+
+
+def _check(cfg: PretrainConfig, model: torch.nn.Module, parent: str, tok: dict[str, Any], data: Path) -> None:
+    """Refuse a model that cannot train on this data with this objective, naming what to change."""
+    config = model.config
+    decoder = isinstance(config, DecoderConfig)
+    if decoder != (cfg.objective == "clm"):
+        need = "a decoder (e.g. model.preset=llama-14m)" if cfg.objective == "clm" else (
+            "an encoder (e.g. model.preset=bert-mini)")  # fmt: skip
+        raise LmforgeError(
+            f"pretrain objective {cfg.objective!r} needs {need}; {parent} is a {config.model_type} model"
+        )
+    if config.vocab_size < tok["vocab_size"]:
+        raise LmforgeError(
+            f"{data} was tokenised with a {tok['vocab_size']}-id vocabulary but the model has "
+            f"{config.vocab_size} ids: prepare the data with the model's tokenizer"
+        )
+    if cfg.train.seq_len > config.max_position_embeddings:
+        raise LmforgeError(
+            f"train.seq_len={cfg.train.seq_len} exceeds the model's max_position_embeddings="
+            f"{config.max_position_embeddings}"
+        )
+
+
+def _baselines(objective: str, ids: np.ndarray, vocab_size: int) -> dict[str, float]:
+    """What a model that ignores the context scores: unigram entropy (nats) and majority-token accuracy."""
+    counts = np.bincount(ids, minlength=vocab_size).astype(np.float64)
+    p = counts / max(counts.sum(), 1.0)
+    out = {"unigram_baseline": float(-(p * np.log(np.maximum(p, 1e-12))).sum())}
+    if "mlm" in objective:
+        out["mlm_accuracy_baseline"] = float(p.max())  # always guessing the most frequent token
+    if "nsp" in objective:
+        out["nsp_accuracy_baseline"] = 0.5  # the labels are a fair coin
+    return out
 
 
 @torch.no_grad()
@@ -67,58 +184,51 @@ def greedy_sample(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_t
 
 def run_pretrain(cfg: PretrainConfig, out: Path) -> dict[str, Any]:
     """Pretrain (or continue pretraining) and write `out/model` (HF dir), `out/metrics.jsonl`, `out/results.json`."""
-    if cfg.data.dataset is None:
+    sources = cfg.data.sources()
+    if not sources:
         raise LmforgeError(
-            "pretrain: data.dataset is required (a directory written by `lmforge data prepare`)"
+            "pretrain: data.dataset (or data.datasets) is required: a directory written by `lmforge data prepare`"
         )
     if not cfg.train.resume and any((out / name).exists() for name in (CHECKPOINTS, "model")):
-        raise LmforgeError(f"{out} exists; use --set train.resume=true to continue or choose another --out")
-    ds = PreparedDataset(cfg.data.dataset)
-    tok = ds.manifest["tokenizer"]
+        raise LmforgeError(f"{out} holds a run; use --resume {out} to continue it or --overwrite")
+    datasets = {name: PreparedDataset(path) for name, path in sources.items()}
+    first = next(iter(datasets.values()))
+    tok = first.manifest["tokenizer"]
+    for name, ds in datasets.items():
+        if ds.manifest["tokenizer"]["hash"] != tok["hash"]:
+            raise LmforgeError(
+                f"data.datasets.{name} ({ds.path}) was prepared with another tokenizer than {first.path}: "
+                "a mix needs one vocabulary (prepare every dataset with the same --tokenizer)"
+            )
+    tokenizer = Tokenizer.from_dir(tok["path"])
     torch.manual_seed(cfg.train.seed)
-    if cfg.model.init_from is not None:
-        model = load_model(cfg.model.init_from).train()
-        parent = str(cfg.model.init_from)
-    else:
-        ids = {"vocab_size": tok["vocab_size"], "eos_token_id": tok["eos_id"], "pad_token_id": tok["pad_id"]}
-        model = build_model(preset(cfg.model.preset, **{**ids, **cfg.model.overrides}))
-        parent = f"preset:{cfg.model.preset}"
-    config = model.config
-    if not isinstance(config, DecoderConfig):
-        raise LmforgeError(
-            f"pretrain objective 'clm' needs a decoder; {parent} is a {config.model_type} model"
-        )
-    if config.vocab_size < tok["vocab_size"]:
-        raise LmforgeError(
-            f"{cfg.data.dataset} was tokenised with a {tok['vocab_size']}-id vocabulary but the model has "
-            f"{config.vocab_size} ids: prepare the data with the model's tokenizer"
-        )
-    if cfg.train.seq_len > config.max_position_embeddings:
-        raise LmforgeError(
-            f"train.seq_len={cfg.train.seq_len} exceeds the model's max_position_embeddings="
-            f"{config.max_position_embeddings}"
-        )
+    model, parent = _build_model(cfg, tok)
+    _check(cfg, model, parent, tok, first.path)
+    decoder = isinstance(model.config, DecoderConfig)
 
-    train_ids, train_mask = _tokens(ds, "train")
-    val_ids, val_mask = _tokens(ds, "val")
-    if len(train_ids) <= cfg.train.seq_len * cfg.train.micro_batch_size:
-        raise LmforgeError(
-            f"{cfg.data.dataset}: {len(train_ids)} training tokens are fewer than one micro-batch "
-            f"({cfg.train.micro_batch_size} x {cfg.train.seq_len})"
-        )
-    batches = WindowSampler(train_ids, cfg.train.seq_len, cfg.train.micro_batch_size, seed=cfg.train.seed,
-                            mask=train_mask)  # fmt: skip
-    eval_batches = None
-    if len(val_ids) > cfg.train.seq_len * cfg.train.micro_batch_size:
-        val = WindowSampler(val_ids, cfg.train.seq_len, cfg.train.micro_batch_size, seed=0, mask=val_mask)
-        n = min(cfg.train.eval_batches, len(val.windows["input_ids"]) // cfg.train.micro_batch_size)
-        fixed = [next(val) for _ in range(n)]
-        eval_batches = lambda: fixed  # noqa: E731  (the same validation batches every time)
+    rows = cfg.train.micro_batch_size
+    examples = _Examples(cfg, tokenizer, rows)
+    samplers = {name: examples.sampler(ds, "train", cfg.train.seed) for name, ds in datasets.items()}
+    batches = (
+        next(iter(samplers.values())) if len(samplers) == 1 else MixSampler(samplers, cfg.data.weights())
+    )
+    val_sets: dict[str, list] = {}  # source -> fixed validation batches (the same every evaluation)
+    for name, ds in datasets.items():
+        val = examples.sampler(ds, "val", seed=0)
+        if val is not None:
+            n = max(1, min(cfg.train.eval_batches, val.n // rows))
+            val_sets[name] = [next(val) for _ in range(n)]
+    every_val = [b for fixed_batches in val_sets.values() for b in fixed_batches]
+    eval_batches = (lambda: every_val) if every_val else None
+    objective = OBJECTIVES[cfg.objective]
     optimizer = build_optimizer(model, cfg.optim, next(model.parameters()).device.type)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info(
-        "pretrain: %s (%.1fM params) on %s, %d steps", parent, n_params / 1e6, ds.id[:12], cfg.train.max_steps
-    )
+    data_ids = [ds.id for ds in datasets.values()]
+    log.info("pretrain %s: %s (%.1fM params) on %s, %d steps", cfg.objective, parent, n_params / 1e6,
+             ", ".join(i[:12] for i in data_ids), cfg.train.max_steps)  # fmt: skip
+
+    out.mkdir(parents=True, exist_ok=True)
+    samples_path = out / "samples.jsonl"
 
     def report(record: dict) -> None:
         if "loss" in record:
@@ -126,8 +236,20 @@ def run_pretrain(cfg: PretrainConfig, out: Path) -> dict[str, Any]:
                      record["tokens_per_s"])  # fmt: skip
         if "val_loss" in record:
             log.info("step %d  val loss %.4f", record["step"], record["val_loss"])
+        step = record["step"]
+        if (
+            decoder
+            and cfg.sample_every
+            and cfg.sample_prompt
+            and "loss" in record
+            and step % cfg.sample_every == 0
+        ):
+            text = greedy_sample(model, tokenizer, cfg.sample_prompt)
+            model.train()
+            log.info("step %d  sample: %s", step, text)
+            with open(samples_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "prompt": cfg.sample_prompt, "text": text}) + "\n")
 
-    out.mkdir(parents=True, exist_ok=True)
     run_config = json.loads(cfg.model_dump_json())
     start_step, start_tokens = 0, 0
     checkpoint = latest_checkpoint(out) if cfg.train.resume else None
@@ -137,16 +259,18 @@ def run_pretrain(cfg: PretrainConfig, out: Path) -> dict[str, Any]:
         start_step, start_tokens = state["step"], state["tokens"]
         log.info("resuming from %s (step %d)", checkpoint, start_step)
     elif cfg.train.resume:
-        log.info("train.resume: no checkpoint in %s, starting from scratch", out / CHECKPOINTS)
+        log.info("resume: no checkpoint in %s, starting from scratch", out / CHECKPOINTS)
+
+    def lineage(**extra: Any) -> dict[str, Any]:
+        return {"parent": parent, "data": data_ids, "stage": "pretrain", "objective": cfg.objective,
+                "config": run_config, "lmforge_version": __version__, "seed": cfg.train.seed, **extra}  # fmt: skip
 
     def save(step: int) -> None:
-        lineage = {"parent": parent, "data": [ds.id], "stage": "pretrain", "config": run_config,
-                   "lmforge_version": __version__, "seed": cfg.train.seed, "step": step}  # fmt: skip
         tokens = step * cfg.train.grad_accum_steps * cfg.train.micro_batch_size * cfg.train.seq_len
         save_checkpoint(out, step, model, optimizer, tokens=tokens, data_state=batches.state_dict(),
-                        lineage=lineage, keep=cfg.train.keep_checkpoints)  # fmt: skip
+                        lineage=lineage(step=step), keep=cfg.train.keep_checkpoints)  # fmt: skip
 
-    summary = train(model, batches, OBJECTIVES["clm"], optimizer, cfg.optim, cfg.train,
+    summary = train(model, batches, objective, optimizer, cfg.optim, cfg.train,
                     eval_batches=eval_batches, metrics_path=out / "metrics.jsonl", progress=report,
                     start_step=start_step, start_tokens=start_tokens, save=save)  # fmt: skip
 
@@ -155,29 +279,26 @@ def run_pretrain(cfg: PretrainConfig, out: Path) -> dict[str, Any]:
     for name in TOKENIZER_FILES:
         if (tok_dir / name).exists():
             shutil.copy2(tok_dir / name, model_dir / name)
-    sample = (
-        greedy_sample(model, Tokenizer.from_dir(tok_dir), cfg.sample_prompt) if cfg.sample_prompt else None
-    )
-    counts = np.bincount(train_ids, minlength=config.vocab_size).astype(np.float64)
-    unigram = -(
-        counts / counts.sum() * np.log(np.maximum(counts / counts.sum(), 1e-12))
-    ).sum()  # entropy, nats
-    results = {
+    sample = greedy_sample(model, tokenizer, cfg.sample_prompt) if decoder and cfg.sample_prompt else None
+    val = summary["val"]
+    results: dict[str, Any] = {
+        "objective": cfg.objective,
         "parent": parent,
-        "dataset": ds.id,
+        "datasets": data_ids,
         "params": n_params,
         "steps": summary["steps"],
         "tokens": summary["tokens"],
         "train_loss": summary["loss"],
-        "val_loss": summary["val"].get("val_loss", math.nan),
-        "unigram_baseline": float(unigram),
+        "val_loss": math.nan,
+        **val,
+        **_baselines(cfg.objective, _tokens(first, "train")[0], model.config.vocab_size),
         "tokens_per_s": (summary["tokens"] - start_tokens) / max(summary["seconds"], 1e-9),
         "bad_steps": summary["bad_steps"],
         "model_dir": str(model_dir),
         "sample": sample,
     }
-    lineage = {"parent": parent, "data": [ds.id], "stage": "pretrain", "config": run_config,
-               "lmforge_version": __version__, "seed": cfg.train.seed, "results": results}  # fmt: skip
-    atomic_write(model_dir / "lmforge.json", json.dumps(lineage, indent=2) + "\n")
+    if len(val_sets) > 1:  # continued pretraining: how each source fares (the general one shows forgetting)
+        results["val_by_source"] = {name: evaluate(model, objective, b) for name, b in val_sets.items()}
+    atomic_write(model_dir / "lmforge.json", json.dumps(lineage(results=results), indent=2) + "\n")
     atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results

@@ -36,8 +36,6 @@ class LoopSection(TrainSection):
     """Write a resumable checkpoint every this many steps (and after the last); 0 = only after the last."""
     keep_checkpoints: int = Field(3, ge=1)
     """Keep this many newest checkpoints in `--out/checkpoints`; older ones are deleted."""
-    resume: bool = False
-    """Continue from the newest complete checkpoint in --out (from scratch when it has none)."""
 
 
 class OptimSection(Section):

@@ -1,0 +1,248 @@
+"""Resumable micro-batch streams for pretraining: CLM windows, MLM windows, NSP sentence pairs, and mixes.
+
+Every stream is an `EpochSampler` over some `Examples`: epoch e visits the examples in the order of
+`numpy.random.default_rng([seed, e]).permutation(n)`, cut into full micro-batches (an epoch's last
+`n % micro_batch_size` examples of the order are dropped, so every micro-batch has the same row count). The
+cursor is three integers (seed, epoch, position); any randomness inside a batch (MLM masking) comes from a
+generator seeded by the cursor too, so a resumed run continues the exact sequence of batches.
+
+Data parallelism is by rows: a stage builds its sampler with the GLOBAL micro-batch (micro_batch_size x
+world size) and each rank takes its slice, so the cursor is the same on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from lmforge.data.batches import clm_windows, collate, mask_tokens, nsp_pairs
+from lmforge.errors import LmforgeError
+
+Batch = dict[str, torch.Tensor]
+
+
+class Examples(Protocol):
+    """What an epoch holds: a number of examples and a way to batch some of them."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, rows: np.ndarray, generator: torch.Generator) -> Batch:
+        """The micro-batch of examples `rows` (randomness only from `generator`)."""
+        ...
+
+
+def _batch_generator(seed: int, epoch: int, position: int) -> torch.Generator:
+    """A generator seeded by the cursor: the same batch gets the same masking after a resume."""
+    state = np.random.SeedSequence([seed, epoch, position]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class EpochSampler:
+    """Micro-batches forever: each epoch a fresh permutation of `epoch_examples(e)`, cut into full batches."""
+
+    def __init__(
+        self, epoch_examples: Callable[[int], Examples], micro_batch_size: int, *, seed: int
+    ) -> None:
+        self.epoch_examples, self.micro_batch_size, self.seed = epoch_examples, micro_batch_size, seed
+        self._start(0)
+        self.position = 0
+
+    def _start(self, epoch: int) -> None:
+        self.epoch, self.examples = epoch, self.epoch_examples(epoch)
+        self.n = len(self.examples)
+        if self.n < self.micro_batch_size:
+            raise LmforgeError(
+                f"{self.n} training examples (windows or sentence pairs) are fewer than one micro-batch of "
+                f"{self.micro_batch_size}: use more data, a shorter train.seq_len or a smaller batch"
+            )
+        self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def __iter__(self) -> EpochSampler:
+        return self
+
+    def __next__(self) -> Batch:
+        if self.position + self.micro_batch_size > self.n:
+            self._start(self.epoch + 1)
+            self.position = 0
+        rows = self._order[self.position : self.position + self.micro_batch_size]
+        generator = _batch_generator(self.seed, self.epoch, self.position)
+        self.position += self.micro_batch_size
+        return self.examples.batch(rows, generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data cursor: {"seed", "epoch", "position"}."""
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved cursor (same data, seq_len and batch size; the seed must match)."""
+        if state["seed"] != self.seed:
+            raise LmforgeError(
+                f"data cursor was saved with seed {state['seed']}, this run has seed {self.seed}"
+            )
+        if state["epoch"] != self.epoch:
+            self._start(state["epoch"])
+        self.position = state["position"]
+
+
+def fixed(examples: Examples) -> Callable[[int], Examples]:
+    """The same examples every epoch (windows of a token stream)."""
+    return lambda epoch: examples
+
+
+# ---------------------------------------------------------------------------------------------- examples
+
+
+class Windows:
+    """Next-token windows of a token stream (`clm_windows`): {"input_ids", "targets"} (B, seq_len)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, mask: np.ndarray | None = None) -> None:
+        self.windows = clm_windows(tokens, seq_len, mask)
+
+    def __len__(self) -> int:
+        return len(self.windows["input_ids"])
+
+    def batch(self, rows: np.ndarray, generator: torch.Generator) -> Batch:
+        """Rows of the windows (no randomness)."""
+        index = torch.from_numpy(rows)
+        return {k: v[index] for k, v in self.windows.items()}
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """What BERT masking needs from the tokenizer, and the masking rate."""
+
+    vocab_size: int
+    mask_id: int
+    special_ids: tuple[int, ...]  # never chosen for masking: [CLS], [SEP], [PAD]
+    rate: float = 0.15
+
+    def apply(self, batch: Batch, generator: torch.Generator) -> Batch:
+        """Mask `batch["input_ids"]` (B, T) in place of the originals; add "labels" (B, T)."""
+        ids = batch["input_ids"]
+        special = torch.isin(ids, torch.tensor(self.special_ids))
+        inputs, labels = mask_tokens(ids, special, vocab_size=self.vocab_size, mask_id=self.mask_id,
+                                     rate=self.rate, generator=generator)  # fmt: skip
+        return {**batch, "input_ids": inputs, "labels": labels}
+
+
+class MaskedWindows:
+    """MLM examples: `[CLS] window [SEP]` over a token stream (documents joined by [SEP]), masked per batch."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, cls_id: int, sep_id: int, spec: MaskSpec) -> None:
+        if seq_len < 3:
+            raise LmforgeError(f"train.seq_len={seq_len}: an MLM window needs [CLS] text [SEP], at least 3")
+        inner = seq_len - 2
+        n = len(tokens) // inner
+        body = torch.from_numpy(np.asarray(tokens[: n * inner], dtype=np.int64)).view(n, inner)
+        self.ids = torch.cat(
+            [torch.full((n, 1), cls_id), body, torch.full((n, 1), sep_id)], dim=1
+        )  # (N, seq_len)
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, rows: np.ndarray, generator: torch.Generator) -> Batch:
+        """{"input_ids" (masked), "labels", "attention_mask"}, each (B, seq_len)."""
+        ids = self.ids[torch.from_numpy(rows)]
+        return self.spec.apply({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, generator)
+
+
+class SentencePairs:
+    """NSP examples (`nsp_pairs`) of one epoch, padded per batch; masked too for mlm+nsp."""
+
+    def __init__(self, pairs: list[dict[str, Any]], pad_id: int, spec: MaskSpec | None) -> None:
+        self.pairs, self.pad_id, self.spec = pairs, pad_id, spec
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def batch(self, rows: np.ndarray, generator: torch.Generator) -> Batch:
+        """`collate`d pairs (B, L), padded to the longest; with MLM also masked "labels" (B, L)."""
+        batch = collate([self.pairs[i] for i in rows], self.pad_id)
+        return batch if self.spec is None else self.spec.apply(batch, generator)
+
+
+def split_sentences(ids: np.ndarray, enders: Iterable[int]) -> list[np.ndarray]:
+    """Cut a document's ids after every sentence-ending token ("." "!" "?"): its sentences, in order."""
+    ids = np.asarray(ids, dtype=np.int64)
+    ends = np.flatnonzero(np.isin(ids, list(enders))) + 1  # positions just after an ender
+    return [s for s in np.split(ids, ends) if len(s)]
+
+
+def sentence_pairs(
+    documents: Sequence[Sequence[np.ndarray]],
+    *,
+    max_len: int,
+    cls_id: int,
+    sep_id: int,
+    pad_id: int,
+    seed: int,
+    spec: MaskSpec | None,
+) -> Callable[[int], Examples]:
+    """Epoch e's NSP pairs: drawn afresh from `documents` (document → sentences) with rng [seed, e, 1]."""
+
+    def epoch(e: int) -> Examples:
+        rng = np.random.default_rng([seed, e, 1])
+        pairs = nsp_pairs(documents, max_len=max_len, cls_id=cls_id, sep_id=sep_id, rng=rng)
+        return SentencePairs(pairs, pad_id, spec)
+
+    return epoch
+
+
+# -------------------------------------------------------------------------------------------------- mix
+
+
+class MixSampler:
+    """Micro-batches drawn from several named samplers in fixed proportions (continued pretraining's replay).
+
+    Each micro-batch comes whole from one source, picked by smooth weighted round-robin: every draw adds each
+    source's weight to its credit and takes the source with the most credit, which then pays 1. The sequence
+    is deterministic and every prefix is within one batch of the exact proportions ({domain: 0.8, general:
+    0.2} → d d g d d d d g d d ...), with no random drift on a short run. The cursor is the credits plus each
+    source's own cursor.
+    """
+
+    def __init__(self, samplers: dict[str, EpochSampler], weights: dict[str, float]) -> None:
+        if set(samplers) != set(weights):
+            raise LmforgeError(
+                f"data.mix names {sorted(weights)} must be the data.datasets names {sorted(samplers)}"
+            )
+        total = sum(weights.values())
+        if total <= 0 or any(w < 0 for w in weights.values()):
+            raise LmforgeError(f"data.mix weights must be non-negative with a positive sum, got {weights}")
+        self.samplers = samplers
+        self.weights = {k: w / total for k, w in weights.items()}
+        self.credits = dict.fromkeys(samplers, 0.0)
+
+    def __iter__(self) -> MixSampler:
+        return self
+
+    def __next__(self) -> Batch:
+        for name, w in self.weights.items():
+            self.credits[name] += w
+        name = max(self.credits, key=lambda k: (self.credits[k], self.weights[k]))
+        self.credits[name] -= 1.0
+        return next(self.samplers[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"credits": {...}, "sources": {name: cursor}}."""
+        return {
+            "credits": dict(self.credits),
+            "sources": {k: s.state_dict() for k, s in self.samplers.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved mix cursor (same sources)."""
+        if set(state["sources"]) != set(self.samplers):
+            raise LmforgeError(
+                f"the checkpoint's data sources {sorted(state['sources'])} are not this run's "
+                f"{sorted(self.samplers)}"
+            )
+        self.credits = dict(state["credits"])
+        for k, s in self.samplers.items():
+            s.load_state_dict(state["sources"][k])
