@@ -437,7 +437,7 @@ def _prepare_into(
         "inputs": input_reports,
         "rejected": len(rejects),
         "tokenizer": {
-            "path": str(cfg.tokenizer),
+            "path": str(Path(cfg.tokenizer).resolve()),  # absolute: later stages run from anywhere
             "hash": tok.hash,
             "vocab_size": tok.vocab_size,
             "eos_id": tok.eos_id,
