@@ -42,6 +42,22 @@ print(json.dumps({"seconds": seconds, "extra_rss_mb": rss() - before}))
 """
 
 
+def build_pair(preset_name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """lmforge's model of a preset (seeded init) and `transformers`' model loaded from its saved HF directory:
+    the same weights, HF's SDPA attention."""
+    import transformers
+
+    from lmforge.model.configs import preset
+    from lmforge.model.hf import build_model, save_model
+
+    torch.manual_seed(seed)
+    ours = build_model(preset(preset_name))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(ours, tmp)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa")
+    return ours, hf
+
+
 def compare(ours, theirs, tokens: int, repeats: int = 7) -> tuple[float, float]:
     """Median tokens/s of two step functions, timed alternately (so drift in machine load hits both alike)."""
     ours(), theirs()  # warm-up
@@ -56,16 +72,7 @@ def compare(ours, theirs, tokens: int, repeats: int = 7) -> tuple[float, float]:
 
 def bench_steps(preset_name: str, batch: int, seq: int) -> list[tuple[str, float, float]]:
     """(what, lmforge tokens/s, transformers tokens/s) for a training step and an inference forward."""
-    import transformers
-
-    from lmforge.model.configs import preset
-    from lmforge.model.hf import build_model, save_model
-
-    torch.manual_seed(0)
-    ours = build_model(preset(preset_name))
-    with tempfile.TemporaryDirectory() as tmp:
-        save_model(ours, tmp)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa")
+    ours, hf = build_pair(preset_name)
     ids = torch.randint(0, ours.config.vocab_size, (batch, seq + 1))
     x, y = ids[:, :-1], ids[:, 1:]
 

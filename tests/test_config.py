@@ -211,7 +211,7 @@ def test_save_config_is_atomic(tmp_path, monkeypatch):
 def test_config_fields_flatten_sections_with_stage_defaults():
     rows = {row.key: row for row in config_fields(Toy)}
     assert list(rows) == [
-        "train.max_steps", "train.seed", "model.preset", "model.lora.rank", "model.lora.enabled",
+        "train.max_steps", "train.seed", "train.resume", "model.preset", "model.lora.rank", "model.lora.enabled",
         "model.lora.targets", "optim.lr", "optim.clip", "data.path", "data.kind", "data.name",
     ]  # fmt: skip
     assert rows["train.max_steps"].default == 50  # the stage's default, not TrainSection's

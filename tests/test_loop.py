@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge.data.samplers import EpochSampler, window_sampler
 from lmforge.errors import LmforgeError
 from lmforge.model.configs import preset
 from lmforge.model.decoder import IGNORE_INDEX
 from lmforge.model.hf import build_model
-from lmforge.train.loop import LoopSection, WindowSampler, clm_batches, train
+from lmforge.train.loop import LoopSection, train
 from lmforge.train.objectives import OBJECTIVES, Objective
 from lmforge.train.optim import OptimSection, build_optimizer
 
@@ -50,7 +51,7 @@ def run(
 
 def test_grad_accumulation_matches_one_big_batch() -> None:
     # 8 windows whose target counts differ a lot per pair of rows: averaging per micro-batch would be wrong.
-    windows = WindowSampler(token_stream(), 16, 8, seed=0).windows
+    windows = window_sampler(token_stream(), 16, 8, seed=0).examples.windows
     batch = {k: v[:8].clone() for k, v in windows.items()}
     keep = [16, 16, 1, 2, 9, 16, 3, 12]  # targets per row
     for row, n in enumerate(keep):
@@ -82,7 +83,7 @@ GOLDEN_LOSSES = [
 
 def test_golden_run() -> None:
     cfg = LoopSection(max_steps=20, micro_batch_size=4, seq_len=32)
-    _, summary = run(clm_batches(token_stream(), cfg, seed=0), cfg)
+    _, summary = run(window_sampler(token_stream(), cfg.seq_len, cfg.micro_batch_size, seed=0), cfg)
     assert summary["losses"] == pytest.approx(GOLDEN_LOSSES, abs=1e-4)
     assert summary["steps"] == 20 and summary["bad_steps"] == 0 and summary["tokens"] == 20 * 4 * 32
     assert summary["loss"] == summary["losses"][-1] < summary["losses"][0] - 2
@@ -101,7 +102,9 @@ def poisoned_clm() -> Objective:
 
 def test_nan_guard_skips_counts_and_aborts() -> None:
     cfg = LoopSection(max_steps=4, micro_batch_size=2, seq_len=16, max_bad_steps=3)
-    good = list(itertools.islice(clm_batches(token_stream(), cfg, seed=0), 4))
+    good = list(
+        itertools.islice(window_sampler(token_stream(), cfg.seq_len, cfg.micro_batch_size, seed=0), 4)
+    )
     bad = {**good[1], "poison": torch.ones(())}
     model, summary = run([good[0], bad, good[2], good[3]], cfg, objective=poisoned_clm())
     assert summary["bad_steps"] == 1 and not math.isfinite(summary["losses"][1])
@@ -117,7 +120,10 @@ def test_nan_guard_skips_counts_and_aborts() -> None:
 
 def test_skipped_step_leaves_the_weights() -> None:
     cfg = LoopSection(max_steps=1, micro_batch_size=2, seq_len=16)
-    batch = {**next(clm_batches(token_stream(), cfg, seed=0)), "poison": torch.ones(())}
+    batch = {
+        **next(window_sampler(token_stream(), cfg.seq_len, cfg.micro_batch_size, seed=0)),
+        "poison": torch.ones(()),
+    }
     model, summary = run([batch], cfg, objective=poisoned_clm())
     assert summary["bad_steps"] == 1
     for a, b in zip(model.parameters(), tiny_llama().parameters(), strict=True):
@@ -127,11 +133,15 @@ def test_skipped_step_leaves_the_weights() -> None:
 def test_metrics_lines_and_eval_cadence(tmp_path: Path) -> None:
     cfg = LoopSection(max_steps=6, micro_batch_size=2, seq_len=16, eval_every=3, log_every=2)
     stream = token_stream()
-    val = lambda: itertools.islice(clm_batches(stream, cfg, seed=1), 2)  # noqa: E731
+    val = lambda: itertools.islice(window_sampler(stream, cfg.seq_len, cfg.micro_batch_size, seed=1), 2)  # noqa: E731
     seen: list[dict] = []
     path = tmp_path / "metrics.jsonl"
     _, summary = run(
-        clm_batches(stream, cfg, seed=0), cfg, eval_batches=val, metrics_path=path, progress=seen.append
+        window_sampler(stream, cfg.seq_len, cfg.micro_batch_size, seed=0),
+        cfg,
+        eval_batches=val,
+        metrics_path=path,
+        progress=seen.append,
     )
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert records == seen
@@ -148,21 +158,21 @@ def test_metrics_lines_and_eval_cadence(tmp_path: Path) -> None:
 
 
 def test_window_sampler_is_seeded_and_resumable() -> None:
-    def take(sampler: WindowSampler, n: int) -> list[torch.Tensor]:
+    def take(sampler: EpochSampler, n: int) -> list[torch.Tensor]:
         return [next(sampler)["input_ids"] for _ in range(n)]
 
     stream = token_stream(5)  # 320 tokens: 19 windows of 16, 4 batches of 4 per epoch (3 windows dropped)
-    a, b = WindowSampler(stream, 16, 4, seed=7), WindowSampler(stream, 16, 4, seed=7)
+    a, b = window_sampler(stream, 16, 4, seed=7), window_sampler(stream, 16, 4, seed=7)
     first = take(a, 10)  # crosses two epoch boundaries
     assert all(torch.equal(x, y) for x, y in zip(first, take(b, 10), strict=True))
-    assert not torch.equal(first[0], next(WindowSampler(stream, 16, 4, seed=8))["input_ids"])
+    assert not torch.equal(first[0], next(window_sampler(stream, 16, 4, seed=8))["input_ids"])
     assert not torch.equal(torch.cat(first[:4]), torch.cat(first[4:8]))  # a new order each epoch
 
-    saved = WindowSampler(stream, 16, 4, seed=7)
+    saved = window_sampler(stream, 16, 4, seed=7)
     take(saved, 6)
     assert saved.state_dict() == {"seed": 7, "epoch": 1, "position": 8}
-    resumed = WindowSampler(stream, 16, 4, seed=7)
+    resumed = window_sampler(stream, 16, 4, seed=7)
     resumed.load_state_dict(saved.state_dict())
     assert all(torch.equal(x, y) for x, y in zip(take(resumed, 4), first[6:10], strict=True))
     with pytest.raises(LmforgeError, match="seed 7"):
-        WindowSampler(stream, 16, 4, seed=8).load_state_dict(saved.state_dict())
+        window_sampler(stream, 16, 4, seed=8).load_state_dict(saved.state_dict())

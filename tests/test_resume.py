@@ -153,7 +153,9 @@ def test_run_killed_while_writing_a_checkpoint_resumes_from_the_one_before(tmp_p
 def test_resume_without_checkpoints_starts_afresh_and_existing_runs_are_refused(tmp_path, dataset):
     runner = CliRunner()
     out = tmp_path / "run"
-    fresh = runner.invoke(app, args(out, dataset, "train.max_steps=2", "train.resume=true"))  # nothing to resume
+    fresh = runner.invoke(
+        app, args(out, dataset, "train.max_steps=2", "train.resume=true")
+    )  # nothing to resume
     assert fresh.exit_code == 0, fresh.output
     assert json.loads(fresh.stdout)["steps"] == 2
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]

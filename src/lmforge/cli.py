@@ -7,6 +7,7 @@ traceback (`lmforge --debug ...` shows it).
 
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -179,18 +180,28 @@ def add_stage_command(
                 metavar="RUN_DIR",
             ),
         ] = None,
-        overwrite: Annotated[
-            bool, typer.Option(help="Delete what --out holds and start afresh.")
-        ] = False,
+        overwrite: Annotated[bool, typer.Option(help="Delete what --out holds and start afresh.")] = False,
         init_from: Annotated[
             Path | None,
             typer.Option(help="Start from this HF model directory (continued training).", metavar="DIR"),
         ] = None,
+        nproc: Annotated[
+            int,
+            typer.Option(
+                min=1,
+                help="Train with this many local processes (torchrun's launcher: one per GPU, or CPU "
+                "processes with gloo); train.strategy picks DDP or FSDP.",
+            ),
+        ] = 1,
         as_json: Annotated[
             bool, typer.Option("--json", help="Print the result as one JSON document.")
         ] = False,
     ) -> None:
-        out = _run_dir(out, resume, overwrite)
+        from lmforge.train.distributed import launch, under_torchrun
+
+        # Under torchrun only rank 0 checks, clears and writes the run directory (the ranks would race).
+        main_rank = os.environ.get("RANK", "0") == "0"
+        out = _run_dir(out, resume, overwrite) if main_rank else (resume or out)
         sets = list(overrides or [])
         if resume is not None:
             config = config or resume / "config.yaml"
@@ -200,7 +211,15 @@ def add_stage_command(
                 raise LmforgeError(f"{name} starts from no model: --init-from does not apply")
             sets.insert(0, f"{config_cls.init_from_key}={init_from}")  # a --set may still change it
         cfg = load_config(config_cls, config, sets)
-        log.info("%s: config written to %s", name, save_config(cfg, out))
+        if main_rank:
+            log.info("%s: config written to %s", name, save_config(cfg, out))
+        if nproc > 1 and not under_torchrun():  # the workers rerun this command on the resolved config
+            where = "--resume" if resume is not None else "--out"
+            argv = [name, "--config", str(out / "config.yaml"), where, str(out), *(["--json"] * as_json)]
+            status = launch(nproc, argv)
+            if status:
+                raise typer.Exit(status)
+            return
         emit(run(cfg, out), as_json)
 
     app.command(name, help=help, epilog=_epilog(config_cls))(command)

@@ -93,6 +93,13 @@ def fixed(examples: Examples) -> Callable[[int], Examples]:
     return lambda epoch: examples
 
 
+def window_sampler(
+    tokens: np.ndarray, seq_len: int, micro_batch_size: int, *, seed: int, mask: np.ndarray | None = None
+) -> EpochSampler:
+    """Shuffled next-token micro-batches (`Windows`) of `micro_batch_size` x `seq_len`, cycling over epochs."""
+    return EpochSampler(fixed(Windows(tokens, seq_len, mask)), micro_batch_size, seed=seed)
+
+
 # ---------------------------------------------------------------------------------------------- examples
 
 

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +34,33 @@ from lmforge.model.configs import DecoderConfig, EncoderConfig, preset
 from lmforge.model.hf import build_model, load_model, read_config, save_model
 from lmforge.stages.configs import PretrainConfig
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.activations import checkpoint_activations
 from lmforge.train.checkpoint import (
     CHECKPOINTS,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+from lmforge.train.distributed import (
+    Dist,
+    close_distributed,
+    consolidate,
+    init_distributed,
+    is_sharded,
+    wrap_model,
+)
 from lmforge.train.loop import evaluate, train
 from lmforge.train.objectives import OBJECTIVES
 from lmforge.train.optim import build_optimizer
+from lmforge.train.reporting import (
+    ProgressBar,
+    flops_per_token,
+    matmul_peak,
+    open_sinks,
+    peak_memory,
+    plot_loss_curve,
+    with_mfu,
+)
 
 log = logging.getLogger(__name__)
 TOKENIZER_FILES = (
@@ -183,12 +202,23 @@ def greedy_sample(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_t
 
 
 def run_pretrain(cfg: PretrainConfig, out: Path) -> dict[str, Any]:
-    """Pretrain (or continue pretraining) and write `out/model` (HF dir), `out/metrics.jsonl`, `out/results.json`."""
+    """Pretrain (or continue pretraining) and write `out/model` (HF dir), `out/metrics.jsonl`, `out/results.json`.
+
+    Under torchrun (or `--nproc`) every process runs this; rank 0 writes the files and returns the results.
+    """
     sources = cfg.data.sources()
     if not sources:
         raise LmforgeError(
             "pretrain: data.dataset (or data.datasets) is required: a directory written by `lmforge data prepare`"
         )
+    dist = init_distributed(None if cfg.train.device == "auto" else cfg.train.device)
+    try:
+        return _pretrain(cfg, out, sources, dist)
+    finally:
+        close_distributed()
+
+
+def _pretrain(cfg: PretrainConfig, out: Path, sources: dict[str, Path], dist: Dist) -> dict[str, Any]:
     if not cfg.train.resume and any((out / name).exists() for name in (CHECKPOINTS, "model")):
         raise LmforgeError(f"{out} holds a run; use --resume {out} to continue it or --overwrite")
     datasets = {name: PreparedDataset(path) for name, path in sources.items()}
@@ -201,12 +231,21 @@ def run_pretrain(cfg: PretrainConfig, out: Path) -> dict[str, Any]:
                 "a mix needs one vocabulary (prepare every dataset with the same --tokenizer)"
             )
     tokenizer = Tokenizer.from_dir(tok["path"])
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model, parent = _build_model(cfg, tok)
     _check(cfg, model, parent, tok, first.path)
-    decoder = isinstance(model.config, DecoderConfig)
+    config = model.config
+    decoder = isinstance(config, DecoderConfig)
+    n_params = sum(p.numel() for p in model.parameters())
+    model = model.to(dist.device)
+    if cfg.train.activation_checkpointing:
+        checkpoint_activations(model)  # before wrapping: FSDP shards the blocks it finds
+    bf16 = cfg.train.autocast == "bf16"
+    model = wrap_model(model, cfg.train.strategy, dist, bf16=bf16, unused_parameters=cfg.objective == "nsp")
 
-    rows = cfg.train.micro_batch_size
+    rows = (
+        cfg.train.micro_batch_size * dist.world_size
+    )  # the global micro-batch; each rank trains on its rows
     examples = _Examples(cfg, tokenizer, rows)
     samplers = {name: examples.sampler(ds, "train", cfg.train.seed) for name, ds in datasets.items()}
     batches = (
@@ -221,40 +260,18 @@ def run_pretrain(cfg: PretrainConfig, out: Path) -> dict[str, Any]:
     every_val = [b for fixed_batches in val_sets.values() for b in fixed_batches]
     eval_batches = (lambda: every_val) if every_val else None
     objective = OBJECTIVES[cfg.objective]
-    optimizer = build_optimizer(model, cfg.optim, next(model.parameters()).device.type)
-    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = build_optimizer(model, cfg.optim, dist.device.type)  # after wrapping: FSDP swaps parameters
     data_ids = [ds.id for ds in datasets.values()]
-    log.info("pretrain %s: %s (%.1fM params) on %s, %d steps", cfg.objective, parent, n_params / 1e6,
-             ", ".join(i[:12] for i in data_ids), cfg.train.max_steps)  # fmt: skip
-
-    out.mkdir(parents=True, exist_ok=True)
-    samples_path = out / "samples.jsonl"
-
-    def report(record: dict) -> None:
-        if "loss" in record:
-            log.info("step %d  loss %.4f  lr %.2e  %.0f tok/s", record["step"], record["loss"], record["lr"],
-                     record["tokens_per_s"])  # fmt: skip
-        if "val_loss" in record:
-            log.info("step %d  val loss %.4f", record["step"], record["val_loss"])
-        step = record["step"]
-        if (
-            decoder
-            and cfg.sample_every
-            and cfg.sample_prompt
-            and "loss" in record
-            and step % cfg.sample_every == 0
-        ):
-            text = greedy_sample(model, tokenizer, cfg.sample_prompt)
-            model.train()
-            log.info("step %d  sample: %s", step, text)
-            with open(samples_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, "prompt": cfg.sample_prompt, "text": text}) + "\n")
+    if dist.is_main:
+        log.info("pretrain %s: %s (%.1fM params) on %s, %d steps, %d process(es)", cfg.objective, parent,
+                 n_params / 1e6, ", ".join(i[:12] for i in data_ids), cfg.train.max_steps, dist.world_size)  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
 
     run_config = json.loads(cfg.model_dump_json())
     start_step, start_tokens = 0, 0
     checkpoint = latest_checkpoint(out) if cfg.train.resume else None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer)  # weights, optimizer state, every RNG
+        state = load_checkpoint(checkpoint, model, optimizer, dist=dist)  # weights, optimizer, every RNG
         batches.load_state_dict(state["data"])
         start_step, start_tokens = state["step"], state["tokens"]
         log.info("resuming from %s (step %d)", checkpoint, start_step)
@@ -266,39 +283,75 @@ def run_pretrain(cfg: PretrainConfig, out: Path) -> dict[str, Any]:
                 "config": run_config, "lmforge_version": __version__, "seed": cfg.train.seed, **extra}  # fmt: skip
 
     def save(step: int) -> None:
-        tokens = step * cfg.train.grad_accum_steps * cfg.train.micro_batch_size * cfg.train.seq_len
+        tokens = step * cfg.train.grad_accum_steps * rows * cfg.train.seq_len
         save_checkpoint(out, step, model, optimizer, tokens=tokens, data_state=batches.state_dict(),
-                        lineage=lineage(step=step), keep=cfg.train.keep_checkpoints)  # fmt: skip
+                        lineage=lineage(step=step), keep=cfg.train.keep_checkpoints, dist=dist)  # fmt: skip
 
-    summary = train(model, batches, objective, optimizer, cfg.optim, cfg.train,
-                    eval_batches=eval_batches, metrics_path=out / "metrics.jsonl", progress=report,
-                    start_step=start_step, start_tokens=start_tokens, save=save)  # fmt: skip
+    # Mid-run samples read the local weights: not under FSDP, whose forward is a collective rank 0 cannot run alone.
+    sampler_model = None if is_sharded(model) else consolidate(model, dist)
+    if cfg.sample_every and is_sharded(model) and dist.is_main:
+        log.warning("sample_every: no mid-run samples under FSDP (the final sample is still taken)")
+    flops = flops_per_token(config, cfg.train.seq_len)
+    peak = matmul_peak(dist.device, torch.bfloat16 if bf16 else torch.float32) if dist.is_main else 0.0
+    with ExitStack() as stack:
+        bar = sinks = None
+        if dist.is_main:
+            bar = stack.enter_context(ProgressBar(cfg.train.max_steps, start_step))
+            sinks = stack.enter_context(open_sinks(cfg.train.report_to, out, run_config))
 
-    model_dir = save_model(model.eval(), out / "model")
+        def report(record: dict[str, Any]) -> None:  # rank 0 only: enrich the metrics line, show it, send it
+            record.update(with_mfu(record, flops / dist.world_size, peak, dist.device))  # MFU of one device
+            bar(record)
+            sinks(record)
+            step = record["step"]
+            if sampler_model is not None and decoder and cfg.sample_every and cfg.sample_prompt and (
+                "loss" in record and step % cfg.sample_every == 0):  # fmt: skip
+                text = greedy_sample(sampler_model, tokenizer, cfg.sample_prompt)
+                sampler_model.train()
+                log.info("step %d sample: %s", step, text)
+                with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": step, "prompt": cfg.sample_prompt, "text": text}) + "\n")
+
+        summary = train(model, batches, objective, optimizer, cfg.optim, cfg.train,
+                        eval_batches=eval_batches, metrics_path=out / "metrics.jsonl", progress=report,
+                        start_step=start_step, start_tokens=start_tokens, save=save, dist=dist)  # fmt: skip
+    by_source = {}
+    if len(val_sets) > 1:  # continued pretraining: how each source fares (the general one shows forgetting)
+        by_source = {name: evaluate(model, objective, b, dist=dist) for name, b in val_sets.items()}
+    full = consolidate(model, dist)  # collective under FSDP; the plain model on rank 0
+    if not dist.is_main:
+        return {"rank": dist.rank, "steps": summary["steps"]}
+
+    model_dir = save_model(full.eval(), out / "model")
     tok_dir = Path(tok["path"])
     for name in TOKENIZER_FILES:
         if (tok_dir / name).exists():
             shutil.copy2(tok_dir / name, model_dir / name)
-    sample = greedy_sample(model, tokenizer, cfg.sample_prompt) if decoder and cfg.sample_prompt else None
-    val = summary["val"]
+    plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
+    sample = greedy_sample(full, tokenizer, cfg.sample_prompt) if decoder and cfg.sample_prompt else None
+    tokens_per_s = (summary["tokens"] - start_tokens) / max(summary["seconds"], 1e-9)
     results: dict[str, Any] = {
         "objective": cfg.objective,
         "parent": parent,
         "datasets": data_ids,
         "params": n_params,
+        "processes": dist.world_size,
         "steps": summary["steps"],
         "tokens": summary["tokens"],
         "train_loss": summary["loss"],
         "val_loss": math.nan,
-        **val,
-        **_baselines(cfg.objective, _tokens(first, "train")[0], model.config.vocab_size),
-        "tokens_per_s": (summary["tokens"] - start_tokens) / max(summary["seconds"], 1e-9),
+        **summary["val"],
+        **_baselines(cfg.objective, _tokens(first, "train")[0], config.vocab_size),
+        "tokens_per_s": tokens_per_s,
+        "mfu": tokens_per_s / dist.world_size * flops / peak,
+        "peak_memory_mb": peak_memory(dist.device) / 2**20,
         "bad_steps": summary["bad_steps"],
         "model_dir": str(model_dir),
+        "loss_curve": str(out / "loss.png"),
         "sample": sample,
     }
-    if len(val_sets) > 1:  # continued pretraining: how each source fares (the general one shows forgetting)
-        results["val_by_source"] = {name: evaluate(model, objective, b) for name, b in val_sets.items()}
+    if by_source:
+        results["val_by_source"] = by_source
     atomic_write(model_dir / "lmforge.json", json.dumps(lineage(results=results), indent=2) + "\n")
     atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results

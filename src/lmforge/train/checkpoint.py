@@ -4,13 +4,22 @@ A run directory's checkpoints look like this::
 
     RUN/checkpoints/step-000120/
         model/          a HF dir (`save_model`) + lmforge.json lineage: `from_pretrained` loads it unchanged
-        train_state/    optimizer.pt, rng.pt (torch.save, loadable with weights_only=True), state.json
+        train_state/    optimizer.pt, rng.pt (torch.save, loadable with weights_only=True), state.json;
+                        rng-<rank>.pt of ranks 1.. and, for a sharded (FSDP) run, dcp/ (model and
+                        optimizer shards) instead of optimizer.pt
         COMPLETE        written last
 
 Each checkpoint is filled in a hidden staging dir (`.step-000120.<id>.tmp`), every file fsynced, the
 `COMPLETE` marker written last, then renamed into place. There is no `latest` symlink (not portable): the
 newest `step-*` dir holding `COMPLETE` is the latest. A crash at any point leaves the earlier checkpoints
 as they were; a staging dir a killed process left behind is never read and is removed by the next save.
+
+Data-parallel runs (`dist`): every rank calls `save_checkpoint` and `load_checkpoint`; the run directory must be
+one filesystem all ranks see. Rank 0 owns the staging dir, the model dir, state.json and the COMPLETE marker
+(written once every rank has reported its part written); each rank writes its own RNG state. DDP weights and
+optimizer state are the same on every rank, so rank 0 saves them as a single process does. FSDP saves model
+and optimizer shards with `torch.distributed.checkpoint` (DCP, which reshards on load: resume on another
+world size works) and gathers the full weights to rank 0 for the HF model dir.
 """
 
 from __future__ import annotations
@@ -22,8 +31,9 @@ import os
 import random
 import re
 import shutil
-import uuid
+import warnings
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +42,10 @@ import torch
 from torch import nn
 
 from lmforge.errors import LmforgeError
-from lmforge.fileio import atomic_write, replace_atomically, staging_dir
+from lmforge.fileio import atomic_write, remove_tree, replace_atomically, staging_dir
 from lmforge.model.hf import load_model, save_model
-from lmforge.train.optim import AnyOptimizer
+from lmforge.train.distributed import Dist, all_agree, barrier, broadcast_object, consolidate, is_sharded
+from lmforge.train.optim import AnyOptimizer, CombinedOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +54,7 @@ MODEL_DIR = "model"
 TRAIN_STATE = "train_state"
 COMPLETE = "COMPLETE"
 FORMAT_VERSION = 1
+DCP_DIR = "dcp"  # train_state/dcp: torch.distributed.checkpoint's shards of a sharded run
 STEP_DIR = re.compile(r"step-(\d+)")
 LEFTOVER = re.compile(r"\.step-\d+\..*\.(tmp|old)")  # staging_dir's temp and displaced dirs, our deletions
 
@@ -113,44 +125,93 @@ def save_checkpoint(
     data_state: dict[str, Any],
     lineage: dict[str, Any],
     keep: int = 3,
+    dist: Dist | None = None,
 ) -> Path:
     """Write `RUN/checkpoints/step-NNNNNN` atomically, then delete older checkpoints beyond the newest `keep`.
 
-    The config hash in state.json is that of `lineage["config"]` (None when lineage has no config).
+    The config hash in state.json is that of `lineage["config"]` (None when lineage has no config). In a
+    data-parallel run every rank calls it with the same arguments (`dist`); it returns once the checkpoint is
+    complete, on every rank, or raises on every rank.
     """
     if keep < 1:
         raise ValueError(f"keep must be at least 1 (the checkpoint just written), got {keep}")
+    dist = dist or Dist.single()
     state = {
         "format_version": FORMAT_VERSION,
         "step": int(step),
         "tokens": int(tokens),
         "data": data_state,
         "config_hash": config_hash(lineage["config"]) if lineage.get("config") is not None else None,
+        "world_size": dist.world_size,
     }
     try:  # fail before writing anything when the cursor or lineage is not JSON
         state_json, lineage_json = _json(state), _json(lineage)
     except (TypeError, ValueError) as e:
         raise LmforgeError(f"checkpoint data cursor and lineage must be JSON-serialisable: {e}") from None
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(root)
     out = root / checkpoint_name(step)
-    with staging_dir(out) as tmp:
-        inner = _unwrap(model)
-        save_model(inner, tmp / MODEL_DIR)
+    with ExitStack() as stack:
+        tmp = None
+        if dist.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(root)
+            tmp = stack.enter_context(staging_dir(out))
+            (tmp / TRAIN_STATE).mkdir()
+        tmp = Path(broadcast_object(str(tmp), dist))  # the staging dir's random name, the same on every rank
+        failure: Exception | None = None
+        try:
+            _write_parts(tmp, model, optimizer, state_json, lineage_json, dist)
+        except Exception as e:
+            failure = e
+        if not all_agree(failure is None, dist):  # every rank raises, so none waits for the others
+            if failure is not None:
+                raise failure
+            raise LmforgeError(f"saving checkpoint {out.name} failed on another rank")
+        if dist.is_main:
+            _fsync_dir(tmp / TRAIN_STATE)
+            atomic_write(tmp / COMPLETE, _json({"step": int(step)}))  # last: the checkpoint is whole
+            _fsync_dir(tmp)
+    if dist.is_main:
+        _fsync_dir(root)  # the rename itself
+        _prune(root, int(step), keep)
+    barrier(dist)  # no rank goes on (or reads the checkpoint) before it is in place
+    return out
+
+
+def _write_parts(
+    tmp: Path, model: nn.Module, optimizer: AnyOptimizer, state_json: str, lineage_json: str, dist: Dist
+) -> None:
+    """Fill a staging dir: the collective parts first (every rank reaches them), then each rank's files."""
+    train_state = tmp / TRAIN_STATE
+    sharded = is_sharded(_unwrap(model))
+    if sharded:
+        from torch.distributed.checkpoint import save as dcp_save
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(_unwrap(model), _optimizers(optimizer))
+        dcp_save({"model": model_state, "optimizer": optim_state}, checkpoint_id=train_state / DCP_DIR)
+    full = consolidate(model, dist)  # rank 0: the model with full weights (FSDP: gathered, a collective)
+    if full is not None:
+        save_model(full, tmp / MODEL_DIR)
         atomic_write(tmp / MODEL_DIR / "lmforge.json", lineage_json)
-        train_state = tmp / TRAIN_STATE
-        train_state.mkdir()
-        _torch_save(optimizer.state_dict(), train_state / "optimizer.pt")
-        _torch_save(capture_rng(), train_state / "rng.pt")
+        if not sharded:  # DDP's optimizer state is the same on every rank: rank 0's is the whole of it
+            _torch_save(optimizer.state_dict(), train_state / "optimizer.pt")
+    _torch_save(capture_rng(), _rng_file(train_state, dist.rank))
+    if dist.is_main:
         atomic_write(train_state / "state.json", state_json)
         _fsync_dir(tmp / MODEL_DIR)
-        _fsync_dir(train_state)
-        atomic_write(tmp / COMPLETE, _json({"step": int(step)}))  # last: the checkpoint is whole
-        _fsync_dir(tmp)
-    _fsync_dir(root)  # the rename itself
-    _prune(root, int(step), keep)
-    return out
+
+
+def _rng_file(train_state: Path, rank: int) -> Path:
+    """Rank 0's (a single process's) RNG state is rng.pt, rank r's rng-r.pt."""
+    return train_state / ("rng.pt" if rank == 0 else f"rng-{rank}.pt")
+
+
+def _optimizers(optimizer: AnyOptimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside `optimizer`, for DCP's state-dict helpers."""
+    if isinstance(optimizer, CombinedOptimizer):
+        return list(optimizer.optimizers.values())
+    return [optimizer]
 
 
 def _torch_save(obj: Any, path: Path) -> None:
@@ -163,10 +224,8 @@ def _prune(root: Path, step: int, keep: int) -> None:
     older = sorted((s, p) for s, p in _complete(root) if s < step)
     doomed = older[: max(0, len(older) - (keep - 1))]
     for _, path in doomed:
-        # Hide it first (one atomic rename): a crash mid-delete leaves a leftover, never a gutted step-* dir.
-        hidden = root / f".{path.name}.{uuid.uuid4().hex[:12]}.del.tmp"
-        os.replace(path, hidden)
-        shutil.rmtree(hidden)
+        # Hidden first (one rename): a crash mid-delete leaves a leftover, never a gutted step-* dir.
+        remove_tree(path)
     newer = [p.name for s, p in _complete(root) if s > step]
     if newer:
         log.warning("checkpoints newer than step %d are left in %s: %s", step, root, ", ".join(newer))
@@ -206,9 +265,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: AnyOptimizer | None) -> dict[str, Any]:
-    """Restore weights (in place), optimizer state and every RNG from a checkpoint; return its state.json."""
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: AnyOptimizer | None, *, dist: Dist | None = None
+) -> dict[str, Any]:
+    """Restore weights (in place), optimizer state and every RNG from a checkpoint; return its state.json.
+
+    In a data-parallel run every rank calls it (`dist`). A sharded (FSDP) checkpoint is read through DCP, on
+    any world size and into a sharded model or not; another checkpoint is read from its HF dir and
+    optimizer.pt, into an unsharded (single process or DDP) model only. Each rank restores its own RNG state.
+    """
     path = Path(path)
+    dist = dist or Dist.single()
     if not (path / COMPLETE).is_file():
         raise LmforgeError(f"{path}: not a complete checkpoint ({COMPLETE} marker missing)")
     train_state = path / TRAIN_STATE
@@ -218,23 +285,63 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: AnyOptimizer | None
             f"{path}: checkpoint format {state.get('format_version')!r}, this lmforge reads {FORMAT_VERSION}"
         )
     inner = _unwrap(model)
-    dtype = next(iter(inner.parameters())).dtype
-    loaded = load_model(path / MODEL_DIR, dtype=dtype)
-    inner.load_state_dict(loaded.state_dict())
-    del loaded
-    if optimizer is not None:
-        optimizer.load_state_dict(
-            torch.load(train_state / "optimizer.pt", map_location="cpu", weights_only=True)
+    if (train_state / DCP_DIR).is_dir():
+        _load_dcp(train_state / DCP_DIR, inner, optimizer)
+    elif is_sharded(inner):
+        raise LmforgeError(
+            f"{path} was saved by an unsharded run (no {TRAIN_STATE}/{DCP_DIR}): resume it with DDP or one "
+            "process, or start the FSDP run from its model dir (model.init_from)"
         )
-    restore_rng(torch.load(train_state / "rng.pt", map_location="cpu", weights_only=True))
+    else:
+        dtype = next(iter(inner.parameters())).dtype
+        loaded = load_model(path / MODEL_DIR, dtype=dtype)
+        inner.load_state_dict(loaded.state_dict())
+        del loaded
+        if optimizer is not None:
+            optimizer.load_state_dict(
+                torch.load(train_state / "optimizer.pt", map_location="cpu", weights_only=True)
+            )
+    rng = _rng_file(train_state, dist.rank)
+    if rng.is_file():
+        restore_rng(torch.load(rng, map_location="cpu", weights_only=True))
+    else:  # a rank the saving run did not have: its RNG keeps the seeded state
+        log.warning("%s has no RNG state for rank %d: this rank's RNG is not restored", path, dist.rank)
     return state
+
+
+def _load_dcp(directory: Path, model: nn.Module, optimizer: AnyOptimizer | None) -> None:
+    """Read DCP shards into `model` (sharded or not) and `optimizer` in place; resharded to this world size."""
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    single = not torch.distributed.is_initialized()  # e.g. an FSDP run's checkpoint resumed by one process
+    optimizers = _optimizers(optimizer) if optimizer is not None else []
+    if optimizers:
+        model_state, optim_state = get_state_dict(model, optimizers)
+        target = {"model": model_state, "optimizer": optim_state}
+    else:
+        target = {"model": get_model_state_dict(model)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")  # DCP's note on no_dist: intended
+        dcp_load(target, checkpoint_id=directory, no_dist=single)  # in place, into this rank's shards
+    if optimizers:
+        set_state_dict(
+            model, optimizers, model_state_dict=target["model"], optim_state_dict=target["optimizer"]
+        )
+    else:
+        set_model_state_dict(model, target["model"])
 
 
 # --------------------------------------------------------------------------------------------- helpers
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The model under `torch.compile` (`_orig_mod`) and DDP (`module`) wrappers."""
+    """The model under `torch.compile` (`_orig_mod`) and DDP (`module`) wrappers (FSDP2 wraps in place)."""
     while True:
         inner = getattr(model, "_orig_mod", None)
         if inner is None and isinstance(model, nn.parallel.DistributedDataParallel):

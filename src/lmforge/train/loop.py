@@ -3,7 +3,8 @@
 Read it top to bottom like nanochat's `base_train.py`: `while step < max_steps` → once in a while (validation)
 → one step (micro-batches, clipping, schedule, update) → logging. No callbacks: a stage is a batch iterator
 plus an `Objective`. Randomness: the caller seeds model init (`torch.manual_seed(cfg.seed)`); the loop draws
-from the global torch RNG only through the model's own dropout, and `WindowSampler` has its own generator.
+from the global torch RNG only through the model's own dropout; the samplers (`lmforge.data.samplers`) have
+their own generators.
 """
 
 from __future__ import annotations
@@ -18,102 +19,51 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from lmforge.data.batches import clm_windows
 from lmforge.errors import LmforgeError
+from lmforge.train.distributed import Dist, all_reduce_sum, gradient_sync, shard_rows
 from lmforge.train.objectives import Batch, Objective, normalized_loss, total_counts
 from lmforge.train.optim import AnyOptimizer, OptimSection, lr_at, set_lr
 from lmforge.train.sections import LoopSection
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------------ data
-
-
-class WindowSampler:
-    """CLM micro-batches forever: each epoch a fresh permutation of the `clm_windows`, cut into full batches.
-
-    The cursor is (epoch, position): epoch e's order is a permutation from `numpy.random.default_rng([seed,
-    e])`, so `state_dict()` is three integers and a resume continues the exact sequence. An epoch's last
-    `n_windows % micro_batch_size` windows of the order are dropped (every micro-batch has the same shape).
-    """
-
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        seq_len: int,
-        micro_batch_size: int,
-        *,
-        seed: int,
-        mask: np.ndarray | None = None,
-    ) -> None:
-        self.windows = clm_windows(tokens, seq_len, mask)  # {"input_ids", "targets"}: (N, seq_len) each
-        self.n = len(self.windows["input_ids"])
-        if self.n < micro_batch_size:
-            raise LmforgeError(
-                f"{self.n} windows of {seq_len} tokens: fewer than micro_batch_size {micro_batch_size}"
-            )
-        self.micro_batch_size, self.seed = micro_batch_size, seed
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
-
-    def __iter__(self) -> WindowSampler:
-        return self
-
-    def __next__(self) -> Batch:
-        if self.position + self.micro_batch_size > self.n:
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._permutation(self.epoch)
-        rows = torch.from_numpy(self._order[self.position : self.position + self.micro_batch_size])
-        self.position += self.micro_batch_size
-        return {k: v[rows] for k, v in self.windows.items()}  # (micro_batch_size, seq_len) each
-
-    def state_dict(self) -> dict[str, int]:
-        """The data cursor: {"seed", "epoch", "position"}."""
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a saved cursor (same tokens, seq_len and batch size; the seed must match)."""
-        if state["seed"] != self.seed:
-            raise LmforgeError(
-                f"data cursor was saved with seed {state['seed']}, this run has seed {self.seed}"
-            )
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._permutation(self.epoch)
-
-
-def clm_batches(
-    tokens: np.ndarray, cfg: LoopSection, *, seed: int, mask: np.ndarray | None = None
-) -> WindowSampler:
-    """Shuffled next-token micro-batches of `cfg.micro_batch_size` x `cfg.seq_len`, cycling over epochs."""
-    return WindowSampler(tokens, cfg.seq_len, cfg.micro_batch_size, seed=seed, mask=mask)
+TOKENS = "\0tokens"  # the step's token count, reduced with the units (no objective term has this name)
 
 
 # ------------------------------------------------------------------------------------------------ loop
 
 
 def evaluate(
-    model: nn.Module, objective: Objective, batches: Iterable[Batch], autocast: Any = nullcontext
+    model: nn.Module,
+    objective: Objective,
+    batches: Iterable[Batch],
+    autocast: Any = nullcontext,
+    dist: Dist | None = None,
 ) -> dict[str, float]:
     """Validation metrics: each `objective.evaluate` sum over `batches` divided once, as "val_<name>";
-    "val_loss" is the sum of the "*_loss" means (the training loss's definition)."""
+    "val_loss" is the sum of the "*_loss" means (the training loss's definition).
+
+    With `dist`, every rank passes the same global batches, evaluates its rows and the sums are added over
+    ranks before dividing: the same metrics on every rank, those of one process evaluating every row.
+    """
     device = next(model.parameters()).device
+    dist = dist or Dist.single(device)
     was_training = model.training
     model.eval()
     sums: dict[str, list[float]] = {}
     with torch.no_grad(), autocast():
         for batch in batches:
-            for name, (num, den) in objective.evaluate(model, _to(batch, device)).items():
+            for name, (num, den) in objective.evaluate(model, _to(shard_rows(batch, dist), device)).items():
                 total = sums.setdefault(name, [0.0, 0.0])
                 total[0], total[1] = total[0] + num, total[1] + den
     model.train(was_training)
+    if dist.world_size > 1:  # every rank evaluated as many batches, so every rank has the same names
+        names = sorted(sums)
+        pairs = torch.tensor([sums[n] for n in names], dtype=torch.float64, device=dist.device)  # (names, 2)
+        torch.distributed.all_reduce(pairs)
+        sums = dict(zip(names, pairs.tolist(), strict=True))
     metrics = {f"val_{name}": num / max(den, 1.0) for name, (num, den) in sums.items()}
     metrics["val_loss"] = sum(v for k, v in metrics.items() if k.endswith("_loss"))
     return metrics
@@ -137,6 +87,7 @@ def train(
     start_step: int = 0,
     start_tokens: int = 0,
     save: Callable[[int], None] | None = None,
+    dist: Dist | None = None,
 ) -> dict[str, Any]:
     """Run `cfg.max_steps` optimizer steps; return {"loss", "val", "steps", "bad_steps", "tokens", "seconds",
     "losses"} (`losses`: every step's train loss, NaN or inf at a skipped step).
@@ -145,15 +96,23 @@ def train(
     all of them (`normalized_loss` against the step's total units). `eval_batches()` gives a fresh validation
     pass each time it is called. Every `log_every` steps one JSON line goes to `metrics_path` (appended) and
     the same dict to `progress`: step, loss, lr, grad_norm, tokens, tokens_per_s, elapsed, and val_* keys at
-    evaluation steps.
+    evaluation steps; `progress` may add keys to the dict before it is written (the stage adds MFU).
 
     A resumed run passes `start_step` (steps already done) and `start_tokens` (tokens already seen) and must
     have restored the weights, optimizer, RNGs and `batches`' cursor itself. `save(n)` (if given) is called
     with `n` completed steps every `cfg.checkpoint_every` steps and after the last step, once the step's
     update and logging are done. "steps" and "tokens" in the result are run totals; "seconds" and "losses"
     cover this call's steps only.
+
+    Data parallel (`dist` with world_size > 1, `model` wrapped by `wrap_model`): every rank passes the same
+    GLOBAL micro-batches (`batches` and `eval_batches` seeded alike) and trains on its rows (`shard_rows`).
+    Units, tokens, the step loss and validation sums are added over ranks, so every rank logs, decides
+    (NaN guard) and returns the same numbers, those of one process running the global batch. Only rank 0
+    writes `metrics_path` and calls `progress`; `save` is called on every rank (a sharded save is collective).
     """
     device = next(model.parameters()).device
+    dist = dist or Dist.single(device)
+    parallel = dist.world_size > 1
     params = [p for p in model.parameters() if p.requires_grad]
     forward_model = torch.compile(model) if cfg.compile else model
     bf16 = cfg.autocast == "bf16"
@@ -174,21 +133,31 @@ def train(
             # ---- once in a while: validation of the weights after `step` updates
             record: dict[str, Any] = {}
             if eval_batches is not None and cfg.eval_every and step % cfg.eval_every == 0:
-                val = evaluate(model, objective, eval_batches(), autocast)
+                val = evaluate(model, objective, eval_batches(), autocast, dist)
                 record.update(val)
 
             # ---- one step: units counted over every micro-batch first, then one backward per micro-batch
             t0 = time.perf_counter()
-            micro = [_to(_next(batches, step), device) for _ in range(cfg.grad_accum_steps)]
+            micro = [_to(shard_rows(_next(batches, step), dist), device) for _ in range(cfg.grad_accum_steps)]
             totals = total_counts(objective.counts(b) for b in micro)
+            step_tokens = sum(b["input_ids"].numel() for b in micro)
+            if parallel:  # the global step's units: every rank normalises by the same totals
+                summed = all_reduce_sum({**totals, TOKENS: step_tokens}, dist)
+                step_tokens = int(summed.pop(TOKENS))
+                totals = {term: int(n) for term, n in summed.items()}
             step_loss = torch.zeros((), device=device)
-            for b in micro:
-                with autocast():
-                    loss = normalized_loss(objective.losses(forward_model, b), totals)
-                loss.backward()
+            for i, b in enumerate(micro):
+                # Gradients are reduced across ranks once per step, in the last micro-batch's backward.
+                with gradient_sync(model, i == len(micro) - 1):
+                    with autocast():
+                        loss = normalized_loss(objective.losses(forward_model, b), totals)
+                    # This rank's share of the global mean; DDP and FSDP average gradients over ranks, so
+                    # x world_size makes the reduced gradient the sum of the shares: the global batch's.
+                    (loss * dist.world_size if parallel else loss).backward()
                 step_loss += loss.detach()
-            grads = [p.grad for p in params if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads)  # the norm before clipping, reported
+            if parallel:
+                torch.distributed.all_reduce(step_loss)  # the global step loss, NaN on every rank if on one
+            grad_norm = _grad_norm(params)  # the norm before clipping, reported
             loss_value, norm_value = float(step_loss), float(grad_norm)  # one device sync per step
             lr = lr_at(step, cfg.max_steps, optim_cfg)
             if math.isfinite(loss_value) and math.isfinite(norm_value):
@@ -206,7 +175,6 @@ def train(
                     )
             optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - t0
-            step_tokens = sum(b["input_ids"].numel() for b in micro)
             tokens, train_seconds = tokens + step_tokens, train_seconds + seconds
             interval_tokens, interval_seconds = interval_tokens + step_tokens, interval_seconds + seconds
             losses.append(loss_value)
@@ -223,7 +191,8 @@ def train(
                     "elapsed": time.perf_counter() - start,
                     **record,
                 }
-                _emit(record, metrics_path, progress)
+                if dist.is_main:
+                    _emit(record, metrics_path, progress)
                 interval_tokens, interval_seconds = 0, 0.0
 
             # ---- once in a while: a resumable checkpoint of the weights after `step + 1` updates
@@ -236,8 +205,9 @@ def train(
 
         # ---- after the last step: validate the final weights
         if eval_batches is not None and cfg.eval_every:
-            val = evaluate(model, objective, eval_batches(), autocast)
-            _emit({"step": step, "elapsed": time.perf_counter() - start, **val}, metrics_path, progress)
+            val = evaluate(model, objective, eval_batches(), autocast, dist)
+            if dist.is_main:
+                _emit({"step": step, "elapsed": time.perf_counter() - start, **val}, metrics_path, progress)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
     finite = [x for x in losses if math.isfinite(x)]
@@ -252,6 +222,15 @@ def train(
     }
 
 
+def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of the gradients, a plain 0-d tensor equal on every rank."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    # FSDP's sharded (DTensor) gradients give a DTensor of partial norms: reduce it over ranks. Duck-typed:
+    # importing torch.distributed.tensor costs every process a second.
+    full_tensor = getattr(norm, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else norm
+
+
 def _next(batches: Iterator[Batch], step: int) -> Batch:
     try:
         return next(batches)
@@ -260,9 +239,10 @@ def _next(batches: Iterator[Batch], step: int) -> Batch:
 
 
 def _emit(record: dict[str, Any], path: Path | None, progress: Callable[[dict], None] | None) -> None:
-    """One metrics line to `path` (appended, so a resumed run continues the file) and to `progress`."""
+    """The record to `progress` (which may add keys, e.g. MFU), then one metrics line to `path` (appended, so
+    a resumed run continues the file)."""
+    if progress is not None:
+        progress(record)
     if path is not None:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-    if progress is not None:
-        progress(record)

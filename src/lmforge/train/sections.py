@@ -30,6 +30,15 @@ class LoopSection(TrainSection):
     """bf16: forward passes under bf16 autocast, weights and optimizer state stay fp32."""
     compile: bool = False
     """Run the model through `torch.compile` (applied from outside; the model itself is unchanged)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of keeping them: less memory, ~1/3 more compute."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: auto is CUDA when available (one GPU per process), else the CPU."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes (--nproc, torchrun): DDP replicates the model, FSDP2 shards weights, gradients
+    and optimizer state across them."""
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    """Also send the metrics to TensorBoard (RUN/tensorboard) and/or Weights & Biases, when installed."""
     deterministic: bool = False
     """`torch.use_deterministic_algorithms(True)` for the run (bit-identical reruns and resumes)."""
     checkpoint_every: int = Field(0, ge=0)
