@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import randomize_
 
-from lmforge.model import decoder
+from lmforge.model import linear
 from lmforge.model.configs import preset
 from lmforge.model.hf import build_model
 
@@ -26,9 +26,9 @@ def test_emulated_bf16_matmuls_match_torch_bf16(monkeypatch, has_bf16_gemm):
     model = build_model(preset("tiny-llama"))
     randomize_(model)
     ids = torch.randint(0, 256, (2, 32))
-    monkeypatch.setattr(decoder, "CPU_HAS_BF16_GEMM", True)  # torch's own bf16 GEMMs: the reference
+    monkeypatch.setattr(linear, "CPU_HAS_BF16_GEMM", True)  # torch's own bf16 GEMMs: the reference
     ref_loss, ref_grads = loss_and_grads(model, ids)
-    monkeypatch.setattr(decoder, "CPU_HAS_BF16_GEMM", has_bf16_gemm)
+    monkeypatch.setattr(linear, "CPU_HAS_BF16_GEMM", has_bf16_gemm)
     loss, grads = loss_and_grads(model, ids)
     if has_bf16_gemm:
         assert loss == ref_loss  # the switch itself changes nothing
@@ -41,8 +41,8 @@ def test_emulated_bf16_matmuls_match_torch_bf16(monkeypatch, has_bf16_gemm):
 
 
 def test_linear_is_nn_linear_outside_cpu_bf16_autocast(monkeypatch):
-    monkeypatch.setattr(decoder, "CPU_HAS_BF16_GEMM", False)
-    layer = decoder.Linear(8, 4)
+    monkeypatch.setattr(linear, "CPU_HAS_BF16_GEMM", False)
+    layer = linear.Linear(8, 4)
     x = torch.randn(3, 8)
     assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))  # fp32: untouched
     with torch.autocast("cpu", dtype=torch.bfloat16):

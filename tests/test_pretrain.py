@@ -66,8 +66,25 @@ def test_pretrain_bad_input(tmp_path, dataset):
         "exceeds the model's max_position_embeddings": (f"data.dataset={dataset}", "train.seq_len=4096"),
         "not a prepared dataset": (f"data.dataset={tmp_path}",),
         "did you mean 'train.max_steps'": (f"data.dataset={dataset}", "train.max_step=3"),
+        # Shards of another tokenizer: 300 ids in the data, a model with 64.
+        "tokenised with a 300-id vocabulary but the model has 64 ids": (
+            f"data.dataset={dataset}",
+            TINY_MODEL.replace("}", ", vocab_size: 64}"),
+        ),
     }
     for message, overrides in cases.items():
         result = pretrain(tmp_path / "bad", *overrides)
         assert result.exit_code == 2, (message, result.output)
         assert message in result.stderr, result.stderr
+
+
+def test_pretrain_refuses_shards_of_another_tokenizer(tmp_path, dataset):
+    from lmforge.model.configs import preset
+    from lmforge.model.hf import build_model, save_model
+    from lmforge.tokenizer import train_tokenizer
+
+    model_dir = save_model(build_model(preset("tiny-llama", vocab_size=300)), tmp_path / "model")
+    train_tokenizer(["other words, another vocabulary entirely"] * 50, "bpe", 300, model_dir)
+    result = pretrain(tmp_path / "run", f"data.dataset={dataset}", f"model.init_from={model_dir}")
+    assert result.exit_code == 2, result.output
+    assert f"whose vocabulary differs from {model_dir}'s tokenizer" in " ".join(result.stderr.split())

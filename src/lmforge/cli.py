@@ -220,7 +220,9 @@ def add_stage_command(
             if status:
                 raise typer.Exit(status)
             return
-        emit(run(cfg, out), as_json)
+        result = run(cfg, out)
+        if main_rank:  # under torchrun every rank's stdout is the terminal: one result
+            emit(result, as_json)
 
     app.command(name, help=help, epilog=_epilog(config_cls))(command)
 

@@ -17,64 +17,12 @@ from torch import Tensor, nn
 
 from lmforge.model.configs import DecoderConfig
 from lmforge.model.init import empty_embedding, init_weights, tie_weights
+from lmforge.model.linear import Linear
 
 IGNORE_INDEX = -100
 """Target id that contributes no loss (prompt tokens, padding)."""
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-# Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX on x86, BF16 on Arm), as oneDNN reports it.
-# Without it, PyTorch's bf16 GEMM takes a reference path 5-70x slower than its fp32 GEMM on the same cores
-# (a 2-core AVX2 EPYC: docs/benchmarks.md, "Training step (CPU)").
-CPU_HAS_BF16_GEMM: bool = (
-    torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict keys) whose bf16 autocast matmuls on a CPU without bf16 GEMM
-    run as fp32 GEMMs of the bf16 operands, rounded to bf16 (`_Bf16AsFp32Linear`). Elsewhere (CUDA, fp32, bf16
-    CPUs) it is nn.Linear."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if CPU_HAS_BF16_GEMM or not (x.is_cpu and _cpu_bf16_autocast()):
-            return super().forward(x)
-        bf16 = torch.bfloat16
-        bias = None if self.bias is None else self.bias.to(bf16)
-        return _Bf16AsFp32Linear.apply(x.to(bf16), self.weight.to(bf16), bias)
-
-
-class _Bf16AsFp32Linear(torch.autograd.Function):
-    """F.linear of bf16 tensors computed as fp32 GEMMs, forward and backward, each result rounded to bf16.
-
-    That is what a bf16 GEMM computes: a product of two bf16 numbers is exact in fp32, and bf16 hardware
-    accumulates in fp32, so only the summation order differs. Autocast is off in both directions: traced by
-    torch.compile, the backward would otherwise inherit the forward's autocast and become bf16 GEMMs again.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x, weight)  # bf16 (..., K) and (N, K)
-        ctx.has_bias = bias is not None
-        with torch.autocast("cpu", enabled=False):
-            y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())  # (..., N)
-        return y.to(torch.bfloat16)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        x, weight = ctx.saved_tensors
-        with torch.autocast("cpu", enabled=False):
-            g = grad.float().flatten(0, -2)  # (M, N)
-            grad_x = (g @ weight.float()).view(x.shape)  # (..., K)
-            grad_w = g.T @ x.float().flatten(0, -2)  # (N, K)
-            grad_b = g.sum(0) if ctx.has_bias else None  # (N,)
-        bf16 = torch.bfloat16
-        return grad_x.to(bf16), grad_w.to(bf16), None if grad_b is None else grad_b.to(bf16)
-
-
-def _cpu_bf16_autocast() -> bool:
-    """Whether CPU autocast to bf16 is on (dynamo reads both flags while tracing: no graph break)."""
-    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 class RMSNorm(nn.Module):

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from lmforge.errors import LmforgeError
 from lmforge.model.configs import EncoderConfig
 from lmforge.model.init import empty_embedding, init_weights, tie_weights
+from lmforge.model.linear import Linear
 
 # The MLM decoder reads out with the input embedding matrix; its bias is the head's own `cls.predictions.bias`.
 MLM_TIES = {
@@ -66,9 +67,9 @@ class SelfAttention(nn.Module):
         C = config.hidden_size
         self.n_head = config.num_attention_heads
         self.dropout_p = config.attention_probs_dropout_prob
-        self.query = nn.Linear(C, C)
-        self.key = nn.Linear(C, C)
-        self.value = nn.Linear(C, C)
+        self.query = Linear(C, C)
+        self.key = Linear(C, C)
+        self.value = Linear(C, C)
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         B, T, C = x.shape
@@ -86,7 +87,7 @@ class AddNorm(nn.Module):
 
     def __init__(self, d_in: int, config: EncoderConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(d_in, config.hidden_size)
+        self.dense = Linear(d_in, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -103,7 +104,7 @@ class Layer(nn.Module):
         self.attention = nn.ModuleDict(
             {"self": SelfAttention(config), "output": AddNorm(config.hidden_size, config)}
         )
-        self.intermediate = nn.ModuleDict({"dense": nn.Linear(config.hidden_size, config.intermediate_size)})
+        self.intermediate = nn.ModuleDict({"dense": Linear(config.hidden_size, config.intermediate_size)})
         self.output = AddNorm(config.intermediate_size, config)
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
@@ -146,7 +147,7 @@ class BertModel(_BertBase):
         layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
         self.encoder = nn.ModuleDict({"layer": layers})  # HF's key path: encoder.layer.{i}
         # The [CLS] summary that NSP and classification read: tanh(dense(x[:, 0])).
-        self.pooler = nn.ModuleDict({"dense": nn.Linear(C, C)}) if add_pooling_layer else None
+        self.pooler = nn.ModuleDict({"dense": Linear(C, C)}) if add_pooling_layer else None
 
     def forward(
         self,
@@ -181,9 +182,9 @@ class LMPredictionHead(nn.Module):
         C = config.hidden_size
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))  # `decoder.bias` is this Parameter once tied
         self.transform = nn.ModuleDict(
-            {"dense": nn.Linear(C, C), "LayerNorm": nn.LayerNorm(C, eps=config.layer_norm_eps)}
+            {"dense": Linear(C, C), "LayerNorm": nn.LayerNorm(C, eps=config.layer_norm_eps)}
         )
-        self.decoder = nn.Linear(C, config.vocab_size)
+        self.decoder = Linear(C, config.vocab_size)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.transform.LayerNorm(F.gelu(self.transform.dense(x)))  # (B, T, C)
@@ -200,7 +201,7 @@ class BertForPreTraining(_BertBase):
         self.config = config
         self.bert = BertModel(config)
         self.cls = nn.ModuleDict(
-            {"predictions": LMPredictionHead(config), "seq_relationship": nn.Linear(config.hidden_size, 2)}
+            {"predictions": LMPredictionHead(config), "seq_relationship": Linear(config.hidden_size, 2)}
         )
         self.tie_weights()
 
@@ -249,7 +250,7 @@ class BertForSequenceClassification(_BertBase):
         self.bert = BertModel(config)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(p)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = Linear(config.hidden_size, config.num_labels)
 
     def forward(
         self,

@@ -55,10 +55,10 @@ from lmforge.train.optim import build_optimizer
 from lmforge.train.reporting import (
     ProgressBar,
     flops_per_token,
-    matmul_peak,
     open_sinks,
     peak_memory,
     plot_loss_curve,
+    step_peak,
     with_mfu,
 )
 
@@ -154,8 +154,10 @@ def _build_model(cfg: PretrainConfig, tok: dict[str, Any]) -> tuple[torch.nn.Mod
     )
 
 
-def _check(cfg: PretrainConfig, model: torch.nn.Module, parent: str, tok: dict[str, Any], data: Path) -> None:
-    """Refuse a model that cannot train on this data with this objective, naming what to change."""
+def _check(
+    cfg: PretrainConfig, model: torch.nn.Module, parent: str, tokenizer: Tokenizer, data: Path
+) -> None:
+    """Refuse a model that cannot train on this data (tokenised by `tokenizer`) with this objective."""
     config = model.config
     decoder = isinstance(config, DecoderConfig)
     if decoder != (cfg.objective == "clm"):
@@ -164,9 +166,17 @@ def _check(cfg: PretrainConfig, model: torch.nn.Module, parent: str, tok: dict[s
         raise LmforgeError(
             f"pretrain objective {cfg.objective!r} needs {need}; {parent} is a {config.model_type} model"
         )
-    if config.vocab_size < tok["vocab_size"]:
+    init_from = cfg.model.init_from
+    if init_from is not None and (Path(init_from) / "tokenizer.json").is_file():
+        model_vocab = Tokenizer.from_dir(init_from).backend.get_vocab()
+        if model_vocab != tokenizer.backend.get_vocab():
+            raise LmforgeError(
+                f"{data} was tokenised with {tokenizer.path}, whose vocabulary differs from {init_from}'s "
+                f"tokenizer: prepare the data with --tokenizer {init_from}"
+            )
+    if config.vocab_size < tokenizer.vocab_size:
         raise LmforgeError(
-            f"{data} was tokenised with a {tok['vocab_size']}-id vocabulary but the model has "
+            f"{data} was tokenised with a {tokenizer.vocab_size}-id vocabulary but the model has "
             f"{config.vocab_size} ids: prepare the data with the model's tokenizer"
         )
     if cfg.train.seq_len > config.max_position_embeddings:
@@ -233,7 +243,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, sources: dict[str, Path], dist: Di
     tokenizer = Tokenizer.from_dir(tok["path"])
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model, parent = _build_model(cfg, tok)
-    _check(cfg, model, parent, tok, first.path)
+    _check(cfg, model, parent, tokenizer, first.path)
     config = model.config
     decoder = isinstance(config, DecoderConfig)
     n_params = sum(p.numel() for p in model.parameters())
@@ -292,7 +302,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, sources: dict[str, Path], dist: Di
     if cfg.sample_every and is_sharded(model) and dist.is_main:
         log.warning("sample_every: no mid-run samples under FSDP (the final sample is still taken)")
     flops = flops_per_token(config, cfg.train.seq_len)
-    peak = matmul_peak(dist.device, torch.bfloat16 if bf16 else torch.float32) if dist.is_main else 0.0
+    peak = step_peak(dist.device, bf16) if dist.is_main else 0.0
     with ExitStack() as stack:
         bar = sinks = None
         if dist.is_main:

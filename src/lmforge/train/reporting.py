@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lmforge.errors import LmforgeError
 from lmforge.fileio import replace_atomically
 from lmforge.model.configs import DecoderConfig, ModelConfig
+from lmforge.model.linear import CPU_HAS_BF16_GEMM
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,17 @@ def matmul_peak(device: torch.device | str, dtype: torch.dtype, seconds: float =
         _PEAKS[key] = best
         log.info("matmul peak on %s (%s): %.3g FLOP/s", device, dtype, best)
     return _PEAKS[key]
+
+
+def step_peak(device: torch.device | str, bf16: bool) -> float:
+    """The MFU denominator of a training step: the matmul peak of the dtype its GEMMs actually run in.
+
+    bf16 autocast runs bf16 GEMMs on CUDA and on CPUs with bf16 instructions; on other CPUs lmforge's
+    `Linear` runs them as fp32 GEMMs (`model/linear.py`), so the fp32 peak is the honest ceiling there.
+    """
+    device = torch.device(device)
+    gemm_bf16 = bf16 and (device.type != "cpu" or CPU_HAS_BF16_GEMM)
+    return matmul_peak(device, torch.bfloat16 if gemm_bf16 else torch.float32)
 
 
 def peak_memory(device: torch.device | str) -> int:
