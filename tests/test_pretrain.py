@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -39,8 +40,9 @@ def test_pretrain_learns_and_writes_a_hf_dir(tmp_path, dataset):
         "train.eval_every=10",
     )
     result = pretrain(
-        tmp_path / "run", *common, "train.max_steps=40", "optim.lr=1e-2", "optim.warmup_steps=2"
-    )
+        tmp_path / "run", *common, "train.max_steps=40", "optim.lr=1e-2", "optim.warmup_steps=2",
+        "train.report_to=[tensorboard]", "sample_every=20",
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     res = json.loads(result.stdout)
     assert res["val_loss"] < 0.5 * res["unigram_baseline"]  # a repetitive corpus: far below unigram entropy
@@ -51,6 +53,12 @@ def test_pretrain_learns_and_writes_a_hf_dir(tmp_path, dataset):
     assert lineage["parent"] == "preset:llama-14m" and lineage["seed"] == 0
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == list(range(40))
+    assert all(0 < r["mfu"] < 1 and r["peak_memory"] > 0 for r in lines if "loss" in r)
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0, 20] and samples[1]["text"].startswith("Once upon a time")
+    if importlib.util.find_spec("tensorboard") is not None:
+        assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     transformers = pytest.importorskip("transformers")
     assert transformers.AutoModelForCausalLM.from_pretrained(model_dir).config.num_hidden_layers == 2
 
