@@ -336,6 +336,121 @@ def demo(
     console.print(f"seconds: {result['seconds']}")
 
 
+# ------------------------------------------------------------------------------------------ inference
+
+
+@app.command()
+@_reflow
+def generate(
+    model: Annotated[Path, typer.Argument(help="A Hugging Face decoder directory (with its tokenizer).")],
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable).", show_default=False)
+    ] = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Prompts, one per line; .jsonl: records with 'prompt' or 'messages'.", show_default=False
+        ),
+    ] = None,
+    system: Annotated[
+        str | None, typer.Option(help="A system prompt (implies --chat).", show_default=False)
+    ] = None,
+    chat: Annotated[bool, typer.Option(help="Render prompts with the model's chat template.")] = False,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Tokens to generate at most.", show_default=False)
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy.", show_default=False)] = None,
+    top_k: Annotated[
+        int | None, typer.Option(help="Keep the k most likely tokens (0 = off).", show_default=False)
+    ] = None,
+    top_p: Annotated[
+        float | None, typer.Option(help="Nucleus sampling mass in (0, 1].", show_default=False)
+    ] = None,
+    min_p: Annotated[
+        float | None, typer.Option(help="Drop tokens below min_p x the top probability.", show_default=False)
+    ] = None,
+    repetition_penalty: Annotated[
+        float | None, typer.Option(help="HF's repetition penalty (1 = off).", show_default=False)
+    ] = None,
+    frequency_penalty: Annotated[
+        float | None, typer.Option(help="OpenAI's frequency penalty in [-2, 2].", show_default=False)
+    ] = None,
+    presence_penalty: Annotated[
+        float | None, typer.Option(help="OpenAI's presence penalty in [-2, 2].", show_default=False)
+    ] = None,
+    no_repeat_ngram_size: Annotated[
+        int | None, typer.Option(help="Never repeat an n-gram of this size.", show_default=False)
+    ] = None,
+    stop: Annotated[
+        list[str] | None, typer.Option(help="Stop string (repeatable); not returned.", show_default=False)
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the sampling (same seed, same samples).", show_default=False)
+    ] = None,
+    n: Annotated[int | None, typer.Option("-n", help="Samples per prompt.", show_default=False)] = None,
+    logprobs: Annotated[
+        int | None, typer.Option(help="Top alternatives to report per token (--json).", show_default=False)
+    ] = None,
+    truncate: Annotated[
+        bool, typer.Option(help="Keep the end of a prompt too long for the context.")
+    ] = False,
+    device: Annotated[
+        str | None, typer.Option(help="cpu or cuda (default: cuda when available).", show_default=False)
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Generate text from a model: plain completion, or chat-templated with --chat / --system.
+
+    Sampling defaults come from the model's generation_config.json; flags override them. A single prompt
+    streams to the terminal; --json prints one document with each prompt's samples: text, token ids,
+    log-probs, finish reason, time to first token and tokens/s.
+    """
+    from lmforge.infer.engine import Engine, prompt_ids, read_prompts
+    from lmforge.infer.sampling import generation_config
+
+    given = {k: v for k, v in locals().items() if k in GENERATION_FLAGS and v is not None}
+    texts: list = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
+    if not texts:
+        raise LmforgeError("give --prompt TEXT or --prompts-file FILE")
+    engine = Engine.from_dir(model, device=device)
+    cfg = generation_config({**engine.defaults.model_dump(), **given})
+    room = engine.config.max_position_embeddings - cfg.max_new_tokens
+    if room < 1:
+        raise LmforgeError(
+            f"max_new_tokens: expected a value in [1, {engine.config.max_position_embeddings - 1}] (the model's "
+            f"context of {engine.config.max_position_embeddings} tokens less one prompt token), got {cfg.max_new_tokens}"
+        )
+    ids = [prompt_ids(engine, t, chat=chat, system=system, room=room, truncate=truncate) for t in texts]
+    if not as_json and len(ids) * cfg.n == 1:  # one sample: stream it
+        for delta in engine.stream(ids, cfg):
+            print(delta.text, end="", flush=True)
+        print()
+        return
+    completions = engine.generate(ids, cfg)
+    if as_json:
+        results = [
+            {"prompt": t, "prompt_tokens": len(i), "samples": []} for t, i in zip(texts, ids, strict=True)
+        ]
+        for c in completions:
+            results[c.prompt_index]["samples"].append({
+                "text": c.text, "token_ids": c.token_ids, "logprobs": c.logprobs,
+                "top_logprobs": c.top_logprobs if cfg.logprobs else None, "finish_reason": c.finish_reason,
+                "time_to_first_token": c.time_to_first_token, "tokens_per_s": c.tokens_per_s,
+            })  # fmt: skip
+        emit({"model": str(model), "config": cfg.model_dump(), "results": results}, as_json=True)
+        return
+    console = Console()
+    for c in completions:
+        console.rule(f"prompt {c.prompt_index}" + (f", sample {c.sample_index}" if cfg.n > 1 else ""))
+        console.print(escape(c.text), highlight=False)
+
+
+GENERATION_FLAGS = (
+    "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
+    "presence_penalty", "no_repeat_ngram_size", "stop", "seed", "n", "logprobs",
+)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------- stages
 
 

@@ -1,0 +1,267 @@
+"""The inference engine: prefill + KV-cached decoding of a batch of prompts, streamed as text deltas.
+
+One engine serves `generate`, `chat`, evaluation and (later) the server. A call takes token-id prompts and a
+`GenerationConfig`; each prompt is repeated `n` times, the batch is left-padded (positions restart after the
+padding, so each row computes exactly what it would alone), and the KV cache is allocated once for the whole
+call. Each step: logits of the last position → `process_logits` (the documented processor order) →
+`sample_next`; a row stops at an end-of-turn/EOS id, at a stop string (matched on the decoded text, so one
+may span tokens; it is cut from the output), or at `max_new_tokens`.
+
+Streaming never splits a character: a row's text is decoded from all its ids each step and only the part
+that ends in complete characters (no U+FFFD from a partial byte sequence) and cannot be the start of a stop
+string is released.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmforge.errors import LmforgeError
+from lmforge.infer.sampling import (
+    GenerationConfig,
+    process_logits,
+    sample_next,
+    sampling_generator,
+    token_logprobs,
+)
+from lmforge.model.decoder import KVCache
+from lmforge.model.hf import load_model
+from lmforge.tokenizer import Tokenizer
+
+REPLACEMENT = "\ufffd"  # what a decoder prints for an incomplete UTF-8 sequence
+
+
+@dataclass
+class Delta:
+    """A piece of one sample's text: `index` = prompt index x n + sample; `finish_reason` on its last delta."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass
+class Completion:
+    """One sample: its text, tokens, per-token log-probs (and top alternatives), finish reason and timing."""
+
+    prompt_index: int
+    sample_index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    time_to_first_token: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second after the first token (the decode rate)."""
+        decode = self.seconds - self.time_to_first_token
+        return (len(self.token_ids) - 1) / decode if len(self.token_ids) > 1 and decode > 0 else 0.0
+
+
+class _Row:
+    """Decoding state of one sample: its ids, the text released so far, and whether it has finished."""
+
+    def __init__(self, completion: Completion) -> None:
+        self.completion = completion
+        self.released = 0  # characters of the text already streamed
+
+    @property
+    def done(self) -> bool:
+        return self.completion.finish_reason is not None
+
+
+class Engine:
+    """A decoder and its tokenizer on one device; `generate` and `stream` run batches of prompts."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, *, defaults: GenerationConfig | None = None):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.config = model.config
+        self.defaults = defaults or GenerationConfig()
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_dir(
+        cls, path: str | Path, *, device: str | None = None, dtype: torch.dtype | None = None
+    ) -> Engine:
+        """Load a HF model directory with its tokenizer and its generation_config.json defaults."""
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(path, device=device, dtype=dtype)
+        if not hasattr(model, "lm_head"):
+            raise LmforgeError(f"{path}: a {type(model).__name__} cannot generate text (a decoder is needed)")
+        return cls(model, Tokenizer.from_dir(path), defaults=GenerationConfig.from_model_dir(path))
+
+    def encode(self, prompt: str) -> list[int]:
+        """A plain-text prompt's ids, with the tokenizer's BOS as in training data."""
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig | None = None
+    ) -> list[Completion]:
+        """Every sample of every prompt, in order (prompt 0's n samples first)."""
+        completions: list[Completion] = []
+        for item in self._run(prompts, cfg or self.defaults):
+            if isinstance(item, list):
+                completions = item
+        return completions
+
+    def stream(
+        self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig | None = None
+    ) -> Iterator[Delta]:
+        """Text deltas as they are decoded; each sample's last delta carries its finish reason."""
+        for item in self._run(prompts, cfg or self.defaults):
+            if isinstance(item, Delta):
+                yield item
+
+    # ----------------------------------------------------------------------------------------- decoding
+
+    @torch.no_grad()
+    def _run(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> Iterator[Delta | list]:
+        start = time.perf_counter()
+        if not prompts:
+            raise LmforgeError("no prompts to generate from")
+        rows_ids = [list(p) for p in prompts for _ in range(cfg.n)]
+        longest = max(len(p) for p in rows_ids)
+        if min(len(p) for p in rows_ids) == 0:
+            raise LmforgeError("a prompt is empty: give at least one token")
+        context = self.config.max_position_embeddings
+        if longest + cfg.max_new_tokens > context:
+            raise LmforgeError(
+                f"a prompt of {longest} tokens plus max_new_tokens={cfg.max_new_tokens} exceeds the model's "
+                f"context of {context} tokens: shorten the prompt or lower max_new_tokens"
+            )
+        B, P, N = len(rows_ids), longest, cfg.max_new_tokens
+        dev = self.device
+        # tokens (B, P + N): left-padded prompts, then the generated ids; valid marks real tokens.
+        tokens = torch.full((B, P + N), self.tokenizer.pad_id or 0, dtype=torch.long, device=dev)
+        valid = torch.zeros((B, P + N), dtype=torch.bool, device=dev)
+        for i, ids in enumerate(rows_ids):
+            tokens[i, P - len(ids) : P] = torch.tensor(ids, device=dev)
+            valid[i, P - len(ids) : P] = True
+        generated = torch.zeros_like(valid)
+        padded = not bool(valid[:, :P].all())
+        dtype = next(self.model.parameters()).dtype
+        cache = KVCache(self.config, B, P + N, dev, dtype)
+        generator = sampling_generator(cfg.seed, dev)
+        rows = [
+            _Row(Completion(i // cfg.n, i % cfg.n, prompt_tokens=len(ids))) for i, ids in enumerate(rows_ids)
+        ]
+        stop_ids = torch.tensor(sorted(i for i in self.tokenizer.eot_ids if i is not None), device=dev)
+        hold = max((len(s) for s in cfg.stop), default=1) - 1  # characters a stop string could still claim
+
+        logits = self.model(tokens[:, :P], attention_mask=valid[:, :P] if padded else None, cache=cache,
+                            last_only=True)[:, -1].float()  # (B, V)  # fmt: skip
+        for t in range(N):
+            pos = P + t
+            scores = process_logits(logits, tokens[:, :pos], valid[:, :pos], generated[:, :pos], cfg)
+            next_ids = sample_next(scores, cfg, generator)  # (B,)
+            chosen, top_logp, top_ids = token_logprobs(logits, next_ids, cfg.logprobs)  # raw log-probs
+            tokens[:, pos], valid[:, pos], generated[:, pos] = next_ids, True, True
+            now = time.perf_counter() - start
+            for i, row in enumerate(rows):
+                if row.done:
+                    continue
+                c = row.completion
+                if t == 0:
+                    c.time_to_first_token = now
+                token = int(next_ids[i])
+                if bool(torch.isin(next_ids[i], stop_ids)):
+                    c.finish_reason = "stop"
+                else:
+                    c.token_ids.append(token)
+                    c.logprobs.append(float(chosen[i]))
+                    if cfg.logprobs:
+                        c.top_logprobs.append(
+                            dict(zip(top_ids[i].tolist(), top_logp[i].tolist(), strict=True))
+                        )
+                    c.text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+                    hits = [c.text.find(s) for s in cfg.stop if s in c.text]  # earlier text had none
+                    if hits:
+                        c.text, c.finish_reason = c.text[: min(hits)], "stop"
+                    elif t == N - 1:
+                        c.finish_reason = "length"
+                c.seconds = now
+                if (delta := self._release(row, i, hold)) is not None:
+                    yield delta
+            if all(row.done for row in rows):
+                break
+            logits = self.model(next_ids[:, None], attention_mask=valid[:, : pos + 1] if padded else None,
+                                cache=cache, last_only=True)[:, -1].float()  # fmt: skip
+        yield [row.completion for row in rows]
+
+    def _release(self, row: _Row, index: int, hold: int) -> Delta | None:
+        """The text a row can stream now: all of it once finished, else up to a possibly partial character
+        or stop string."""
+        c = row.completion
+        end = len(c.text)
+        if not row.done:
+            end = max(row.released, end - hold)
+            while end > row.released and c.text[end - 1] == REPLACEMENT:
+                end -= 1  # an incomplete multi-byte character: wait for its last byte
+        if end == row.released and not row.done:
+            return None
+        delta = Delta(index, c.text[row.released : end], c.finish_reason)
+        row.released = end
+        return delta
+
+
+def read_prompts(path: Path) -> list[str | list[dict]]:
+    """Prompts from a file: one per line, or JSONL records with "prompt" (text) or "messages" (a chat)."""
+    import json
+
+    found: list[str | list[dict]] = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            found.append(line)
+            continue
+        try:
+            record = json.loads(line)
+            found.append(record["messages"] if "messages" in record else record["prompt"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise LmforgeError(
+                f"{path}:{number}: expected a JSON object with 'prompt' (text) or 'messages' (a chat)"
+            ) from None
+    if not found:
+        raise LmforgeError(f"{path}: no prompts in it")
+    return found
+
+
+def prompt_ids(
+    engine: Engine,
+    prompt: str | list[dict],
+    *,
+    chat: bool,
+    system: str | None,
+    room: int,
+    truncate: bool,
+) -> list[int]:
+    """A prompt's ids: plain text, or messages rendered by the chat template (as in training) with the
+    assistant turn opened; with `truncate`, only its last `room` tokens (else a longer prompt is an error)."""
+    from lmforge.chat import render_chat
+
+    if chat or system is not None or not isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if system is not None:
+            messages = [{"role": "system", "content": system}, *messages]
+        ids = render_chat(engine.tokenizer, messages, add_generation_prompt=True).ids
+    else:
+        ids = engine.encode(prompt)
+    if len(ids) > room:
+        if not truncate:
+            raise LmforgeError(
+                f"a prompt of {len(ids)} tokens leaves no room for max_new_tokens in the model's context "
+                f"({room} prompt tokens fit): shorten it, lower max_new_tokens, or pass --truncate"
+            )
+        ids = ids[-room:]
+    return list(ids)

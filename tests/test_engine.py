@@ -1,0 +1,174 @@
+"""The inference engine: greedy decoding equals `transformers.generate` for every decoder family, batches equal
+single prompts, the KV cache equals recomputation, stop strings and streaming behave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from helpers import randomize_  # noqa: E402
+
+from lmforge.errors import LmforgeError  # noqa: E402
+from lmforge.infer.engine import Engine  # noqa: E402
+from lmforge.infer.sampling import GenerationConfig  # noqa: E402
+from lmforge.model.hf import load_model  # noqa: E402
+from lmforge.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+
+VOCAB = 300
+SMALL = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=96, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+)  # fmt: skip
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "smollm-tied": ("LlamaConfig", {"tie_word_embeddings": True}),
+    "mistral-window": ("MistralConfig", {"sliding_window": 5}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": 32, "attention_bias": True}),
+}
+TEXTS = ["the cat sat on the mat", "a dog ran in the park", "héllo wörld ☃ snow", "numbers 123 456"] * 20
+GREEDY = GenerationConfig(temperature=0, max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return train_tokenizer(TEXTS, "bpe", VOCAB, tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def model_dir(request, tmp_path_factory, tokenizer_dir):
+    """A seeded random HF model of the family with the test tokenizer, saved with `save_pretrained`."""
+    config_cls, extra = FAMILIES[request.param]
+    config = getattr(transformers, config_cls)(**SMALL, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    randomize_(model)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    for f in tokenizer_dir.iterdir():
+        (path / f.name).write_bytes(f.read_bytes())
+    return path
+
+
+def prompts(engine: Engine) -> list[list[int]]:
+    return [engine.encode(t) for t in ("the cat sat", "a dog ran in the park and", "héllo")]
+
+
+def hf_greedy(path, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy `generate` on a left-padded batch: the new ids of each row, cut at EOS."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompt_ids])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
+    out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                      eos_token_id=[3, 5], pad_token_id=0)  # fmt: skip
+    rows = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in (3, 5)), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+def test_greedy_equals_transformers_generate(model_dir):
+    engine = Engine.from_dir(model_dir, device="cpu")
+    batch = prompts(engine)
+    expected = hf_greedy(model_dir, batch, GREEDY.max_new_tokens)
+    assert [c.token_ids for c in engine.generate(batch, GREEDY)] == expected  # a left-padded batch
+    for p, want in zip(batch, expected, strict=True):  # and each prompt alone
+        (alone,) = engine.generate([p], GREEDY)
+        assert alone.token_ids == want
+
+
+def test_kv_cache_equals_recomputing_the_sequence(model_dir):
+    engine = Engine.from_dir(model_dir, device="cpu")
+    (c,) = engine.generate([prompts(engine)[1]], GREEDY)
+    ids = prompts(engine)[1]
+    model = load_model(model_dir)
+    for token in c.token_ids:  # no cache: the whole sequence every step
+        logits = model(torch.tensor([ids]))[0, -1]
+        assert int(logits.argmax()) == token
+        ids = [*ids, token]
+
+
+def test_stream_concatenates_to_the_text_and_never_splits_characters(model_dir):
+    engine = Engine.from_dir(model_dir, device="cpu")
+    batch = prompts(engine)
+    cfg = GenerationConfig(temperature=1.0, seed=3, max_new_tokens=40, n=2)
+    full = engine.generate(batch, cfg)
+    pieces: dict[int, list[str]] = {}
+    reasons = {}
+    for d in engine.stream(batch, cfg):
+        pieces.setdefault(d.index, []).append(d.text)
+        if d.finish_reason:
+            reasons[d.index] = d.finish_reason
+    assert ["".join(pieces[i]) for i in range(len(full))] == [c.text for c in full]
+    assert [reasons[i] for i in range(len(full))] == [c.finish_reason for c in full]
+
+
+class Scripted(torch.nn.Module):
+    """A stand-in decoder that emits a fixed token sequence (greedy), to drive the streaming logic exactly."""
+
+    def __init__(self, config, script: list[int]):
+        super().__init__()
+        self.config, self.script, self.weight = config, script, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None, cache=None, last_only=True):
+        self.calls = 0 if cache.length == 0 else self.calls + 1  # the prefill, then one call per token
+        cache.length += input_ids.shape[1]
+        logits = torch.full((input_ids.shape[0], 1, self.config.vocab_size), -1e9)
+        logits[..., self.script[min(self.calls, len(self.script) - 1)]] = 0.0
+        return logits
+
+
+def test_stream_holds_back_partial_characters_and_stop_prefixes(tokenizer_dir):
+    from lmforge.model.configs import preset
+
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    text = "ok ü☃ then END more"
+    script = [*tok.encode(text), tok.eos_id]
+    assert len(tok.encode("☃")) > 1  # the character arrives over several steps
+    engine = Engine(Scripted(preset("tiny-llama", vocab_size=VOCAB), script), tok)
+    deltas = list(engine.stream([[5]], GenerationConfig(temperature=0, max_new_tokens=40, stop=["END"])))
+    assert "".join(d.text for d in deltas) == "ok ü☃ then "  # cut before the stop string
+    assert all("\ufffd" not in d.text for d in deltas)  # never half a character
+    assert deltas[-1].finish_reason == "stop"
+    (whole,) = engine.generate([[5]], GenerationConfig(temperature=0, max_new_tokens=40))
+    assert whole.text == text and whole.finish_reason == "stop"  # stopped by EOS, not included
+
+
+def test_same_seed_same_samples(model_dir):
+    engine = Engine.from_dir(model_dir, device="cpu")
+    batch = prompts(engine)
+    cfg = GenerationConfig(temperature=1.0, top_p=0.9, seed=7, max_new_tokens=16, n=2)
+    a, b = engine.generate(batch, cfg), engine.generate(batch, cfg)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    other = engine.generate(batch, cfg.model_copy(update={"seed": 8}))
+    assert [c.token_ids for c in a] != [c.token_ids for c in other]
+    assert len(a) == 6 and [(c.prompt_index, c.sample_index) for c in a[:2]] == [(0, 0), (0, 1)]
+
+
+def test_stop_strings_that_span_tokens(tokenizer_dir, model_dir):
+    engine = Engine.from_dir(model_dir, device="cpu")
+    p = prompts(engine)[0]
+    (free,) = engine.generate([p], GREEDY)
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    # A stop string made of the end of one generated token and the start of the next.
+    pieces = [tok.decode([t]) for t in free.token_ids]
+    k = next(i for i in range(1, len(pieces)) if pieces[i - 1] and pieces[i])
+    stop = pieces[k - 1][-1] + pieces[k][0]
+    start = free.text.find(stop)
+    (cut,) = engine.generate([p], GREEDY.model_copy(update={"stop": [stop]}))
+    assert cut.finish_reason == "stop" and cut.text == free.text[:start]
+    streamed = "".join(d.text for d in engine.stream([p], GREEDY.model_copy(update={"stop": [stop]})))
+    assert streamed == cut.text
+
+
+def test_length_and_context_limits(model_dir):
+    engine = Engine.from_dir(model_dir, device="cpu")
+    (c,) = engine.generate([prompts(engine)[0]], GenerationConfig(temperature=0, max_new_tokens=3))
+    assert c.finish_reason in ("length", "stop") and len(c.token_ids) <= 3
+    assert len(c.logprobs) == len(c.token_ids) and all(lp <= 0 for lp in c.logprobs)
+    with pytest.raises(LmforgeError, match="exceeds the model's context of 96 tokens"):
+        engine.generate([[5] * 90], GenerationConfig(max_new_tokens=10))

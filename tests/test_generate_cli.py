@@ -1,0 +1,82 @@
+"""`lmforge generate`: plain and chat prompts, --json records, bad input named with its allowed range."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lmforge.cli import app
+from lmforge.model.configs import preset
+from lmforge.model.hf import build_model, save_model
+from lmforge.tokenizer import train_tokenizer
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    train_tokenizer(["the cat sat on the mat", "a dog ran"] * 40, "bpe", 300, path)
+    torch.manual_seed(0)
+    save_model(build_model(preset("tiny-llama", vocab_size=300, eos_token_id=3, pad_token_id=0)), path)
+    return path
+
+
+def generate(*args: str):
+    return runner.invoke(app, ["generate", *args])
+
+
+def test_json_records_per_prompt(model_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "the cat"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    result = generate(str(model_dir), "--prompts-file", str(prompts), "--prompt", "a dog", "--json", "-n", "2",
+                      "--temperature", "0.8", "--seed", "1", "--max-new-tokens", "5", "--logprobs", "2")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [r["prompt"] for r in doc["results"]] == ["a dog", "the cat", [{"role": "user", "content": "hi"}]]
+    sample = doc["results"][0]["samples"][0]
+    assert len(doc["results"][0]["samples"]) == 2 and sample["finish_reason"] in ("stop", "length")
+    assert len(sample["token_ids"]) == len(sample["logprobs"]) == len(sample["top_logprobs"]) <= 5
+    assert all(len(top) == 2 for top in sample["top_logprobs"])
+    assert doc["config"]["temperature"] == 0.8 and sample["time_to_first_token"] > 0
+    again = json.loads(generate(str(model_dir), "--prompts-file", str(prompts), "--prompt", "a dog", "--json",
+                                "-n", "2", "--temperature", "0.8", "--seed", "1", "--max-new-tokens", "5",
+                                "--logprobs", "2").stdout)  # fmt: skip
+    assert [s["token_ids"] for r in again["results"] for s in r["samples"]] == [
+        s["token_ids"] for r in doc["results"] for s in r["samples"]
+    ]
+
+
+def test_chat_prompt_uses_the_template(model_dir):
+    plain = json.loads(generate(str(model_dir), "-p", "hi", "--json", "--max-new-tokens", "2").stdout)
+    chat = json.loads(generate(str(model_dir), "-p", "hi", "--system", "be brief", "--json",
+                               "--max-new-tokens", "2").stdout)  # fmt: skip
+    assert chat["results"][0]["prompt_tokens"] > plain["results"][0]["prompt_tokens"] + 4  # role headers
+
+
+def test_single_prompt_streams_text(model_dir):
+    result = generate(str(model_dir), "-p", "the cat", "--temperature", "0", "--max-new-tokens", "4")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith("\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--top-p", "0"], "top_p: expected a value in (0, 1], got 0"),
+        (["--temperature", "-1"], "temperature"),
+        (["-n", "0"], "n:"),
+        (["--max-new-tokens", "200"], "max_new_tokens: expected a value in [1, 127]"),
+        (["--max-new-tokens", "100", "-p", "the cat " * 20], "leaves no room for max_new_tokens"),
+        ([], "give --prompt TEXT or --prompts-file FILE"),
+        (["--bogus", "1"], "No such option: --bogus"),
+    ],
+)
+def test_bad_input_names_the_parameter(model_dir, args, message):
+    base = [] if args == [] else ["-p", "the cat"]
+    result = generate(str(model_dir), *base, *args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join((result.stderr + result.output).split())
