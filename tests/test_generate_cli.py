@@ -80,3 +80,34 @@ def test_bad_input_names_the_parameter(model_dir, args, message):
     result = generate(str(model_dir), *base, *args)
     assert result.exit_code == 2, result.output
     assert message in " ".join((result.stderr + result.output).split())
+
+
+def test_chat_transcript_from_scripted_stdin(model_dir):
+    script = "\n".join(["hello there", "/set temperature 0", "/set top_p 2", "/system be brief",
+                        "again", "/bogus", "/reset", "/exit", "never read"]) + "\n"  # fmt: skip
+    result = runner.invoke(
+        app, ["chat", str(model_dir), "--max-new-tokens", "4", "--seed", "0"], input=script
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("lmforge chat — commands: /reset")
+    assert lines[1].startswith("assistant> ")
+    assert lines[2] == "temperature = 0.0"
+    assert lines[3].startswith("error: top_p: expected a value in (0, 1], got 2")
+    assert lines[4] == "system prompt set; history cleared"
+    assert lines[5].startswith("assistant> ")
+    assert lines[6].startswith("error: unknown command /bogus")
+    assert lines[7] == "history cleared" and len(lines) == 8  # /exit: the last line is never read
+
+
+def test_chat_session_keeps_the_history_in_the_template(model_dir):
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import GenerationConfig
+    from lmforge.infer.session import ChatSession
+
+    session = ChatSession(Engine.from_dir(model_dir, device="cpu"), GenerationConfig(temperature=0, max_new_tokens=3),
+                          system="be brief")  # fmt: skip
+    first = "".join(session.reply("hi"))
+    "".join(session.reply("more"))
+    assert [m["role"] for m in session.messages()] == ["system", "user", "assistant", "user", "assistant"]
+    assert session.messages()[2]["content"] == first

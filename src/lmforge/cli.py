@@ -445,6 +445,41 @@ def generate(
         console.print(escape(c.text), highlight=False)
 
 
+@app.command()
+@_reflow
+def chat(
+    model: Annotated[Path, typer.Argument(help="A Hugging Face decoder directory with a chat template.")],
+    system: Annotated[str | None, typer.Option(help="The system prompt.", show_default=False)] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Tokens per answer at most.", show_default=False)
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy.", show_default=False)] = None,
+    top_p: Annotated[
+        float | None, typer.Option(help="Nucleus sampling mass in (0, 1].", show_default=False)
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the sampling.", show_default=False)] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu or cuda (default: cuda when available).", show_default=False)
+    ] = None,
+) -> None:
+    """Chat with a model in the terminal, streamed as it decodes.
+
+    The history goes through the model's chat template (the one training used). Type /reset to clear it,
+    /system TEXT to change the system prompt, /set temperature 0.7 (any sampling setting), /exit to leave.
+    """
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import generation_config
+    from lmforge.infer.session import ChatSession, run_chat
+
+    given = {k: v for k, v in locals().items() if k in GENERATION_FLAGS and v is not None}
+    engine = Engine.from_dir(model, device=device)
+    if engine.tokenizer.chat_template is None:
+        raise LmforgeError(
+            f"{model}: its tokenizer has no chat template; use `lmforge generate` for plain text"
+        )
+    run_chat(ChatSession(engine, generation_config({**engine.defaults.model_dump(), **given}), system))
+
+
 GENERATION_FLAGS = (
     "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
     "presence_penalty", "no_repeat_ngram_size", "stop", "seed", "n", "logprobs",

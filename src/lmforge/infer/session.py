@@ -1,0 +1,103 @@
+"""`lmforge chat`: an interactive conversation through the model's chat template, streamed as it decodes.
+
+The history is a list of messages rendered by the same `render_chat` as training data, so the model sees
+at inference exactly the format it was trained on. Commands: /reset, /system TEXT, /set NAME VALUE (any
+`GenerationConfig` field, validated), /exit. When the history no longer fits the context, the oldest turns
+are dropped (the system prompt is kept) and a note says so.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import TextIO
+
+import yaml
+
+from lmforge.chat import render_chat
+from lmforge.errors import LmforgeError
+from lmforge.infer.engine import Engine
+from lmforge.infer.sampling import GenerationConfig, generation_config
+
+HELP = "commands: /reset, /system TEXT, /set NAME VALUE (e.g. /set temperature 0.7), /exit"
+
+
+class ChatSession:
+    """One conversation: its messages, system prompt and sampling settings."""
+
+    def __init__(self, engine: Engine, cfg: GenerationConfig, system: str | None = None) -> None:
+        self.engine, self.cfg, self.system = engine, cfg, system
+        self.turns: list[dict[str, str]] = []
+
+    def messages(self) -> list[dict[str, str]]:
+        """The history as the chat template receives it."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.turns
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Stream the assistant's answer to `text`; the exchange joins the history once it is complete."""
+        self.turns.append({"role": "user", "content": text})
+        room = self.engine.config.max_position_embeddings - self.cfg.max_new_tokens
+        ids = render_chat(self.engine.tokenizer, self.messages(), add_generation_prompt=True).ids
+        while len(ids) > room and len(self.turns) > 1:
+            self.turns = self.turns[2:] if len(self.turns) > 2 else self.turns[1:]  # oldest exchange first
+            ids = render_chat(self.engine.tokenizer, self.messages(), add_generation_prompt=True).ids
+            yield "[older turns dropped to fit the context]\n"
+        if len(ids) > room:
+            self.turns.pop()
+            raise LmforgeError(f"the message needs {len(ids)} tokens; {room} fit with max_new_tokens")
+        answer = []
+        for delta in self.engine.stream([ids], self.cfg.model_copy(update={"n": 1})):
+            answer.append(delta.text)
+            yield delta.text
+        self.turns.append({"role": "assistant", "content": "".join(answer)})
+
+    def command(self, line: str) -> str:
+        """Run a /command; return what to print. Raises EOFError on /exit."""
+        name, _, arg = line[1:].strip().partition(" ")
+        if name in ("exit", "quit"):
+            raise EOFError
+        if name == "reset":
+            self.turns = []
+            return "history cleared"
+        if name == "system":
+            self.system, self.turns = arg.strip() or None, []
+            return f"system prompt {'set' if self.system else 'removed'}; history cleared"
+        if name == "set":
+            key, _, value = arg.strip().partition(" ")
+            if key not in GenerationConfig.model_fields:
+                raise LmforgeError(
+                    f"/set: unknown setting {key!r}; one of {', '.join(GenerationConfig.model_fields)}"
+                )
+            self.cfg = generation_config(
+                {**self.cfg.model_dump(), key: yaml.safe_load(value)}, origin="from /set"
+            )
+            return f"{key} = {getattr(self.cfg, key)!r}"
+        raise LmforgeError(f"unknown command /{name}; {HELP}")
+
+
+def run_chat(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+    """Read lines from `stdin` until EOF or /exit; answer each message, streaming to `stdout`."""
+    interactive = stdin.isatty()
+    print(f"lmforge chat — {HELP}", file=stdout)
+    while True:
+        if interactive:
+            print("you> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        try:
+            if line.startswith("/"):
+                print(session.command(line), file=stdout)
+                continue
+            print("assistant> ", end="", file=stdout, flush=True)
+            for piece in session.reply(line):
+                print(piece, end="", file=stdout, flush=True)
+            print(file=stdout)
+        except EOFError:
+            break
+        except LmforgeError as e:
+            print(f"error: {e}", file=stdout)
