@@ -17,10 +17,15 @@ def test_demo_end_to_end(tmp_path):
     model = result["inspect"]["llama-14m-world"]
     assert model["vocab_size"] == result["tokenizer"]["vocab_size"] and model["chat_template"] is True
     assert result["pretrain"]["steps"] == 4 and result["pretrain"]["sample"].startswith("Peregrine Oakley")
+    steering = result["steering"]
+    cold, hot = steering["temperature 0.3"], steering["temperature 1.2"]
+    assert len(cold["samples"]) == len(hot["samples"]) == 4
+    assert hot["distinct_bigrams"] >= cold["distinct_bigrams"]  # sampling hotter never narrows the output
     cosine = result["minilm_similarity"]["cosine"]
     assert cosine[0][1] > 0.4 > cosine[0][2]  # guitar ~ music, not interest rates
     again = run_demo(tmp_path / "demo", pretrain_steps=4)
     assert all(d["cache_hit"] for d in again["datasets"].values())
+    assert again["steering"] == steering  # seeded sampling
     assert {k: d["id"] for k, d in again["datasets"].items()} == {
         k: d["id"] for k, d in result["datasets"].items()
     }

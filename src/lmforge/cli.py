@@ -298,9 +298,10 @@ def demo(
     """Run the built-in demo end to end (no downloads).
 
     Today: synthesise the world, train its tokenizer, prepare its datasets (pretraining text, SFT chats,
-    medical Q&A, preference pairs), build a ~14M Llama for it, save it as a Hugging Face directory, reload
-    it bit-exactly, inspect it and the real all-MiniLM-L6-v2, and compare sentences with MiniLM embeddings
-    computed by lmforge's BERT. It grows with each lmforge stage.
+    medical Q&A, preference pairs), pretrain a ~4M Llama on the world's text, generate from it at two
+    temperatures (the same weights, steered only by sampling), build a ~14M Llama for the tokenizer, save it
+    as a Hugging Face directory, reload it bit-exactly, inspect it and the real all-MiniLM-L6-v2, and compare
+    sentences with MiniLM embeddings computed by lmforge's BERT. It grows with each lmforge stage.
     """
     from lmforge.pipeline import run_demo
 
@@ -322,10 +323,19 @@ def demo(
     console.print(table)
     console.rule("4. pretraining on the world (the one training loop)")
     emit(result["pretrain"], as_json=False)
+    steering = result["steering"]
+    console.rule(f"5. inference control: the same weights at two temperatures ({steering['prompt']!r})")
+    for name, info in steering.items():
+        if name != "prompt":
+            console.print(
+                f"{name}: {info['distinct_samples']}/4 distinct samples, distinct-2 {info['distinct_bigrams']}"
+            )
+            for text in info["samples"]:
+                console.print(f"  … {escape(text)}", highlight=False)
     for name, info in result["inspect"].items():
-        console.rule(f"5. lmforge inspect: {name}")
+        console.rule(f"6. lmforge inspect: {name}")
         emit(info, as_json=False)
-    console.rule("6. all-MiniLM-L6-v2 sentence similarity, computed by lmforge's BERT")
+    console.rule("7. all-MiniLM-L6-v2 sentence similarity, computed by lmforge's BERT")
     table = Table("", *[f"s{i}" for i in range(len(result["minilm_similarity"]["sentences"]))])
     for i, (sentence, row) in enumerate(zip(*result["minilm_similarity"].values(), strict=True)):
         table.add_row(f"s{i} {sentence}", *[f"{c:.2f}" for c in row])

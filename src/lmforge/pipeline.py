@@ -109,6 +109,8 @@ def run_demo(out: Path, seed: int = 0, pretrain_steps: int = 200) -> dict[str, A
     shutil.rmtree(out / "pretrain", ignore_errors=True)  # a demo rerun trains afresh (no stale run to refuse)
     pretrained = timed("pretrain", run_pretrain, pretrain_cfg, out / "pretrain")
 
+    steering = timed("generate", temperature_contrast, Path(pretrained["model_dir"]), seed)
+
     # A ~14M Llama sized for the world's tokenizer, saved as a HF dir with the tokenizer beside its weights.
     torch.manual_seed(seed)
     config = preset("llama-14m", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
@@ -142,10 +144,12 @@ def run_demo(out: Path, seed: int = 0, pretrain_steps: int = 200) -> dict[str, A
                 "val_loss",
                 "unigram_baseline",
                 "tokens_per_s",
+                "mfu",
                 "sample",
                 "model_dir",
             )
         },
+        "steering": steering,
         "model_dir": str(model_dir),
         "reload_bit_exact": exact,
         "inspect": {"llama-14m-world": inspect_model(model_dir), "all-MiniLM-L6-v2": inspect_model(minilm)},
@@ -155,3 +159,26 @@ def run_demo(out: Path, seed: int = 0, pretrain_steps: int = 200) -> dict[str, A
         },
         "seconds": timings,
     }
+
+
+STEERING_PROMPT = "Peregrine Oakley was born in"
+
+
+def temperature_contrast(model_dir: Path, seed: int, temperatures: tuple[float, ...] = (0.3, 1.2)) -> dict:
+    """Four samples of one prompt at each temperature, and how diverse they are (inference control: the
+    weights do not change, only the sampling)."""
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import GenerationConfig
+
+    engine = Engine.from_dir(model_dir, device="cpu")
+    ids = engine.encode(STEERING_PROMPT)
+    out = {"prompt": STEERING_PROMPT}
+    for t in temperatures:
+        samples = engine.generate([ids], GenerationConfig(temperature=t, n=4, seed=seed, max_new_tokens=20))
+        bigrams = [tuple(c.token_ids[i : i + 2]) for c in samples for i in range(len(c.token_ids) - 1)]
+        out[f"temperature {t}"] = {
+            "samples": [c.text.strip() for c in samples],
+            "distinct_samples": len({c.text for c in samples}),
+            "distinct_bigrams": round(len(set(bigrams)) / max(len(bigrams), 1), 3),  # distinct-2
+        }
+    return out
