@@ -172,3 +172,12 @@ def test_length_and_context_limits(model_dir):
     assert len(c.logprobs) == len(c.token_ids) and all(lp <= 0 for lp in c.logprobs)
     with pytest.raises(LmforgeError, match="exceeds the model's context of 96 tokens"):
         engine.generate([[5] * 90], GenerationConfig(max_new_tokens=10))
+
+
+def test_bf16_generation_runs_for_every_family(model_dir):
+    engine = Engine.from_dir(model_dir, device="cpu", dtype=torch.bfloat16)
+    assert next(engine.model.parameters()).dtype == torch.bfloat16
+    batch = prompts(engine)
+    out = engine.generate(batch, GenerationConfig(temperature=0.7, seed=0, max_new_tokens=8))
+    assert all(len(c.token_ids) <= 8 and all(lp <= 0 for lp in c.logprobs) for c in out)
+    assert all(c.finish_reason in ("stop", "length") for c in out)
