@@ -38,6 +38,7 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/parity.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/models.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/train_step.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/decode.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/prepare.py --repeat 5
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/governance.py
 

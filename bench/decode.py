@@ -1,0 +1,249 @@
+"""Decoding speed, lmforge's inference engine vs `transformers` `generate`, side by side on the same weights.
+
+  python bench/decode.py [--presets llama-14m llama-124m] [--new-tokens 256] [--batch 16]
+                         [--batch-new-tokens 64] [--repeats 3] [--threads N] [--profile]
+
+Greedy (temperature 0), fp32, CPU, inference_mode, the same thread count for both. Per preset:
+
+1. Batch 1, a 16-token prompt, `--new-tokens` new tokens: time to first token (TTFT), the decode rate (new
+   tokens after the first / time after the first) and end-to-end new tokens/s (wall time of the whole call).
+2. Batch `--batch`, prompts of 8..38 tokens (left-padded, with an attention mask in `transformers`),
+   `--batch-new-tokens` new tokens each: TTFT and aggregate new tokens/s (all rows' new tokens / wall time).
+
+`transformers` gets the default dynamic cache and SDPA attention, with EOS switched off; its per-token times
+come from a streamer. Both libraries must return every requested token, and their greedy ids are compared.
+Calls alternate between the libraries and each figure is the median over `--repeats` calls. `--profile`
+prints, for both batch sizes, the time inside vs outside the model's forward for each library, then
+torch.profiler's op table and cProfile's top functions for lmforge.
+Prints Markdown tables; docs/benchmarks.md records the numbers with this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from models import build_pair
+
+from lmforge.infer.engine import Engine
+from lmforge.infer.sampling import GenerationConfig
+from lmforge.tokenizer import Tokenizer, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT_TEXT = (
+    "The inference engine runs a prefill over the whole prompt, then decodes one token at a time from a "
+    "key-value cache that was allocated once for the whole batch. Each step takes the logits of the last "
+    "position, applies the processors in their documented order and picks the next token of every row."
+)
+
+
+@dataclass
+class Run:
+    """One `generate` call: the new ids of each row, and its timings in seconds from the call's start."""
+
+    ids: list[list[int]]
+    first: float  # time to the first new token
+    last: float  # time to the last new token
+    wall: float  # the whole call
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(r) for r in self.ids)
+
+    @property
+    def decode_rate(self) -> float:
+        """Tokens/s after the first token, per row (the batch-1 decode rate)."""
+        return (len(self.ids[0]) - 1) / (self.last - self.first)
+
+
+class StepClock(BaseStreamer):
+    """Records when `generate` emits its first and last new tokens (its first `put` is the prompt)."""
+
+    def __init__(self, start: float):
+        self.start, self.puts = start, []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(time.perf_counter() - self.start)
+
+    def end(self) -> None:
+        pass
+
+
+def make_tokenizer(out: Path) -> Tokenizer:
+    """A small byte-level BPE trained on the repo's docs: the engine needs its pad/EOT ids, encode, decode."""
+    texts = [line for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+             for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]  # fmt: skip
+    train_tokenizer(texts, "bpe", 2048, out)
+    return Tokenizer.from_dir(out)
+
+
+def run_lmforge(engine: Engine, prompts: list[list[int]], new: int) -> Run:
+    cfg = GenerationConfig(temperature=0, max_new_tokens=new)
+    t0 = time.perf_counter()
+    done = engine.generate(prompts, cfg)
+    wall = time.perf_counter() - t0
+    # Completion timings run from the engine's own start, a few microseconds after t0.
+    first = min(c.time_to_first_token for c in done)
+    last = max(c.seconds for c in done)
+    return Run([c.token_ids for c in done], first, last, wall)
+
+
+def run_hf(hf: torch.nn.Module, prompts: list[list[int]], new: int, pad_id: int) -> Run:
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts])  # left-padded (B, P)
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    t0 = time.perf_counter()
+    clock = StepClock(t0)
+    out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                      pad_token_id=pad_id, eos_token_id=None, streamer=clock)  # fmt: skip
+    wall = time.perf_counter() - t0
+    return Run(out[:, P:].tolist(), clock.puts[1], clock.puts[-1], wall)
+
+
+def compare(engine: Engine, hf: torch.nn.Module, prompts: list[list[int]], new: int, repeats: int):
+    """Alternate the two libraries `repeats` times (after a short warm-up); return each one's runs."""
+    pad = engine.tokenizer.pad_id or 0
+    run_lmforge(engine, prompts, 4), run_hf(hf, prompts, 4, pad)  # warm-up
+    runs: tuple[list[Run], list[Run]] = ([], [])
+    for r in range(repeats):
+        order = [(0, lambda: run_lmforge(engine, prompts, new)), (1, lambda: run_hf(hf, prompts, new, pad))]
+        for i, call in order[:: 1 if r % 2 == 0 else -1]:  # swap who goes first each round
+            runs[i].append(call())
+    return runs
+
+
+def check(name: str, ours: list[Run], theirs: list[Run], new: int) -> str:
+    """Both returned every token; say whether their greedy ids agree (and where they first differ)."""
+    for lib, runs in (("lmforge", ours), ("transformers", theirs)):
+        short = [len(r) for run in runs for r in run.ids if len(r) != new]
+        if short:
+            raise SystemExit(f"{name}: {lib} stopped early ({short} tokens instead of {new})")
+    a, b = ours[0].ids, theirs[0].ids
+    differing = [i for i in range(len(a)) if a[i] != b[i]]
+    if not differing:
+        return "identical"
+    first = min(next(j for j, (x, y) in enumerate(zip(a[i], b[i], strict=True)) if x != y) for i in differing)
+    return f"{len(differing)}/{len(a)} rows differ (first at new token {first})"
+
+
+def table_rows(name: str, what: str, runs: tuple[list[Run], list[Run]], new: int, decode: bool = False):
+    """Markdown rows (model, measure, lmforge, transformers, ratio > 1 favouring lmforge) of medians."""
+    measures = [("end-to-end tok/s", lambda r: r.new_tokens / r.wall, True),
+                ("TTFT ms", lambda r: r.first * 1000, False)]  # fmt: skip
+    if decode:
+        measures.insert(0, ("decode tok/s", lambda r: r.decode_rate, True))
+    print(f"{name} {what}: greedy ids {check(name, *runs, new)}; end-to-end tok/s per run "
+          f"{[[round(r.new_tokens / r.wall, 1) for r in lib] for lib in runs]}", file=sys.stderr)  # fmt: skip
+    for measure, value, higher_is_better in measures:
+        ours, theirs = (statistics.median(value(r) for r in lib) for lib in runs)
+        ratio = ours / theirs if higher_is_better else theirs / ours
+        yield f"| {name} | {what}: {measure} | {ours:,.1f} | {theirs:,.1f} | {ratio:.2f}x |"
+
+
+def bench_preset(name: str, tokenizer: Tokenizer, args: argparse.Namespace) -> list[str]:
+    """Markdown rows: (measure, lmforge, transformers, ratio) for batch 1 and the batch."""
+    ours, hf = build_pair(name)
+    ours.eval(), hf.eval()
+    engine = Engine(ours, tokenizer)
+    hf.generation_config.eos_token_id = None  # never stop early (the random model could emit any id)
+    ids = tokenizer.encode(PROMPT_TEXT)
+    single = [ids[:16]]
+    batch = [ids[i : i + 8 + 2 * i] for i in range(args.batch)]  # 8, 10, ..., 38 tokens
+    with torch.inference_mode():
+        single_runs = compare(engine, hf, single, args.new_tokens, args.repeats)
+        batch_runs = compare(engine, hf, batch, args.batch_new_tokens, args.repeats)
+    rows = [
+        *table_rows(name, f"batch 1, {args.new_tokens} new", single_runs, args.new_tokens, decode=True),
+        *table_rows(
+            name, f"batch {args.batch}, {args.batch_new_tokens} new", batch_runs, args.batch_new_tokens
+        ),
+    ]
+    if args.profile:
+        profile(engine, hf, name, single, args.new_tokens)
+        profile(engine, hf, name, batch, args.batch_new_tokens)
+    return rows
+
+
+def model_share(model: torch.nn.Module, call) -> tuple[float, float, int]:
+    """(seconds inside `model`'s forward, seconds of the whole call, forward calls) of one `call()`."""
+    inside, calls, started = 0.0, 0, []
+    pre = model.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
+
+    def post(*_):
+        nonlocal inside, calls
+        inside, calls = inside + time.perf_counter() - started.pop(), calls + 1
+
+    hook = model.register_forward_hook(post)
+    t0 = time.perf_counter()
+    call()
+    total = time.perf_counter() - t0
+    pre.remove(), hook.remove()
+    return inside, total, calls
+
+
+def profile(engine: Engine, hf: torch.nn.Module, name: str, prompts: list[list[int]], new: int) -> None:
+    """Where the time of a decode goes: inside vs outside the model's forward for both libraries, then
+    lmforge's torch ops and Python functions."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    pad = engine.tokenizer.pad_id or 0
+    with torch.inference_mode():
+        for lib, model, call in (
+            ("lmforge", engine.model, lambda: run_lmforge(engine, prompts, new)),
+            ("transformers", hf, lambda: run_hf(hf, prompts, new, pad)),
+        ):
+            inside, total, calls = model_share(model, call)
+            print(f"{name} batch {len(prompts)} x {new} new, {lib}: {total * 1e3:.0f} ms, of which "
+                  f"{inside * 1e3:.0f} ms in {calls} model forwards; outside them "
+                  f"{(total - inside) / new * 1e3:.2f} ms per step", file=sys.stderr)  # fmt: skip
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            run_lmforge(engine, prompts, new)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
+        stats = cProfile.Profile()
+        stats.runcall(run_lmforge, engine, prompts, new)
+    pstats.Stats(stats, stream=sys.stderr).sort_stats("tottime").print_stats(15)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--presets", nargs="+", default=["llama-14m", "llama-124m"])
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads, both")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    # The load average says whether other work shared the cores (it skews 2-thread runs most).
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{torch.get_num_threads()} threads, fp32 CPU, greedy, medians of {args.repeats}; "
+          f"load average at start {Path('/proc/loadavg').read_text().split()[0]}\n")  # fmt: skip
+    print("| model | measure | lmforge | transformers | lmforge vs transformers |")
+    print("|---|---|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = make_tokenizer(Path(tmp))
+        for name in args.presets:
+            for line in bench_preset(name, tokenizer, args):
+                print(line, flush=True)
+    print(f"\nload average at end {Path('/proc/loadavg').read_text().split()[0]}")
+
+
+if __name__ == "__main__":
+    main()
