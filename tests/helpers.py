@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -19,3 +21,15 @@ TINY_MODEL = (
     "model.overrides={hidden_size: 64, intermediate_size: 192, num_hidden_layers: 2, num_attention_heads: 4}"
 )
 """A `--set` override that makes the pretrain preset a ~0.1M-parameter Llama for fast tests."""
+
+
+def save_random_hf_decoder(config_cls: str, config: dict, path: Path) -> Path:
+    """A seeded random `transformers` decoder (eager attention, `randomize_`d) saved with `save_pretrained`."""
+    import transformers
+
+    hf_config = getattr(transformers, config_cls)(**config)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
+    randomize_(model)
+    model.save_pretrained(path)
+    return path

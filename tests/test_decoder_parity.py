@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import randomize_  # noqa: E402
+from helpers import randomize_, save_random_hf_decoder  # noqa: E402
 
 from lmforge.model.decoder import IGNORE_INDEX, KVCache, positions_from_mask  # noqa: E402
 from lmforge.model.hf import build_model, load_model, read_config, save_model  # noqa: E402
@@ -43,13 +43,7 @@ TOL = 1e-4
 def hf_dir(request, tmp_path_factory):
     """A seeded random HF model of the family, saved with `save_pretrained`."""
     config_cls, extra = FAMILIES[request.param]
-    config = getattr(transformers, config_cls)(**SMALL, **extra)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    randomize_(model)
-    path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    return path
+    return save_random_hf_decoder(config_cls, {**SMALL, **extra}, tmp_path_factory.mktemp(request.param))
 
 
 def hf_model(path):

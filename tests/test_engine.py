@@ -8,7 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import randomize_  # noqa: E402
+from helpers import save_random_hf_decoder  # noqa: E402
 
 from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.infer.engine import Engine  # noqa: E402
@@ -41,12 +41,7 @@ def tokenizer_dir(tmp_path_factory):
 def model_dir(request, tmp_path_factory, tokenizer_dir):
     """A seeded random HF model of the family with the test tokenizer, saved with `save_pretrained`."""
     config_cls, extra = FAMILIES[request.param]
-    config = getattr(transformers, config_cls)(**SMALL, **extra)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    randomize_(model)
-    path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
+    path = save_random_hf_decoder(config_cls, {**SMALL, **extra}, tmp_path_factory.mktemp(request.param))
     for f in tokenizer_dir.iterdir():
         (path / f.name).write_bytes(f.read_bytes())
     return path
