@@ -7,7 +7,6 @@ traceback (`lmforge --debug ...` shows it).
 
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -197,10 +196,10 @@ def add_stage_command(
             bool, typer.Option("--json", help="Print the result as one JSON document.")
         ] = False,
     ) -> None:
-        from lmforge.train.distributed import launch, under_torchrun
+        from lmforge.train.distributed import is_main_process, launch, under_torchrun
 
         # Under torchrun only rank 0 checks, clears and writes the run directory (the ranks would race).
-        main_rank = os.environ.get("RANK", "0") == "0"
+        main_rank = is_main_process()
         out = _run_dir(out, resume, overwrite) if main_rank else (resume or out)
         sets = list(overrides or [])
         if resume is not None:
@@ -423,7 +422,7 @@ def generate(
     if not texts:
         raise LmforgeError("give --prompt TEXT or --prompts-file FILE")
     engine = Engine.from_dir(model, device=device)
-    cfg = generation_config({**engine.defaults.model_dump(), **given})
+    cfg = generation_config(given, model_dir=model)  # flags over the model's generation_config.json
     room = engine.config.max_position_embeddings - cfg.max_new_tokens
     if room < 1:
         raise LmforgeError(
@@ -487,7 +486,7 @@ def chat(
         raise LmforgeError(
             f"{model}: its tokenizer has no chat template; use `lmforge generate` for plain text"
         )
-    run_chat(ChatSession(engine, generation_config({**engine.defaults.model_dump(), **given}), system))
+    run_chat(ChatSession(engine, generation_config(given, model_dir=model), system))
 
 
 GENERATION_FLAGS = (

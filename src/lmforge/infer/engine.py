@@ -155,7 +155,7 @@ class Engine:
         rows = [
             _Row(Completion(i // cfg.n, i % cfg.n, prompt_tokens=len(ids))) for i, ids in enumerate(rows_ids)
         ]
-        stop_ids = torch.tensor(sorted(i for i in self.tokenizer.eot_ids if i is not None), device=dev)
+        stop_ids = {i for i in self.tokenizer.eot_ids if i is not None}
         hold = max((len(s) for s in cfg.stop), default=1) - 1  # characters a stop string could still claim
 
         logits = self.model(tokens[:, :P], attention_mask=valid[:, :P] if padded else None, cache=cache,
@@ -167,22 +167,22 @@ class Engine:
             chosen, top_logp, top_ids = token_logprobs(logits, next_ids, cfg.logprobs)  # raw log-probs
             tokens[:, pos], valid[:, pos], generated[:, pos] = next_ids, True, True
             now = time.perf_counter() - start
+            # One device-to-host copy per step, not one per row and value.
+            step_ids, step_logp = next_ids.tolist(), chosen.tolist()
+            step_top = list(zip(top_ids.tolist(), top_logp.tolist(), strict=True)) if cfg.logprobs else None
             for i, row in enumerate(rows):
                 if row.done:
                     continue
                 c = row.completion
                 if t == 0:
                     c.time_to_first_token = now
-                token = int(next_ids[i])
-                if bool(torch.isin(next_ids[i], stop_ids)):
+                if step_ids[i] in stop_ids:
                     c.finish_reason = "stop"
                 else:
-                    c.token_ids.append(token)
-                    c.logprobs.append(float(chosen[i]))
-                    if cfg.logprobs:
-                        c.top_logprobs.append(
-                            dict(zip(top_ids[i].tolist(), top_logp[i].tolist(), strict=True))
-                        )
+                    c.token_ids.append(step_ids[i])
+                    c.logprobs.append(step_logp[i])
+                    if step_top is not None:
+                        c.top_logprobs.append(dict(zip(*step_top[i], strict=True)))
                     c.text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
                     hits = [c.text.find(s) for s in cfg.stop if s in c.text]  # earlier text had none
                     if hits:

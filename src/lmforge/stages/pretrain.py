@@ -95,6 +95,7 @@ class _Examples:
 
     def __init__(self, cfg: PretrainConfig, tokenizer: Tokenizer, rows: int) -> None:
         self.cfg, self.rows = cfg, rows  # rows: the global micro-batch (per-rank batch x world size)
+        self.vocab_size, self.train_counts = tokenizer.vocab_size, None
         self.objective = cfg.objective
         if self.objective == "clm":
             return
@@ -116,15 +117,18 @@ class _Examples:
         self.enders = [i for t in SENTENCE_ENDERS if (i := tokenizer.token_to_id(t)) is not None]
 
     def sampler(self, ds: PreparedDataset, split: str, seed: int) -> EpochSampler | None:
-        """Micro-batches of a split, or None when it has too little data for one."""
+        """Micro-batches of a split, or None when it has too little data for one. The first train split read
+        leaves its token ids' counts in `self.train_counts` (the baselines), so no split is read twice."""
         T = self.cfg.train.seq_len
         if self.objective in ("clm", "mlm"):
             ids, mask = _tokens(ds, split)
+            self._count(split, ids)
             examples = Windows(ids, T, mask) if self.objective == "clm" else MaskedWindows(
                 ids, T, self.cls, self.sep, self.spec)  # fmt: skip
             epochs = fixed(examples)
         else:  # nsp, mlm+nsp: sentence pairs drawn afresh every epoch
             docs = [split_sentences(d.ids, self.enders) for d in ds.documents(split)]
+            self._count(split, np.concatenate([s for d in docs for s in d] or [np.zeros(0, np.int64)]))
             if sum(1 for d in docs if d) < 2:
                 return None
             epochs = sentence_pairs(docs, max_len=T, cls_id=self.cls, sep_id=self.sep, pad_id=self.pad,
@@ -135,6 +139,10 @@ class _Examples:
             if split == "train":
                 raise
             return None
+
+    def _count(self, split: str, ids: np.ndarray) -> None:
+        if split == "train" and self.train_counts is None:
+            self.train_counts = np.bincount(ids, minlength=self.vocab_size)
 
 
 def _build_model(cfg: PretrainConfig, tok: dict[str, Any]) -> tuple[torch.nn.Module, str]:
@@ -186,10 +194,10 @@ def _check(
         )
 
 
-def _baselines(objective: str, ids: np.ndarray, vocab_size: int) -> dict[str, float]:
-    """What a model that ignores the context scores: unigram entropy (nats) and majority-token accuracy."""
-    counts = np.bincount(ids, minlength=vocab_size).astype(np.float64)
-    p = counts / max(counts.sum(), 1.0)
+def _baselines(objective: str, counts: np.ndarray) -> dict[str, float]:
+    """What a model that ignores the context scores, from the train tokens' counts: unigram entropy (nats)
+    and majority-token accuracy."""
+    p = counts / max(counts.sum(), 1)
     out = {"unigram_baseline": float(-(p * np.log(np.maximum(p, 1e-12))).sum())}
     if "mlm" in objective:
         out["mlm_accuracy_baseline"] = float(p.max())  # always guessing the most frequent token
@@ -351,7 +359,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, sources: dict[str, Path], dist: Di
         "train_loss": summary["loss"],
         "val_loss": math.nan,
         **summary["val"],
-        **_baselines(cfg.objective, _tokens(first, "train")[0], config.vocab_size),
+        **_baselines(cfg.objective, examples.train_counts),
         "tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s / dist.world_size * flops / peak,
         "peak_memory_mb": peak_memory(dist.device) / 2**20,

@@ -66,6 +66,11 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a process torchrun did not start (read from the env, before any init)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def init_distributed(device: str | None = None) -> Dist:
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1, else a single process.
 
