@@ -43,7 +43,10 @@ def topics(tmp_path_factory):
     src = root / "corpus.txt"
     src.write_text("\n\n".join(docs) + "\n")
     tok = train_tokenizer(docs, "wordpiece", 200, root / "tok")
-    prepare(PrepareConfig(inputs=[src], tokenizer=tok, num_proc=1, dedup="off"), root / "data")
+    # A fifth of the documents validate: ~150 sentence pairs, so NSP accuracy is not a coin flip of 30.
+    prepare(
+        PrepareConfig(inputs=[src], tokenizer=tok, num_proc=1, dedup="off", val_fraction=0.2), root / "data"
+    )
     return root
 
 
@@ -60,15 +63,18 @@ def test_mlm_nsp_pretraining_beats_chance(tmp_path, topics):
         f"data.dataset={topics / 'data'}",
         "train.seq_len=32",
         "train.micro_batch_size=16",
-        "train.max_steps=200",
-        "train.eval_every=100",
-        "optim.lr=1e-2",
+        "train.max_steps=300",
+        "train.eval_every=150",
+        # lr 1e-2 sat on the unigram plateau depending on the thread count (MLM 0.33 = the baseline):
+        # BERT's betas and a lower peak escape it with either thread count.
+        "optim.lr=5e-3",
+        "optim.betas=[0.9, 0.999]",
         "optim.warmup_steps=5",
     )
     assert result.exit_code == 0, result.output
     res = json.loads(result.stdout)
-    assert res["val_mlm_accuracy"] > res["mlm_accuracy_baseline"] + 0.1  # 0.50 vs 0.33 when written
-    assert res["val_nsp_accuracy"] > 0.6  # 0.72 when written; chance is 0.5
+    assert res["val_mlm_accuracy"] > res["mlm_accuracy_baseline"] + 0.1  # 0.54 vs 0.33 when written
+    assert res["val_nsp_accuracy"] > 0.6  # 0.66-0.70 (1-2 threads) when written; chance 0.5
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert config["architectures"] == ["BertForPreTraining"]
     transformers = pytest.importorskip("transformers")
