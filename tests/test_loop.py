@@ -51,7 +51,7 @@ def run(
 
 def test_grad_accumulation_matches_one_big_batch() -> None:
     # 8 windows whose target counts differ a lot per pair of rows: averaging per micro-batch would be wrong.
-    windows = window_sampler(token_stream(), 16, 8, seed=0).examples.windows
+    windows = window_sampler(token_stream(), 16, 8, seed=0).examples.rows
     batch = {k: v[:8].clone() for k, v in windows.items()}
     keep = [16, 16, 1, 2, 9, 16, 3, 12]  # targets per row
     for row, n in enumerate(keep):

@@ -1,4 +1,5 @@
-"""Batch builders for pretraining: CLM windows, BERT's MLM masking, NSP sentence pairs and their padding.
+"""Batch builders: CLM windows, SFT rows (packed with isolation, or one sample per row), BERT's MLM masking, NSP
+sentence pairs and their padding.
 
 Pure functions of their inputs and an explicit generator (`torch.Generator` or `numpy.random.Generator`),
 never the global RNG, so a seed and a data cursor reproduce every batch. Batches are `dict[str, Tensor]`
@@ -25,7 +26,7 @@ def clm_windows(tokens: np.ndarray, seq_len: int, mask: np.ndarray | None = None
     Window i reads tokens[i*T : i*T + T] and predicts tokens[i*T + 1 : i*T + T + 1], so every token but the
     first is a target once; the tail that cannot fill a window is dropped (N = (len - 1) // T). With a loss
     `mask` (1 = train on this token, e.g. assistant turns of chat data), a target whose token has mask 0 is
-    IGNORE_INDEX. Windows cross document boundaries: packing with isolation comes later.
+    IGNORE_INDEX. Windows cross document boundaries (pretraining); `sft_rows` keeps samples apart.
     """
     T = seq_len
     N = max(len(tokens) - 1, 0) // T
@@ -36,6 +37,48 @@ def clm_windows(tokens: np.ndarray, seq_len: int, mask: np.ndarray | None = None
         counted = torch.from_numpy(np.asarray(mask[1 : N * T + 1]) != 0).view(N, T)  # mask of each target
         targets[~counted] = IGNORE_INDEX
     return {"input_ids": inputs, "targets": targets}
+
+
+Sample = tuple[np.ndarray, np.ndarray | None]
+"""One SFT sample: token ids (n,) and its loss mask (n,) (1 = trained on; None = every token)."""
+
+
+def sft_rows(samples: Sequence[Sample], seq_len: int, pad_id: int, *, pack: bool) -> tuple[dict[str, Tensor], int]:
+    """SFT samples → rows {"input_ids", "targets", "segment_ids"} (N, seq_len) int64, and how many were cut.
+
+    A sample predicts its own next tokens only: target t is ids[t + 1] where mask[t + 1] is 1, and a sample's
+    last position has no target, so no loss ever reads across samples. `pack` fills each row with whole
+    samples in order (next fit), each with its own segment id (0, 1, ...): the model's attention never crosses
+    a segment and positions restart per segment, so a packed sample computes what it computes alone.
+    Without `pack` each sample gets a row. Padding has segment -1 and no target. A sample longer than
+    `seq_len` keeps its first `seq_len` tokens (counted in the second return value).
+    """
+    T, rows, current, used, cut = seq_len, [], [], 0, 0
+    for ids, mask in samples:
+        if len(ids) > T:
+            ids, mask, cut = ids[:T], None if mask is None else mask[:T], cut + 1
+        if current and (not pack or used + len(ids) > T):
+            rows.append(current)
+            current, used = [], 0
+        current.append((ids, mask))
+        used += len(ids)
+    if current:
+        rows.append(current)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.int64)
+    targets = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.int64)
+    segment_ids = torch.full((len(rows), T), -1, dtype=torch.int64)
+    for r, row in enumerate(rows):
+        start = 0
+        for seg, (ids, mask) in enumerate(row):
+            n, ids_t = len(ids), torch.from_numpy(np.asarray(ids, dtype=np.int64))
+            input_ids[r, start : start + n] = ids_t
+            segment_ids[r, start : start + n] = seg
+            target = ids_t[1:].clone()  # (n - 1,)
+            if mask is not None:
+                target[torch.from_numpy(np.asarray(mask[1:]) == 0)] = IGNORE_INDEX
+            targets[r, start : start + n - 1] = target
+            start += n
+    return {"input_ids": input_ids, "targets": targets, "segment_ids": segment_ids}, cut
 
 
 # ------------------------------------------------------------------------------------------------- MLM

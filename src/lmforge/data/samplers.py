@@ -1,4 +1,4 @@
-"""Resumable micro-batch streams for pretraining: CLM windows, MLM windows, NSP sentence pairs, and mixes.
+"""Resumable micro-batch streams: CLM windows, SFT rows, MLM windows, NSP sentence pairs, and mixes.
 
 Every stream is an `EpochSampler` over some `Examples`: epoch e visits the examples in the order of
 `numpy.random.default_rng([seed, e]).permutation(n)`, cut into full micro-batches (an epoch's last
@@ -103,19 +103,26 @@ def window_sampler(
 # ---------------------------------------------------------------------------------------------- examples
 
 
-class Windows:
+class Rows:
+    """Examples that are fixed rows of named (N, T) tensors; a batch is some of the rows (no randomness)."""
+
+    def __init__(self, rows: dict[str, torch.Tensor]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(next(iter(self.rows.values())))
+
+    def batch(self, rows: np.ndarray, generator: torch.Generator) -> Batch:
+        """The rows `rows` of every tensor."""
+        index = torch.from_numpy(rows)
+        return {k: v[index] for k, v in self.rows.items()}
+
+
+class Windows(Rows):
     """Next-token windows of a token stream (`clm_windows`): {"input_ids", "targets"} (B, seq_len)."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, mask: np.ndarray | None = None) -> None:
-        self.windows = clm_windows(tokens, seq_len, mask)
-
-    def __len__(self) -> int:
-        return len(self.windows["input_ids"])
-
-    def batch(self, rows: np.ndarray, generator: torch.Generator) -> Batch:
-        """Rows of the windows (no randomness)."""
-        index = torch.from_numpy(rows)
-        return {k: v[index] for k, v in self.windows.items()}
+        super().__init__(clm_windows(tokens, seq_len, mask))
 
 
 @dataclass(frozen=True)

@@ -75,14 +75,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def build_mask(
-    attention_mask: Tensor | None, past: int, T: int, window: int | None, device: torch.device
+    attention_mask: Tensor | None,
+    past: int,
+    T: int,
+    window: int | None,
+    device: torch.device,
+    segment_ids: Tensor | None = None,
 ) -> Tensor | None:
     """Boolean (B|1, 1, T, past + T) mask of the keys each query may see, or None for plain causal attention.
 
-    Query i sits at cache index past + i and sees key j when j <= past + i, j is not padding and, on sliding
-    layers, j > past + i - window. A query always sees itself, so padding rows never become all -inf (NaN).
+    Query i sits at cache index past + i and sees key j when j <= past + i, j is not padding, on sliding
+    layers j > past + i - window, and with `segment_ids` (B, T) of a packed row (no cache) j is in i's
+    sample. A query always sees itself, so padding rows never become all -inf (NaN).
     """
-    if attention_mask is None and window is None and (past == 0 or T == 1):
+    if attention_mask is None and segment_ids is None and window is None and (past == 0 or T == 1):
         return None  # SDPA's is_causal (prefill) or attend-to-everything (one-token decode)
     S = past + T
     q = torch.arange(past, S, device=device)[:, None]  # (T, 1)
@@ -93,7 +99,19 @@ def build_mask(
     allowed = allowed[None, None]  # (1, 1, T, S)
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, :S].bool()  # (B, 1, T, S)
+    if segment_ids is not None:  # packing: attention never crosses a sample boundary
+        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])  # (B, 1, T, T)
     return allowed | (k == q)
+
+
+def positions_from_segments(segment_ids: Tensor) -> Tensor:
+    """Position ids that restart at 0 where each packed sample starts: (B, T) from segment ids (B, T)."""
+    B, T = segment_ids.shape
+    index = torch.arange(T, device=segment_ids.device).expand(B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(-1).values  # (B, T) sample start
+    return index - first
 
 
 def positions_from_mask(attention_mask: Tensor, past: int, T: int) -> Tensor:
@@ -248,18 +266,28 @@ class DecoderModel(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
+        *,
+        segment_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
     ) -> Tensor:
-        B, T = input_ids.shape
+        """Hidden states (B, T, C) of `input_ids` (B, T), or of `inputs_embeds` (B, T, C) when given (prompt
+        tuning prepends learned vectors there). `segment_ids` (B, T) mark the samples of packed rows."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T, _ = x.shape
         past = cache.length if cache is not None else 0
-        x = self.embed_tokens(input_ids)  # (B, T, C)
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed samples) cannot be combined with a KV cache")
         if position_ids is None:
-            if attention_mask is not None:
+            if segment_ids is not None:
+                position_ids = positions_from_segments(segment_ids)
+            elif attention_mask is not None:
                 position_ids = positions_from_mask(attention_mask, past, T)
             else:
                 position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(self.inv_freq(x.device), position_ids, x.dtype)  # (B, T, hd)
         # One mask per distinct window (full and sliding layers), built once per forward.
-        masks = {w: build_mask(attention_mask, past, T, w, x.device) for w in {b.window for b in self.layers}}
+        windows = {b.window for b in self.layers}
+        masks = {w: build_mask(attention_mask, past, T, w, x.device, segment_ids) for w in windows}
         for block in self.layers:
             x = block(x, cos, sin, masks[block.window], cache)
         if cache is not None:
@@ -314,13 +342,16 @@ class CausalLM(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         reduction: str = "mean",
+        segment_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, T, V) — (B, 1, V) with `last_only` — or, given targets (B, T), the cross-entropy.
 
         `reduction="none"` gives per-token losses (B, T) (0 where the target is IGNORE_INDEX): the negative
         log-probs SFT, DPO, RL and evaluation all read. "sum" and "mean" reduce over the counted tokens.
         """
-        x = self.model(input_ids, attention_mask, position_ids, cache)  # (B, T, C)
+        x = self.model(input_ids, attention_mask, position_ids, cache, segment_ids=segment_ids,
+                       inputs_embeds=inputs_embeds)  # (B, T, C)  # fmt: skip
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x)
         logits = self.lm_head(x).float()  # (B, T, V), fp32 for a stable log-softmax

@@ -113,6 +113,7 @@ def _clm_losses(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         batch["targets"],
         attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
+        segment_ids=batch.get("segment_ids"),
         reduction="sum",
     )
     return {"clm": loss}
@@ -120,7 +121,7 @@ def _clm_losses(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
 
 clm = Objective(_clm_counts, _clm_losses)
 """Next-token prediction: `input_ids` (B, T), `targets` (B, T) (IGNORE_INDEX = no loss), optional
-`attention_mask`, `position_ids`; one term "clm" over the target tokens."""
+`attention_mask`, `position_ids`, `segment_ids` (packed samples); one term "clm" over the target tokens."""
 
 # Which batch key holds each encoder term's labels: masked positions (B, T), sentence-pair labels (B,).
 ENCODER_LABELS = {"mlm": "labels", "nsp": "next_sentence_label"}
