@@ -43,7 +43,9 @@ Sample = tuple[np.ndarray, np.ndarray | None]
 """One SFT sample: token ids (n,) and its loss mask (n,) (1 = trained on; None = every token)."""
 
 
-def sft_rows(samples: Sequence[Sample], seq_len: int, pad_id: int, *, pack: bool) -> tuple[dict[str, Tensor], int]:
+def sft_rows(
+    samples: Sequence[Sample], seq_len: int, pad_id: int, *, pack: bool
+) -> tuple[dict[str, Tensor], int]:
     """SFT samples → rows {"input_ids", "targets", "segment_ids"} (N, seq_len) int64, and how many were cut.
 
     A sample predicts its own next tokens only: target t is ids[t + 1] where mask[t + 1] is 1, and a sample's

@@ -73,3 +73,95 @@ class PretrainConfig(StageConfig):
     """Decoders: prompt of the greedy text samples (null: none)."""
     sample_every: int = Field(0, ge=0)
     """Decoders: log a greedy sample every this many steps (0: only after training)."""
+
+
+# ------------------------------------------------------------------------------------------- fine-tuning
+
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                        "query", "key", "value", r"attention\.output\.dense", r"intermediate\.dense",
+                        r"output\.dense"]  # fmt: skip
+
+
+class LoraSection(Section):
+    """LoRA: W x + (alpha / r) B A x on the chosen Linear layers, B zero at the start (PEFT's layout and keys)."""
+
+    r: int = Field(8, ge=1)
+    """Rank of the update B A."""
+    alpha: float = Field(16.0, gt=0)
+    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA branch's input during training."""
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    """Regular expressions; a Linear is adapted when one matches the end of its qualified name
+    (default: the attention and MLP projections of the decoders and BERT)."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    dora: bool = False
+    """DoRA: also learn each output row's magnitude of the updated weight."""
+
+
+class BottleneckSection(Section):
+    """Houlsby bottleneck adapters after each block's attention and MLP: x + up(act(down(x))), up zero at start."""
+
+    size: int = Field(32, ge=1)
+    """Bottleneck width."""
+    activation: Literal["relu", "gelu", "silu"] = "gelu"
+    """Non-linearity between the down and up projections."""
+
+
+class PromptSection(Section):
+    """Prompt tuning: learned virtual-token embeddings prepended to every input (PEFT's PROMPT_TUNING)."""
+
+    num_virtual_tokens: int = Field(16, ge=1)
+    """Number of learned vectors."""
+    init_text: str | None = None
+    """Initialise the vectors from this text's token embeddings (repeated to length); null: random tokens'."""
+
+
+class ForgettingSection(Section):
+    """Forgetting: perplexity on a reference set before and after fine-tuning."""
+
+    reference: Path | None = None
+    """Prepared dataset whose validation split is the reference; default: the base model's pretraining data
+    (found through its lmforge.json lineage)."""
+    batches: int = Field(8, ge=1)
+    """Reference batches (of train.micro_batch_size x train.seq_len tokens) to evaluate."""
+    max_increase_pct: float | None = Field(None, ge=0)
+    """Fail the run when the reference perplexity rises by more than this many per cent (--max-forgetting)."""
+
+
+class FinetuneData(Section):
+    """The prepared fine-tuning data (`lmforge data prepare` of chat, instruction, classification or text data)."""
+
+    dataset: Path | None = None
+    """Prepared dataset directory; its train split trains, its val split validates."""
+    packing: bool = True
+    """Pack several samples into each row (attention isolated per sample; positions restart per sample)."""
+
+
+class FinetuneConfig(StageConfig):
+    """`lmforge finetune`: a base model + prepared data + a method → a fine-tuned model or an adapter."""
+
+    init_from_key: ClassVar[str | None] = "model"
+
+    kind: Literal["instruction", "chat", "task", "domain"] = "chat"
+    """instruction / chat: loss on the assistant replies (and their end-of-turn); task: classification data
+    trains a classification head (other task data is instruction data); domain: every token of domain text."""
+    method: Literal["full", "lora", "adapter", "prompt"] = "lora"
+    """full: every weight; lora; adapter (bottleneck); prompt (prompt tuning)."""
+    model: Path | None = None
+    """The base model: a HF directory (e.g. a `pretrain` run's model/)."""
+    data: FinetuneData = Field(default_factory=FinetuneData)
+    """The data."""
+    lora: LoraSection = Field(default_factory=LoraSection)
+    """LoRA settings (method: lora)."""
+    adapter: BottleneckSection = Field(default_factory=BottleneckSection)
+    """Bottleneck adapter settings (method: adapter)."""
+    prompt: PromptSection = Field(default_factory=PromptSection)
+    """Prompt tuning settings (method: prompt)."""
+    forgetting: ForgettingSection = Field(default_factory=ForgettingSection)
+    """Forgetting measurement and gate."""
+    train: LoopSection = Field(default_factory=lambda: LoopSection(max_steps=100, seq_len=256, eval_every=50))
+    """The training loop."""
+    optim: OptimSection = Field(default_factory=lambda: OptimSection(lr=2e-4, warmup_steps=10))
+    """The optimiser and learning-rate schedule."""
