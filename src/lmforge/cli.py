@@ -12,7 +12,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from inspect import cleandoc
+from inspect import Parameter, cleandoc, signature
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -29,9 +29,9 @@ from typer.core import TyperGroup
 from lmforge import __version__
 from lmforge.config import StageConfig, config_help, load_config, save_config, validation_message
 from lmforge.data.prepare import PrepareConfig
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, RunFailed
 from lmforge.fileio import remove_tree
-from lmforge.stages.configs import PretrainConfig
+from lmforge.stages.configs import FinetuneConfig, PretrainConfig
 
 log = logging.getLogger(__name__)
 C = TypeVar("C", bound=StageConfig)
@@ -63,6 +63,9 @@ class _Group(TyperGroup):
             raise  # usage errors (exit 2), --help, --version: Typer handles them
         except (LmforgeError, ValidationError, FileNotFoundError) as e:
             _fail(e, 2, ctx.params.get("debug", False))
+        except RunFailed as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(1) from None
         except Exception as e:
             _fail(e, 1, ctx.params.get("debug", False))
 
@@ -151,9 +154,19 @@ def _format(value: Any) -> str:
 
 
 def add_stage_command(
-    app: typer.Typer, name: str, config_cls: type[C], run: Callable[[C, Path], dict], help: str
+    app: typer.Typer,
+    name: str,
+    config_cls: type[C],
+    run: Callable[[C, Path], dict],
+    help: str,
+    shortcuts: dict[str, tuple[str, type, str]] | None = None,
 ) -> None:
-    """Register `lmforge NAME [--config RECIPE] [--set KEY=VALUE]... --out DIR [--json]` calling `run(cfg, out)`."""
+    """Register `lmforge NAME [--config RECIPE] [--set KEY=VALUE]... --out DIR [--json]` calling `run(cfg, out)`.
+
+    `shortcuts` adds flags that set one config field each: {option name: (dotted key, type, help)}, e.g.
+    {"max_forgetting": ("forgetting.max_increase_pct", float, ...)} gives `--max-forgetting PCT`.
+    """
+    shortcuts = shortcuts or {}
 
     def command(
         config: Annotated[
@@ -195,13 +208,15 @@ def add_stage_command(
         as_json: Annotated[
             bool, typer.Option("--json", help="Print the result as one JSON document.")
         ] = False,
+        **flags: Any,
     ) -> None:
         from lmforge.train.distributed import is_main_process, launch, under_torchrun
 
         # Under torchrun only rank 0 checks, clears and writes the run directory (the ranks would race).
         main_rank = is_main_process()
         out = _run_dir(out, resume, overwrite) if main_rank else (resume or out)
-        sets = list(overrides or [])
+        # Shortcut flags first: an explicit --set of the same key still wins.
+        sets = [f"{shortcuts[k][0]}={v}" for k, v in flags.items() if v is not None] + list(overrides or [])
         if resume is not None:
             config = config or resume / "config.yaml"
             sets.append("train.resume=true")
@@ -223,6 +238,13 @@ def add_stage_command(
         if main_rank:  # under torchrun every rank's stdout is the terminal: one result
             emit(result, as_json)
 
+    base = signature(command)
+    params = [p for p in base.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    for option, (key, kind, text) in shortcuts.items():
+        flag = typer.Option(help=f"{text} (sets {key}).", show_default=False)
+        params.append(Parameter(option, Parameter.KEYWORD_ONLY, default=None,
+                                annotation=Annotated[kind | None, flag]))  # fmt: skip
+    command.__signature__ = base.replace(parameters=params)  # type: ignore[attr-defined]
     app.command(name, help=help, epilog=_epilog(config_cls))(command)
 
 
@@ -264,6 +286,12 @@ app = make_app()
 # Commands. Each is a thin call into library code; stages are registered with `add_stage_command`, other
 # commands with `@app.command()` and print their result with `emit`.
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")]
+AdapterFlag = Annotated[
+    Path | None,
+    typer.Option(
+        help="An adapter directory (LoRA, bottleneck, prompt tuning) to apply on MODEL.", show_default=False
+    ),
+]
 
 
 @app.command()
@@ -406,6 +434,7 @@ def generate(
     device: Annotated[
         str | None, typer.Option(help="cpu or cuda (default: cuda when available).", show_default=False)
     ] = None,
+    adapter: AdapterFlag = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Generate text from a model: plain completion, or chat-templated with --chat / --system.
@@ -421,7 +450,7 @@ def generate(
     texts: list = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
     if not texts:
         raise LmforgeError("give --prompt TEXT or --prompts-file FILE")
-    engine = Engine.from_dir(model, device=device)
+    engine = Engine.from_dir(model, device=device, adapter=adapter)
     cfg = generation_config(given, model_dir=model)  # flags over the model's generation_config.json
     room = engine.config.max_position_embeddings - cfg.max_new_tokens
     if room < 1:
@@ -470,6 +499,7 @@ def chat(
     device: Annotated[
         str | None, typer.Option(help="cpu or cuda (default: cuda when available).", show_default=False)
     ] = None,
+    adapter: AdapterFlag = None,
 ) -> None:
     """Chat with a model in the terminal, streamed as it decodes.
 
@@ -481,7 +511,7 @@ def chat(
     from lmforge.infer.session import ChatSession, run_chat
 
     given = {k: v for k, v in locals().items() if k in GENERATION_FLAGS and v is not None}
-    engine = Engine.from_dir(model, device=device)
+    engine = Engine.from_dir(model, device=device, adapter=adapter)
     if engine.tokenizer.chat_template is None:
         raise LmforgeError(
             f"{model}: its tokenizer has no chat template; use `lmforge generate` for plain text"
@@ -511,6 +541,47 @@ add_stage_command(
     _pretrain,
     help="Pretrain a model (a preset, or continue from a HF dir) on a prepared dataset with the one training loop.",
 )
+
+
+def _finetune(cfg: FinetuneConfig, out: Path) -> dict:
+    from lmforge.stages.finetune import run_finetune
+
+    return run_finetune(cfg, out)
+
+
+add_stage_command(
+    app,
+    "finetune",
+    FinetuneConfig,
+    _finetune,
+    help="Fine-tune a model (full, LoRA, bottleneck adapters, prompt tuning) on prepared chat, instruction or "
+    "domain data; measures forgetting on a reference set before and after.",
+    shortcuts={
+        "max_forgetting": (
+            "forgetting.max_increase_pct",
+            float,
+            "Fail the run when the reference perplexity rises by more than PCT per cent",
+        )
+    },
+)
+
+
+@app.command()
+@_reflow
+def merge(
+    base: Annotated[Path, typer.Argument(help="The base model directory the adapter was trained on.")],
+    adapter: Annotated[Path, typer.Argument(help="A LoRA adapter directory (lmforge's or PEFT's).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the merged model.", metavar="DIR")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Fold a LoRA adapter into its base's weights: a plain Hugging Face model directory.
+
+    The merged model computes what base + adapter computes (within float rounding) with no adapter code at
+    inference. Its tokenizer is the base's; lmforge.json records the base and the adapter.
+    """
+    from lmforge.adapters.merge import merge_adapter
+
+    emit(merge_adapter(base, adapter, out), as_json)
 
 
 # ------------------------------------------------------------------------------------- tokenizer, data

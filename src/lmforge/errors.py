@@ -3,3 +3,7 @@
 
 class LmforgeError(Exception):
     """Bad input or usage: the message says what was given and what was expected."""
+
+
+class RunFailed(Exception):
+    """The work ran but failed a check the user asked for (e.g. the forgetting gate): exit status 1."""

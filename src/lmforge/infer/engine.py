@@ -91,13 +91,24 @@ class Engine:
 
     @classmethod
     def from_dir(
-        cls, path: str | Path, *, device: str | None = None, dtype: torch.dtype | None = None
+        cls,
+        path: str | Path,
+        *,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        adapter: str | Path | None = None,
     ) -> Engine:
-        """Load a HF model directory with its tokenizer and its generation_config.json defaults."""
+        """Load a HF model directory with its tokenizer and its generation_config.json defaults, and an adapter
+        directory (LoRA, bottleneck, prompt tuning) on top when given."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(path, device=device, dtype=dtype)
         if not hasattr(model, "lm_head"):
             raise LmforgeError(f"{path}: a {type(model).__name__} cannot generate text (a decoder is needed)")
+        if adapter is not None:
+            from lmforge.adapters.io import load_adapter
+
+            model = load_adapter(model, Path(adapter), base_dir=Path(path))
+            model = model.to(device=device, dtype=next(model.parameters()).dtype).eval()
         return cls(model, Tokenizer.from_dir(path), defaults=GenerationConfig.from_model_dir(path))
 
     def encode(self, prompt: str) -> list[int]:
@@ -133,7 +144,10 @@ class Engine:
         longest = max(len(p) for p in rows_ids)
         if min(len(p) for p in rows_ids) == 0:
             raise LmforgeError("a prompt is empty: give at least one token")
-        context = self.config.max_position_embeddings
+        extra = getattr(
+            self.model, "extra_positions", 0
+        )  # prompt tuning's virtual tokens sit in the cache too
+        context = self.config.max_position_embeddings - extra
         if longest + cfg.max_new_tokens > context:
             raise LmforgeError(
                 f"a prompt of {longest} tokens plus max_new_tokens={cfg.max_new_tokens} exceeds the model's "
@@ -150,7 +164,7 @@ class Engine:
         generated = torch.zeros_like(valid)
         padded = not bool(valid[:, :P].all())
         dtype = next(self.model.parameters()).dtype
-        cache = KVCache(self.config, B, P + N, dev, dtype)
+        cache = KVCache(self.config, B, extra + P + N, dev, dtype)
         generator = sampling_generator(cfg.seed, dev)
         rows = [
             _Row(Completion(i // cfg.n, i % cfg.n, prompt_tokens=len(ids))) for i, ids in enumerate(rows_ids)

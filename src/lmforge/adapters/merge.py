@@ -1,0 +1,49 @@
+"""`lmforge merge`: a LoRA adapter folded into its base's weights, written as a plain HF model directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lmforge import __version__
+from lmforge.adapters.io import adapter_kind, base_fingerprint, load_adapter
+from lmforge.errors import LmforgeError
+from lmforge.fileio import atomic_write
+from lmforge.model.hf import load_model, save_model
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
+def merge_adapter(base: Path, adapter: Path, out: Path) -> dict[str, Any]:
+    """Load `base`, apply the LoRA `adapter`, fold it into the weights and save the plain model to `out`."""
+    from lmforge.adapters.lora import merge_lora
+
+    kind = adapter_kind(adapter)
+    if kind != "lora":
+        raise LmforgeError(
+            f"{adapter}: a {kind} adapter adds computation that no weight can absorb; only LoRA merges "
+            "(use --adapter with generate/chat instead)"
+        )
+    if (out / "config.json").exists():
+        raise LmforgeError(f"--out {out} already holds a model: choose another directory")
+    model = load_adapter(load_model(base), adapter, base_dir=base)
+    merged = merge_lora(model).eval()
+    target = save_model(merged, out)
+    for name in TOKENIZER_FILES:
+        source = (adapter / name) if (adapter / name).exists() else (base / name)
+        if source.exists():
+            shutil.copy2(source, target / name)
+    lineage = {"parent": str(base), "adapter": str(adapter), "stage": "merge", "lmforge_version": __version__,
+               "base_fingerprint": base_fingerprint(base)}  # fmt: skip
+    adapter_lineage = adapter / "lmforge.json"
+    if adapter_lineage.is_file():
+        lineage["adapter_lineage"] = json.loads(adapter_lineage.read_text())
+    atomic_write(target / "lmforge.json", json.dumps(lineage, indent=2) + "\n")
+    return {"model": str(target), "base": str(base), "adapter": str(adapter)}
