@@ -30,7 +30,7 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
         model = ARCHITECTURES[architecture](config)
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
     embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
-    if isinstance(config, DecoderConfig) and not config.tie_word_embeddings:
+    if hasattr(model, "lm_head") and not config.tie_word_embeddings:
         embedding += model.lm_head.weight.numel()  # an untied output layer is an embedding table too
     files = weight_files(path)
     with safe_open(files[0], framework="pt") as f:

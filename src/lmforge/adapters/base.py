@@ -1,11 +1,24 @@
-"""What every adapter kind shares: the `AdapterLayer` marker, switching adapters off, freezing the base, counts."""
+"""What every adapter kind shares: the `AdapterLayer` marker, switching adapters off, freezing the base, counts,
+and the adapter directory (`adapter_config.json` + `adapter_model.safetensors`, PEFT's layout)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
-from torch import nn
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from lmforge.errors import LmforgeError
+from lmforge.fileio import atomic_write, replace_atomically, staging_dir
+
+CONFIG_FILE = "adapter_config.json"  # PEFT's names, for every kind
+WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 class AdapterLayer:
@@ -68,3 +81,63 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
+
+
+# ------------------------------------------------------------------------------------ adapter directories
+
+
+def write_adapter_dir(out_dir: Path, state: dict[str, Tensor], config: dict[str, Any]) -> Path:
+    """Write `state` and `config` as an adapter directory, replacing `out_dir` as a whole once both are complete."""
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    with staging_dir(out_dir) as tmp:
+        replace_atomically(tmp / WEIGHTS_FILE, lambda path: save_file(state, path, {"format": "pt"}))
+        atomic_write(tmp / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def weights_file(adapter_dir: Path) -> Path:
+    """The adapter's safetensors file (an error that says how to convert when only a pickle `.bin` is there)."""
+    file = Path(adapter_dir) / WEIGHTS_FILE
+    if not file.is_file():
+        bin_only = (Path(adapter_dir) / "adapter_model.bin").exists()
+        hint = " (only adapter_model.bin: convert it to safetensors)" if bin_only else ""
+        raise LmforgeError(f"{adapter_dir}: {WEIGHTS_FILE} not found{hint}")
+    return file
+
+
+def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """The `adapter_config.json` of an adapter directory (lmforge's or PEFT's), as a dict."""
+    file = Path(adapter_dir) / CONFIG_FILE
+    if not file.is_file():
+        raise LmforgeError(f"{adapter_dir}: not an adapter directory ({CONFIG_FILE} not found)")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+@torch.no_grad()
+def load_adapter_tensors(params: dict[str, Tensor], adapter_dir: Path) -> None:
+    """Copy each tensor of `adapter_dir`'s weights file into `params` {name: parameter}: every name must be
+    there with the parameter's shape, and the file may hold nothing else."""
+    file = weights_file(adapter_dir)
+    with safe_open(file, framework="pt", device="cpu") as f:
+        stored = set(f.keys())
+        for name, p in params.items():
+            if name not in stored:
+                raise LmforgeError(
+                    f"{file}: tensor {name!r} (shape {tuple(p.shape)} in this model) is missing"
+                )
+            shape = tuple(f.get_slice(name).get_shape())
+            if shape != tuple(p.shape):
+                raise LmforgeError(
+                    f"{file}: tensor {name!r} has shape {shape}, but this model's adapter needs {tuple(p.shape)}"
+                )
+        extra = sorted(stored - set(params))
+        if extra:
+            raise LmforgeError(
+                f"{file}: {len(extra)} tensor(s) this model has no adapter for: {', '.join(extra[:5])}"
+                f"{', ...' if len(extra) > 5 else ''}"
+            )
+        for name, p in params.items():
+            p.copy_(f.get_tensor(name))

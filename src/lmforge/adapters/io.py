@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from lmforge.adapters.base import CONFIG_FILE, read_adapter_config
 from lmforge.errors import LmforgeError
 from lmforge.fileio import sha256_file
 from lmforge.model.hf import load_model, weight_files
@@ -26,16 +27,13 @@ def base_fingerprint(model_dir: Path) -> str:
 
 def adapter_kind(adapter_dir: Path) -> str:
     """ "lora", "prompt" or "adapter" (bottleneck), from the directory's adapter_config.json."""
-    config_file = Path(adapter_dir) / "adapter_config.json"
-    if not config_file.is_file():
-        raise LmforgeError(f"{adapter_dir}: not an adapter directory (no adapter_config.json)")
-    config = json.loads(config_file.read_text())
+    config = read_adapter_config(adapter_dir)
     kind = {"LORA": "lora", "PROMPT_TUNING": "prompt"}.get(config.get("peft_type") or "")
     if config.get("lmforge_adapter") == "bottleneck":
         kind = "adapter"
     if kind is None:
         raise LmforgeError(
-            f"{config_file}: peft_type {config.get('peft_type')!r} is not supported; expected LORA or PROMPT_TUNING "
+            f"{Path(adapter_dir) / CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not supported; expected LORA or PROMPT_TUNING "
             "(or an lmforge bottleneck adapter)"
         )
     return kind

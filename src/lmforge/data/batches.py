@@ -52,7 +52,8 @@ def sft_rows(
     last position has no target, so no loss ever reads across samples. `pack` fills each row with whole
     samples in order (next fit), each with its own segment id (0, 1, ...): the model's attention never crosses
     a segment and positions restart per segment, so a packed sample computes what it computes alone.
-    Without `pack` each sample gets a row. Padding has segment -1 and no target. A sample longer than
+    Without `pack` each sample gets a row, right-padded, and no "segment_ids": causal attention alone keeps
+    real tokens from the padding after them. Padding has segment -1 and no target. A sample longer than
     `seq_len` keeps its first `seq_len` tokens (counted in the second return value).
     """
     T, rows, current, used, cut = seq_len, [], [], 0, 0
@@ -80,7 +81,8 @@ def sft_rows(
                 target[torch.from_numpy(np.asarray(mask[1:]) == 0)] = IGNORE_INDEX
             targets[r, start : start + n - 1] = target
             start += n
-    return {"input_ids": input_ids, "targets": targets, "segment_ids": segment_ids}, cut
+    rows_out = {"input_ids": input_ids, "targets": targets}
+    return ({**rows_out, "segment_ids": segment_ids} if pack else rows_out), cut
 
 
 # ------------------------------------------------------------------------------------------------- MLM

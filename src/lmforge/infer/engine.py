@@ -57,6 +57,7 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_token: int | None = None  # the end-of-turn / EOS id that ended the sample (not in token_ids)
     prompt_tokens: int = 0
     time_to_first_token: float = 0.0
     seconds: float = 0.0
@@ -191,7 +192,7 @@ class Engine:
                 if t == 0:
                     c.time_to_first_token = now
                 if step_ids[i] in stop_ids:
-                    c.finish_reason = "stop"
+                    c.finish_reason, c.stop_token = "stop", step_ids[i]
                 else:
                     c.token_ids.append(step_ids[i])
                     c.logprobs.append(step_logp[i])

@@ -63,9 +63,17 @@ class DecoderConfig(BaseModel):
     eos_token_id: int | list[int] | None = None
     """End-of-sequence token id(s)."""
     pad_token_id: int | None = None
-    """Padding token id (never the same as EOS in lmforge-made tokenizers)."""
+    """Padding token id (never the same as EOS in lmforge-made tokenizers); also how a classification head
+    finds each row's last real token."""
+    id2label: dict[int, str] | None = None
+    """Class names of a sequence-classification head, by index."""
     torch_dtype: str = "float32"
     """Dtype the weights are stored in."""
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes of the sequence-classification head (HF's default is 2)."""
+        return len(self.id2label) if self.id2label else 2
 
     @model_validator(mode="after")
     def _derive_and_check(self) -> DecoderConfig:

@@ -362,3 +362,79 @@ class CausalLM(nn.Module):
             reduction=reduction,
         )
         return loss.view(targets.shape) if reduction == "none" else loss
+
+
+# -------------------------------------------------------------------------------- classification head
+
+
+def last_token_index(input_ids: Tensor, pad_token_id: int | None) -> Tensor:
+    """Index (B,) of each row's rightmost token that is not `pad_token_id`: the token HF classifies.
+
+    transformers' rule (`GenericForSequenceClassification`), exactly: the attention mask is not read; a row
+    of padding only gives 0; without a pad id, a batch of one uses its last token and a larger batch is an
+    error. The rule finds the last real token under right and left padding alike, but a real token equal
+    to the pad id (pad = EOS ending the text) is passed over as padding.
+    """
+    B, T = input_ids.shape
+    if pad_token_id is None:
+        if B != 1:
+            raise ValueError("cannot classify a batch of several rows without a pad_token_id in the config")
+        return torch.full((1,), T - 1, dtype=torch.long, device=input_ids.device)
+    index = torch.arange(T, device=input_ids.device)  # (T,)
+    return (index * (input_ids != pad_token_id)).argmax(-1)  # (B,)
+
+
+class DecoderForSequenceClassification(nn.Module):
+    """A decoder with a bias-free linear `score` on each row's last real token; returns logits (B, num_labels)."""
+
+    base_model_prefix: ClassVar[str] = "model"
+    architectures: ClassVar[dict[str, str]] = {
+        "llama": "LlamaForSequenceClassification",
+        "mistral": "MistralForSequenceClassification",
+        "qwen2": "Qwen2ForSequenceClassification",
+        "qwen3": "Qwen3ForSequenceClassification",
+    }
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config)
+        self.score = Linear(config.hidden_size, config.num_labels, bias=False)
+
+    @property
+    def hf_architecture(self) -> str:
+        """The `architectures` entry HF uses for this family."""
+        return self.architectures[self.config.model_type]
+
+    def tied_weights(self) -> dict[str, str]:
+        """No tied weights: HF's classification models have no LM head to tie to the embeddings."""
+        return {}
+
+    def tie_weights(self) -> None:
+        """Nothing to tie (the loader's contract)."""
+
+    def init_weights(self) -> None:
+        """HF's init: normal(0, initializer_range) for linear and embedding weights, zero biases, unit norms."""
+        init_weights(self, self.config.initializer_range)
+        self.model._inv_freq = None
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        *,
+        segment_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Logits (B, num_labels) of the rightmost non-pad token of each row of `input_ids` (B, T).
+
+        The pooled token follows HF (`last_token_index`), so right and left padding both pool the last real
+        token. With left padding the logits still depend on the positions: given `attention_mask`, lmforge
+        restarts positions after the padding (each row as if alone), while HF without `position_ids` counts
+        the pads; pass `position_ids` to compare the two. Packed rows (`segment_ids`) pool only the row's
+        last token, i.e. its last sample.
+        """
+        x = self.model(input_ids, attention_mask, position_ids, segment_ids=segment_ids)  # (B, T, C)
+        last = last_token_index(input_ids, self.config.pad_token_id)  # (B,)
+        pooled = x[torch.arange(x.shape[0], device=x.device), last]  # (B, C)
+        return self.score(pooled)  # (B, num_labels)

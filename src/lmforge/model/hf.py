@@ -20,7 +20,7 @@ from torch import nn
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write, replace_atomically
 from lmforge.model.configs import DecoderConfig, EncoderConfig, ModelConfig
-from lmforge.model.decoder import CausalLM
+from lmforge.model.decoder import CausalLM, DecoderForSequenceClassification
 from lmforge.model.encoder import (
     BertForMaskedLM,
     BertForPreTraining,
@@ -32,10 +32,16 @@ log = logging.getLogger(__name__)
 
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODEL_TYPES = (*DECODER_TYPES, "bert")
+BERT_CLASSES = (BertModel, BertForPreTraining, BertForMaskedLM, BertForSequenceClassification)
+DECODER_CLASSES = (CausalLM, DecoderForSequenceClassification)
+# model_type → the HF architecture names lmforge builds for it (a decoder class serves a name per family).
+FAMILY_ARCHITECTURES: dict[str, tuple[str, ...]] = {
+    **{t: tuple(cls.architectures[t] for cls in DECODER_CLASSES) for t in DECODER_TYPES},
+    "bert": tuple(cls.hf_architecture for cls in BERT_CLASSES),
+}
 ARCHITECTURES: dict[str, type[nn.Module]] = {
-    **{arch: CausalLM for arch in CausalLM.architectures.values()},
-    **{cls.hf_architecture: cls for cls in (BertModel, BertForPreTraining, BertForMaskedLM)},
-    BertForSequenceClassification.hf_architecture: BertForSequenceClassification,
+    **{arch: cls for cls in DECODER_CLASSES for arch in cls.architectures.values()},
+    **{cls.hf_architecture: cls for cls in BERT_CLASSES},
 }
 DEFAULT_ARCHITECTURE = {**CausalLM.architectures, "bert": "BertModel"}
 IGNORED_KEYS = ("rotary_emb.inv_freq", "embeddings.position_ids")  # buffers some HF checkpoints carry
@@ -85,15 +91,17 @@ def decoder_config_from_hf(d: dict[str, Any]) -> DecoderConfig:
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=d.get("eos_token_id"),
         pad_token_id=d.get("pad_token_id"),
+        id2label=_id2label_from_hf(d),
         torch_dtype=_dtype_name(d),
     )
 
 
-def decoder_config_to_hf(config: DecoderConfig) -> dict[str, Any]:
-    """The `config.json` HF writes for this family (readable by transformers 4 and 5)."""
+def decoder_config_to_hf(config: DecoderConfig, architecture: str | None = None) -> dict[str, Any]:
+    """The `config.json` HF writes for this family (readable by transformers 4 and 5); `architecture`
+    defaults to the family's CausalLM."""
     c = config
     d: dict[str, Any] = {
-        "architectures": [CausalLM.architectures[c.model_type]],
+        "architectures": [architecture or CausalLM.architectures[c.model_type]],
         "model_type": c.model_type,
         "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size,
@@ -132,6 +140,7 @@ def decoder_config_to_hf(config: DecoderConfig) -> dict[str, Any]:
         d["max_window_layers"] = next(
             (i for i, t in enumerate(c.layer_types) if t == "sliding_attention"), c.num_hidden_layers
         )
+    d |= _id2label_to_hf(c.id2label)  # nothing when unset, as transformers 5 omits the default labels
     # Not every combination of lmforge's flags is a HF family (e.g. q/k norm on Llama): refuse to write a
     # config.json that HF would read as a different model.
     if decoder_config_from_hf(d) != c:
@@ -147,22 +156,29 @@ def encoder_config_from_hf(d: dict[str, Any]) -> EncoderConfig:
     if d.get("position_embedding_type", "absolute") != "absolute":
         raise LmforgeError(f"BERT position_embedding_type {d['position_embedding_type']!r} is not supported")
     fields = {k: d[k] for k in EncoderConfig.model_fields if k in d and k not in ("id2label", "torch_dtype")}
-    id2label = d.get("id2label")
-    return EncoderConfig(
-        **fields,
-        id2label={int(k): v for k, v in id2label.items()} if id2label else None,
-        torch_dtype=_dtype_name(d),
-    )
+    return EncoderConfig(**fields, id2label=_id2label_from_hf(d), torch_dtype=_dtype_name(d))
 
 
 def encoder_config_to_hf(config: EncoderConfig, architecture: str) -> dict[str, Any]:
     """The `config.json` HF writes for a BERT model."""
     d = config.model_dump(exclude={"id2label"})
     d |= {"architectures": [architecture], "position_embedding_type": "absolute", "dtype": config.torch_dtype}
-    if config.id2label:
-        d["id2label"] = {str(i): name for i, name in config.id2label.items()}
-        d["label2id"] = {name: i for i, name in config.id2label.items()}
-    return d
+    return d | _id2label_to_hf(config.id2label)
+
+
+def _id2label_from_hf(d: dict[str, Any]) -> dict[int, str] | None:
+    id2label = d.get("id2label")
+    return {int(k): v for k, v in id2label.items()} if id2label else None
+
+
+def _id2label_to_hf(id2label: dict[int, str] | None) -> dict[str, Any]:
+    """`id2label` (JSON keys are strings) and its inverse `label2id`, or nothing when there are no labels."""
+    if not id2label:
+        return {}
+    return {
+        "id2label": {str(i): name for i, name in id2label.items()},
+        "label2id": {name: i for i, name in id2label.items()},
+    }
 
 
 def _dtype_name(d: dict[str, Any]) -> str:
@@ -187,7 +203,7 @@ def read_config(path: str | Path) -> tuple[ModelConfig, str]:
     except ValueError as e:  # pydantic's ValidationError is a ValueError
         raise LmforgeError(f"{path}/config.json: {e}".replace("\n", " ")) from None
     architecture = next(iter(d.get("architectures") or []), None) or DEFAULT_ARCHITECTURE[model_type]
-    if architecture not in ARCHITECTURES:
+    if architecture not in FAMILY_ARCHITECTURES[model_type]:
         architecture = DEFAULT_ARCHITECTURE[model_type]  # e.g. LlamaModel: load the family's default head
     return config, architecture
 
@@ -202,8 +218,12 @@ def build_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """A freshly initialised model: built on the meta device, materialised once, initialised by its scheme."""
-    cls = ARCHITECTURES[architecture or DEFAULT_ARCHITECTURE[config.model_type]]
+    """A freshly initialised model: built on the meta device, materialised once, initialised by its scheme.
+
+    `architecture` is a HF name of the config's family (`FAMILY_ARCHITECTURES`, e.g. "LlamaForCausalLM",
+    "Qwen2ForSequenceClassification", "BertForMaskedLM"); it defaults to the family's usual one.
+    """
+    cls = _model_class(config, architecture or DEFAULT_ARCHITECTURE[config.model_type])
     with torch.device("meta"):
         model = cls(config)
     model.to_empty(device=device)
@@ -217,25 +237,39 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     architecture: str | None = None,
+    id2label: dict[int, str] | None = None,
 ) -> nn.Module:
     """Load a HF model directory (single or sharded safetensors) into lmforge's model, in eval mode.
 
     Weights are read tensor by tensor from the memory-mapped files and assigned into a meta-device model, so
     the weights are never held twice. `dtype` defaults to the checkpoint's `torch_dtype`. `architecture`
-    loads the weights under another head (e.g. a `BertModel` checkpoint as `BertForMaskedLM` to continue its
-    pretraining): the heads the checkpoint lacks start from lmforge's init, as `from_pretrained` does.
+    loads the weights under another head of the same family (e.g. a `BertModel` checkpoint as
+    `BertForMaskedLM` to continue its pretraining, a `LlamaForCausalLM` one as
+    `LlamaForSequenceClassification`): the heads the checkpoint lacks start from lmforge's init, as
+    `from_pretrained` does, and its tensors the new model has no place for (`lm_head`) are skipped.
+    `id2label` replaces the config's class names before the model is built: a classification head of
+    another size than the checkpoint's starts fresh; one of the same size keeps its weights (only the
+    names change, as `from_pretrained(path, id2label=...)`).
     """
     path = _model_dir(path)
     config, saved_architecture = read_config(path)
+    relabel = False
+    if id2label is not None:
+        if sorted(id2label) != list(range(len(id2label))):
+            raise LmforgeError(f"id2label keys must be 0..{len(id2label) - 1}; got {sorted(id2label)}")
+        relabel = len(id2label) != config.num_labels  # the head's shape changes: it cannot be loaded
+        config = config.model_copy()
+        config.id2label = dict(id2label)  # validated on assignment
     dtype = dtype or DTYPES[config.torch_dtype]
-    new_heads = architecture is not None and architecture != saved_architecture
+    new_heads = relabel or (architecture is not None and architecture != saved_architecture)
     if new_heads:  # initialised weights for what the checkpoint lacks; the rest is overwritten below
-        model = build_model(config, architecture, device=device, dtype=dtype)
+        model = build_model(config, architecture or saved_architecture, device=device, dtype=dtype)
     else:
         with torch.device("meta"):
             model = ARCHITECTURES[saved_architecture](config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tied = model.tied_weights()
+    base = model.base_model_prefix + "."
     key_map = _key_map(_checkpoint_keys(path), set(expected), model.base_model_prefix)
     loaded: set[str] = set()
     for file in weight_files(path):
@@ -246,6 +280,8 @@ def load_model(
                 if key is None:
                     continue
                 shape = tuple(f.get_slice(ckpt_key).get_shape())
+                if shape != tuple(expected[key]) and relabel and not key.startswith(base):
+                    continue  # the old label set's head (e.g. classifier.weight (2, C)); the new one is fresh
                 if shape != tuple(expected[key]):
                     raise LmforgeError(
                         f"{file}: tensor {ckpt_key!r} has shape {shape}, but config.json implies "
@@ -256,9 +292,9 @@ def load_model(
         loaded |= set(state)
     missing = sorted(set(expected) - loaded - set(tied))
     if new_heads:
-        base = model.base_model_prefix + "."
         if missing:
-            log.info("%s: new %s weights, not in the checkpoint: %s", path, architecture, ", ".join(missing))
+            name = architecture or saved_architecture
+            log.info("%s: new %s weights, not in the checkpoint: %s", path, name, ", ".join(missing))
         missing = [k for k in missing if k.startswith(base)]  # only the heads may start fresh
     if missing:
         raise LmforgeError(
@@ -283,11 +319,13 @@ def save_model(model: nn.Module, path: str | Path, *, max_shard_bytes: int = DEF
     dtype_name = next(name for name, dt in DTYPES.items() if dt == next(iter(state.values())).dtype)
     config = config.model_copy(update={"torch_dtype": dtype_name})
     if isinstance(config, DecoderConfig):
-        hf_config = decoder_config_to_hf(config)
-        generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        atomic_write(
-            path / "generation_config.json", _json({k: v for k, v in generation.items() if v is not None})
-        )
+        hf_config = decoder_config_to_hf(config, model.hf_architecture)
+        # HF writes generation_config.json for generative models only (not for classifiers).
+        if model.hf_architecture in CausalLM.architectures.values():
+            generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+            atomic_write(
+                path / "generation_config.json", _json({k: v for k, v in generation.items() if v is not None})
+            )
     else:
         hf_config = encoder_config_to_hf(config, model.hf_architecture)
 
@@ -307,6 +345,17 @@ def save_model(model: nn.Module, path: str | Path, *, max_shard_bytes: int = DEF
         file.unlink()
     atomic_write(path / "config.json", _json(hf_config))
     return path
+
+
+def _model_class(config: ModelConfig, architecture: str) -> type[nn.Module]:
+    """The lmforge class of a HF architecture name, which must be one of the config's family."""
+    names = FAMILY_ARCHITECTURES[config.model_type]
+    if architecture not in names:
+        raise LmforgeError(
+            f"architecture {architecture!r} is not one lmforge builds for model_type {config.model_type!r}; "
+            f"supported: {', '.join(names)}"
+        )
+    return ARCHITECTURES[architecture]
 
 
 def _plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> dict[str, list[str]]:

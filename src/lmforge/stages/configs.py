@@ -139,6 +139,24 @@ class FinetuneData(Section):
     """Pack several samples into each row (attention isolated per sample; positions restart per sample)."""
 
 
+class FinetuneLoop(LoopSection):
+    """The training loop, with fine-tuning's defaults (short runs, regular validation)."""
+
+    max_steps: int = 100
+    """Optimizer steps."""
+    eval_every: int = Field(50, ge=0)
+    """Validate every this many steps (at steps 0, N, 2N, ... and after the last); 0 = never."""
+
+
+class FinetuneOptim(OptimSection):
+    """The optimiser, with fine-tuning's defaults (LoRA's usual peak learning rate, a short warmup)."""
+
+    lr: float = Field(2e-4, gt=0)
+    """Peak learning rate (full fine-tuning usually wants ~10x less than LoRA)."""
+    warmup_steps: int = Field(10, ge=0)
+    """Steps of linear warmup to the peak."""
+
+
 class FinetuneConfig(StageConfig):
     """`lmforge finetune`: a base model + prepared data + a method → a fine-tuned model or an adapter."""
 
@@ -161,7 +179,8 @@ class FinetuneConfig(StageConfig):
     """Prompt tuning settings (method: prompt)."""
     forgetting: ForgettingSection = Field(default_factory=ForgettingSection)
     """Forgetting measurement and gate."""
-    train: LoopSection = Field(default_factory=lambda: LoopSection(max_steps=100, seq_len=256, eval_every=50))
+    # Subclasses, not default factories: `--set train.seq_len=64` builds the section from its class defaults.
+    train: FinetuneLoop = Field(default_factory=FinetuneLoop)
     """The training loop."""
-    optim: OptimSection = Field(default_factory=lambda: OptimSection(lr=2e-4, warmup_steps=10))
+    optim: FinetuneOptim = Field(default_factory=FinetuneOptim)
     """The optimiser and learning-rate schedule."""

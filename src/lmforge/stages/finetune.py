@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
@@ -28,7 +29,7 @@ from lmforge.data.dataset import PreparedDataset
 from lmforge.data.samplers import EpochSampler, Rows, Windows, fixed
 from lmforge.errors import LmforgeError, RunFailed
 from lmforge.fileio import atomic_write
-from lmforge.model.configs import DecoderConfig
+from lmforge.model.decoder import CausalLM
 from lmforge.model.hf import load_model, save_model
 from lmforge.stages.configs import FinetuneConfig
 from lmforge.tokenizer import Tokenizer
@@ -58,6 +59,8 @@ def run_finetune(cfg: FinetuneConfig, out: Path) -> dict[str, Any]:
         raise LmforgeError(
             "finetune: data.dataset is required: a directory written by `lmforge data prepare`"
         )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LmforgeError("finetune runs in one process for now: drop --nproc / torchrun")
     if cfg.train.resume:
         raise LmforgeError("finetune runs are short and not resumable yet: start it again with --overwrite")
     if (out / "model").exists() or (out / "adapter").exists():
@@ -74,9 +77,9 @@ def run_finetune(cfg: FinetuneConfig, out: Path) -> dict[str, Any]:
     device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.train.seed)
     model = load_model(base_dir)
-    if not isinstance(model.config, DecoderConfig):
+    if not isinstance(model, CausalLM):
         raise LmforgeError(
-            f"finetune kind {cfg.kind!r} trains decoders; {base_dir} is a {model.config.model_type}"
+            f"finetune kind {cfg.kind!r} trains a causal LM; {base_dir} holds a {type(model).__name__}"
         )
     if cfg.train.seq_len > model.config.max_position_embeddings:
         raise LmforgeError(
@@ -210,7 +213,7 @@ def _examples(
     samples = [(d.ids, d.mask) for d in docs]
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     rows, cut = sft_rows(samples, T, pad, pack=pack)
-    real = int((rows["segment_ids"] >= 0).sum())
+    real = sum(min(len(ids), T) for ids, _ in samples)
     stats = {"samples": len(samples), "rows": len(rows["input_ids"]), "truncated_samples": cut,
              "row_fill": real / rows["input_ids"].numel(),
              "trained_tokens": int((rows["targets"] != -100).sum())}  # fmt: skip

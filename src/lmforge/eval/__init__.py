@@ -1,0 +1,1 @@
+"""Evaluation: what each stage taught (question answering by generation, ...)."""

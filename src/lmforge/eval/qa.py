@@ -1,0 +1,125 @@
+"""Question answering by generation: exact-match accuracy of a model's greedy answers, overall and per group.
+
+Two kinds of expected answer, from the data itself:
+- a fact (`value` beside `messages`, as in the synthetic world's `eval_qa.jsonl`): correct when the answer
+  contains it (case and spacing ignored), since a full-sentence reply wraps the fact in words;
+- GSM8K's final answer (`#### N`): correct when the last number of the answer (or the number after its own
+  `####`) equals N.
+Other chat data is scored on the whole reply (normalised). Prompts go through the model's chat template, the
+same renderer as training, so what is measured is what the fine-tuned format produces.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from lmforge.data.formats import detect_format, to_examples
+from lmforge.data.readers import read_records
+from lmforge.errors import LmforgeError
+
+Match = Literal["contains", "number", "exact"]
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """One question: the prompt messages (ending with the user turn), the expected answer, how to match it."""
+
+    messages: tuple[dict[str, str], ...]
+    expected: str
+    match: Match
+    group: str | None = None
+
+
+def read_qa(path: Path, limit: int | None = None, groups: set[str] | None = None) -> list[QAItem]:
+    """Questions of a chat/GSM8K file: every record's turns before its last reply, and what that reply must hold."""
+    records = list(read_records(path))
+    fmt = detect_format(records[:20])
+    examples = list(to_examples(records, fmt))
+    if len(examples) != len(records):
+        raise LmforgeError(f"{path}: expected one question per record ({fmt} format)")
+    items = []
+    for record, ex in zip(records, examples, strict=True):
+        if ex.kind != "chat":
+            raise LmforgeError(f"{record.where}: a {ex.kind} record; expected a question with its answer")
+        data: dict[str, Any] = record.data if isinstance(record.data, dict) else {}
+        group = data.get("group")
+        if groups is not None and group not in groups:
+            continue
+        *prompt, reply = ex.messages
+        if ex.answer is not None:
+            items.append(QAItem(tuple(prompt), ex.answer, "number", group))
+        elif isinstance(data.get("value"), str):
+            items.append(QAItem(tuple(prompt), data["value"], "contains", group))
+        else:
+            items.append(QAItem(tuple(prompt), reply["content"], "exact", group))
+        if limit is not None and len(items) == limit:
+            break
+    return items
+
+
+def is_correct(answer: str, item: QAItem) -> bool:
+    """Whether a generated answer matches the item's expected answer (by the item's rule)."""
+    if item.match == "number":
+        own = answer.rpartition("####")[2] if "####" in answer else answer
+        numbers = _NUMBER.findall(own)
+        return bool(numbers) and _number(numbers[-1]) == _number(item.expected)
+    if item.match == "contains":
+        return _normal(item.expected) in _normal(answer)
+    return _normal(answer) == _normal(item.expected)
+
+
+def exact_match(engine: Any, items: list[QAItem], *, max_new_tokens: int = 48, batch_size: int = 32) -> dict:
+    """Greedy answers to every item (chat template, batched): accuracy overall and per group, a few examples."""
+    from lmforge.infer.engine import prompt_ids
+    from lmforge.infer.sampling import GenerationConfig
+
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+    room = (
+        engine.config.max_position_embeddings - max_new_tokens - getattr(engine.model, "extra_positions", 0)
+    )
+    tok = engine.tokenizer
+    # The chat template's end-of-turn (e.g. <|im_end|>), not EOS: a base model ends text with EOS, a chat
+    # model must learn to end its turn (EOS itself when it is the template's only end marker).
+    turn_end = (set(tok.eot_ids) - {tok.eos_id}) or {tok.eos_id}
+    hits: dict[str | None, list[int]] = defaultdict(lambda: [0, 0])
+    stopped, examples = 0, []
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        ids = [prompt_ids(engine, list(it.messages), chat=True, system=None, room=room, truncate=True)
+               for it in batch]  # fmt: skip
+        for item, completion in zip(batch, engine.generate(ids, cfg), strict=True):
+            ok = is_correct(completion.text, item)
+            for key in (None, item.group) if item.group is not None else (None,):
+                hits[key][0] += ok
+                hits[key][1] += 1
+            stopped += completion.stop_token in turn_end
+            if len(examples) < 3:
+                question = item.messages[-1]["content"]
+                examples.append({"question": question, "expected": item.expected, "answer": completion.text,
+                                 "correct": ok})  # fmt: skip
+    total = hits[None]
+    return {
+        "questions": total[1],
+        "accuracy": total[0] / max(total[1], 1),
+        "by_group": {
+            g: h[0] / h[1] for g, h in sorted(hits.items(), key=lambda kv: str(kv[0])) if g is not None
+        },
+        "ended_with_end_of_turn": stopped / max(total[1], 1),
+        "examples": examples,
+    }
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.lower().split()).strip(" .")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None

@@ -1,0 +1,147 @@
+"""`lmforge finetune` end to end on a tiny synthetic world: every method trains and writes its output, forgetting
+is measured against the base's pretraining data and gates the run, adapters load for generation and merge,
+the model learns to end its turn, and bad input is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lmforge.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """A tiny world: tokenizer, prepared pretraining text and SFT chats, and a base pretrained on the text."""
+    return build_world(tmp_path_factory.mktemp("ft"))
+
+
+BASE_MODEL = (
+    "model.overrides={hidden_size: 96, intermediate_size: 256, num_hidden_layers: 2, num_attention_heads: 4}"
+)
+
+
+def build_world(root: Path, model: str = BASE_MODEL, steps: int = 150) -> dict[str, Path]:
+    """Synthesise, train a tokenizer, prepare, and pretrain a ~0.7M-parameter base for `steps` steps."""
+    from lmforge.data.prepare import PrepareConfig, iter_texts, prepare
+    from lmforge.data.synthetic import WorldSizes, synthesize
+    from lmforge.tokenizer import train_tokenizer
+
+    sizes = WorldSizes.tiny().model_copy(update={"people_a": 24, "filler_docs": 20})
+    w = Path(synthesize(root / "world", seed=0, sizes=sizes)["out"])
+    tok = train_tokenizer(iter_texts([w / "pretrain.jsonl", w / "sft_a.jsonl"]), "bpe", 512, root / "tok")
+    for name in ("pretrain", "sft_a"):
+        prepare(PrepareConfig(inputs=[w / f"{name}.jsonl"], tokenizer=tok, num_proc=1, val_fraction=0.1),
+                root / name)  # fmt: skip
+    result = runner.invoke(app, [
+        "pretrain", "--out", str(root / "base"), "--set", model, "--set", f"data.dataset={root / 'pretrain'}",
+        "--set", "train.seq_len=64", "--set", "train.micro_batch_size=8", "--set", f"train.max_steps={steps}",
+        "--set", "optim.lr=5e-3", "--set", "optim.warmup_steps=3", "--set", "sample_prompt=null",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return {"root": root, "world": w, "base": root / "base" / "model", "sft": root / "sft_a",
+            "pretrain": root / "pretrain"}  # fmt: skip
+
+
+def finetune(world: dict[str, Path], out: Path, *sets: str, flags: tuple[str, ...] = ()):
+    args = ["finetune", "--init-from", str(world["base"]), "--out", str(out), "--json",
+            "--set", f"data.dataset={world['sft']}", "--set", "train.seq_len=64", "--set", "train.micro_batch_size=8",
+            "--set", "train.max_steps=8", "--set", "train.eval_every=4", "--set", "optim.warmup_steps=1", *flags]  # fmt: skip
+    return runner.invoke(app, args + [a for s in sets for a in ("--set", s)])
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "adapter", "prompt"])
+def test_every_method_trains_and_measures_forgetting(world, tmp_path, method):
+    result = finetune(world, tmp_path / "run", f"method={method}", "optim.lr=3e-3")
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.stdout)
+    assert res["steps"] == 8 and res["val_loss"] < res["val_loss_before"]  # it learned the chats' format
+    if method == "full":
+        assert res["trainable_params"] == res["total_params"]
+        assert (Path(res["output"]) / "model.safetensors").is_file()
+    else:
+        assert 0 < res["trainable_params"] < res["total_params"] / 5
+        assert (Path(res["output"]) / "adapter_config.json").is_file()
+    forgetting = res["forgetting"]
+    assert forgetting["reference"] == str(world["pretrain"])  # found through the base's lineage
+    assert forgetting["perplexity_before"] > 1 and forgetting["perplexity_after"] > 1
+    expected = 100 * (forgetting["perplexity_after"] / forgetting["perplexity_before"] - 1)
+    assert forgetting["increase_pct"] == pytest.approx(expected)
+    lineage = json.loads((Path(res["output"]) / "lmforge.json").read_text())
+    assert lineage["parent"] == str(world["base"]) and lineage["results"]["forgetting"] == forgetting
+
+
+def test_forgetting_gate_fails_the_run(world, tmp_path):
+    result = finetune(
+        world, tmp_path / "run", "method=full", "optim.lr=1e-2", flags=("--max-forgetting", "0.001")
+    )
+    assert result.exit_code == 1, result.output
+    assert "forgetting gate" in result.output and "per cent" not in result.output
+    res = json.loads((tmp_path / "run" / "results.json").read_text())  # the outputs stay for inspection
+    assert res["forgetting"]["increase_pct"] > 0.001 and res["forgetting"]["max_increase_pct"] == 0.001
+
+
+def test_lora_adapter_generates_and_merges_exactly(world, tmp_path):
+    from lmforge.adapters.io import load_with_adapter
+    from lmforge.model.hf import load_model
+
+    result = finetune(world, tmp_path / "run", "method=lora", "optim.lr=1e-2")
+    assert result.exit_code == 0, result.output
+    adapter = tmp_path / "run" / "adapter"
+    merged_dir = tmp_path / "merged"
+    result = runner.invoke(
+        app, ["merge", str(world["base"]), str(adapter), "--out", str(merged_dir), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    ids = torch.tensor([[5, 17, 40, 99, 7, 3]])
+    with torch.no_grad():
+        adapted = load_with_adapter(world["base"], adapter)(ids)
+        merged = load_model(merged_dir)(ids)
+        base = load_model(world["base"])(ids)
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=0)
+    assert not torch.allclose(base, adapted, atol=1e-3)  # the adapter changed something
+    result = runner.invoke(app, ["generate", str(world["base"]), "--adapter", str(adapter), "--prompt", "Who is",
+                                 "--chat", "--max-new-tokens", "4", "--temperature", "0", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    via_cli = json.loads(result.stdout)["results"][0]["samples"][0]["token_ids"]
+    from lmforge.infer.engine import Engine, prompt_ids
+    from lmforge.infer.sampling import GenerationConfig
+
+    engine = Engine.from_dir(merged_dir, device="cpu")
+    ids = prompt_ids(engine, "Who is", chat=True, system=None, room=60, truncate=False)
+    via_merged = engine.generate([ids], GenerationConfig(temperature=0, max_new_tokens=4))[0].token_ids
+    assert via_cli == via_merged
+
+
+def test_chat_sft_learns_to_end_its_turn(world, tmp_path):
+    """EOS is learned: after chat SFT the model closes its answer with the end-of-turn token on >= 90% of
+    held-out questions (the base, trained on plain text, never does)."""
+    from lmforge.eval.qa import exact_match, read_qa
+    from lmforge.infer.engine import Engine
+
+    result = finetune(world, tmp_path / "run", "method=full", "optim.lr=3e-3", "train.max_steps=150")
+    assert result.exit_code == 0, result.output
+    questions = read_qa(world["world"] / "eval_qa.jsonl", limit=40)
+    before = exact_match(Engine.from_dir(world["base"], device="cpu"), questions, max_new_tokens=24)
+    after = exact_match(
+        Engine.from_dir(tmp_path / "run" / "model", device="cpu"), questions, max_new_tokens=24
+    )
+    assert before["ended_with_end_of_turn"] < 0.1
+    assert after["ended_with_end_of_turn"] >= 0.9, after["examples"]
+
+
+def test_bad_input(world, tmp_path):
+    text = finetune(world, tmp_path / "a", f"data.dataset={world['pretrain']}", "kind=chat")
+    assert text.exit_code == 2 and "holds text data" in text.output
+    nothing = finetune(world, tmp_path / "b", "method=lora", "lora.target_modules=[no_such_layer]")
+    assert nothing.exit_code == 2 and "q_proj" in nothing.output  # the error lists the module names
+    no_model = runner.invoke(
+        app, ["finetune", "--out", str(tmp_path / "c"), "--set", f"data.dataset={world['sft']}"]
+    )
+    assert no_model.exit_code == 2 and "model is required" in no_model.output
