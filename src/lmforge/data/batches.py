@@ -85,6 +85,22 @@ def sft_rows(
     return ({**rows_out, "segment_ids": segment_ids} if pack else rows_out), cut
 
 
+def classification_rows(samples: Sequence[tuple[np.ndarray, int]], seq_len: int, pad_id: int) -> dict[str, Tensor]:
+    """(ids, label) samples → {"input_ids", "attention_mask"} (N, seq_len) right-padded, "labels" (N,).
+
+    A sample longer than `seq_len` keeps its first `seq_len` tokens; a decoder classifies the last real token
+    (the rightmost non-pad id), BERT its [CLS].
+    """
+    input_ids = torch.full((len(samples), seq_len), pad_id, dtype=torch.int64)
+    attention_mask = torch.zeros((len(samples), seq_len), dtype=torch.int64)
+    for r, (ids, _) in enumerate(samples):
+        n = min(len(ids), seq_len)
+        input_ids[r, :n] = torch.from_numpy(np.asarray(ids[:n], dtype=np.int64))
+        attention_mask[r, :n] = 1
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
 # ------------------------------------------------------------------------------------------------- MLM
 
 

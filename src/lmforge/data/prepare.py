@@ -356,6 +356,7 @@ def _prepare_into(
     input_reports: list[dict] = []
     kinds: set[str] = set()
     writers = {s: ShardWriter(root / s, dtype, cfg.shard_tokens) for s in ("train", "val")}
+    label_names: dict[int, str | None] = {}  # classification: every label id seen or named, with its name
 
     contamination_report = _contamination_report(cfg, inputs) if cfg.eval_sets else None
     drop_ids = set(contamination_report["drop_ids"]) if contamination_report and cfg.decontaminate else set()
@@ -367,6 +368,8 @@ def _prepare_into(
             report["format"] = fmt = cfg.format or detect_format(_peek_records(path, cfg.text_separator))
             input_reports.append(report)
             label_map = load_label_map(cfg.label_map) if cfg.label_map else _label_map_beside(path)
+            if label_map:
+                label_names.update({i: name for name, i in label_map.items()})
             records = read_records(path, on_bad=rejects.append if cfg.skip_bad else None,
                                    text_separator=cfg.text_separator)  # fmt: skip
             for batch in _chunks(records, CHUNK):
@@ -388,6 +391,8 @@ def _prepare_into(
         totals.update(pii_dropped=chunk.pii_dropped, decontaminated=chunk.decontaminated)
         rejects.extend(chunk.rejects)
         for i, label in enumerate(chunk.labels):
+            if label is not None:
+                label_names.setdefault(label, None)
             if dedup is not None and (dup := dedup.add_key(chunk.ids[i], chunk.keys[i], chunk.snippets[i])):
                 dedup_dropped[dup.kind] += 1
                 continue
@@ -430,9 +435,13 @@ def _prepare_into(
             "decontaminated": cfg.decontaminate,
             "documents_dropped": totals["decontaminated"],
         }
+    labels = None
+    if label_names:  # id -> name for every id up to the largest (a fine-tuned head needs them all)
+        labels = {str(i): label_names.get(i) or str(i) for i in range(max(label_names) + 1)}
     return {
         "lmforge_version": __version__,
         "kind": next(iter(kinds), None),
+        "labels": labels,
         "dtype": dtype.name,
         "inputs": input_reports,
         "rejected": len(rejects),

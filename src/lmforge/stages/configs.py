@@ -139,6 +139,20 @@ class FinetuneData(Section):
     """Pack several samples into each row (attention isolated per sample; positions restart per sample)."""
 
 
+class FinetuneEval(Section):
+    """What the fine-tuned model is measured on after training (and the base before, for comparison)."""
+
+    dataset: Path | None = None
+    """task (classification): a prepared test set; its accuracy is reported (every split of it)."""
+    qa: Path | None = None
+    """A question file (chat records with a `value`, or GSM8K `question`/`answer`): exact-match accuracy of
+    greedy answers before and after fine-tuning, overall and per `group`."""
+    qa_limit: int | None = Field(200, ge=1)
+    """Questions of `qa` to ask at most (the first ones; null: all)."""
+    max_new_tokens: int = Field(48, ge=1)
+    """Tokens per generated answer at most."""
+
+
 class FinetuneLoop(LoopSection):
     """The training loop, with fine-tuning's defaults (short runs, regular validation)."""
 
@@ -164,7 +178,8 @@ class FinetuneConfig(StageConfig):
 
     kind: Literal["instruction", "chat", "task", "domain"] = "chat"
     """instruction / chat: loss on the assistant replies (and their end-of-turn); task: classification data
-    trains a classification head (other task data is instruction data); domain: every token of domain text."""
+    trains a classification head on an encoder or decoder (generative task data such as GSM8K is trained as
+    instructions); domain: every token of domain text (or domain Q&A chats)."""
     method: Literal["full", "lora", "adapter", "prompt"] = "lora"
     """full: every weight; lora; adapter (bottleneck); prompt (prompt tuning)."""
     model: Path | None = None
@@ -179,6 +194,8 @@ class FinetuneConfig(StageConfig):
     """Prompt tuning settings (method: prompt)."""
     forgetting: ForgettingSection = Field(default_factory=ForgettingSection)
     """Forgetting measurement and gate."""
+    eval: FinetuneEval = Field(default_factory=FinetuneEval)
+    """Evaluation before and after."""
     # Subclasses, not default factories: `--set train.seq_len=64` builds the section from its class defaults.
     train: FinetuneLoop = Field(default_factory=FinetuneLoop)
     """The training loop."""

@@ -24,13 +24,15 @@ from torch import nn
 from lmforge import __version__
 from lmforge.adapters.base import parameter_counts
 from lmforge.adapters.io import base_fingerprint, save_adapter
-from lmforge.data.batches import sft_rows
+from lmforge.data.batches import classification_rows, sft_rows
 from lmforge.data.dataset import PreparedDataset
 from lmforge.data.samplers import EpochSampler, Rows, Windows, fixed
 from lmforge.errors import LmforgeError, RunFailed
+from lmforge.eval.qa import exact_match, read_qa
 from lmforge.fileio import atomic_write
+from lmforge.model.configs import DecoderConfig
 from lmforge.model.decoder import CausalLM
-from lmforge.model.hf import load_model, save_model
+from lmforge.model.hf import load_model, read_config, save_model
 from lmforge.stages.configs import FinetuneConfig
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.loop import evaluate, train
@@ -46,19 +48,15 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 # The prepared-data kinds each fine-tuning kind reads.
-DATA_KINDS = {"instruction": ("chat",), "chat": ("chat",), "domain": ("text", "chat"), "task": ("chat",)}
+DATA_KINDS = {"instruction": ("chat",), "chat": ("chat",), "domain": ("text", "chat"), "task": ("classification", "chat")}
 
 
 def run_finetune(cfg: FinetuneConfig, out: Path) -> dict[str, Any]:
     """Fine-tune `cfg.model` on `cfg.data.dataset`; write `out/model` (full) or `out/adapter`, metrics, results."""
     if cfg.model is None:
-        raise LmforgeError(
-            "finetune: model is required (--init-from DIR or --set model=DIR): the base HF dir"
-        )
+        raise LmforgeError("finetune: model is required (--init-from DIR or --set model=DIR): the base HF dir")
     if cfg.data.dataset is None:
-        raise LmforgeError(
-            "finetune: data.dataset is required: a directory written by `lmforge data prepare`"
-        )
+        raise LmforgeError("finetune: data.dataset is required: a directory written by `lmforge data prepare`")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise LmforgeError("finetune runs in one process for now: drop --nproc / torchrun")
     if cfg.train.resume:
@@ -73,38 +71,39 @@ def run_finetune(cfg: FinetuneConfig, out: Path) -> dict[str, Any]:
             f"finetune kind {cfg.kind!r} reads {' or '.join(DATA_KINDS[cfg.kind])} data; {ds.path} holds {kind} "
             f"data (prepare it with the matching --format)"
         )
+    classify = kind == "classification"
+    if classify and cfg.method == "prompt":
+        raise LmforgeError("method 'prompt' trains causal LMs; a classifier fine-tunes with full, lora or adapter")
     tokenizer = _tokenizer(base_dir, ds)
     device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.train.seed)
-    model = load_model(base_dir)
-    if not isinstance(model, CausalLM):
-        raise LmforgeError(
-            f"finetune kind {cfg.kind!r} trains a causal LM; {base_dir} holds a {type(model).__name__}"
-        )
+    model = _classifier(base_dir, ds) if classify else load_model(base_dir)
+    if not classify and not isinstance(model, CausalLM):
+        raise LmforgeError(f"finetune kind {cfg.kind!r} trains a causal LM; {base_dir} holds a {type(model).__name__}")
     if cfg.train.seq_len > model.config.max_position_embeddings:
         raise LmforgeError(
             f"train.seq_len={cfg.train.seq_len} exceeds {base_dir}'s max_position_embeddings="
             f"{model.config.max_position_embeddings}"
         )
     model = model.to(device)
-    objective = OBJECTIVES["clm"]
-    reference, ref_batches = _reference_batches(cfg, base_dir, tokenizer)
+    objective = OBJECTIVES["classify" if classify else "clm"]
+    reference, ref_batches = (None, []) if classify else _reference_batches(cfg, base_dir, tokenizer)
     before = _perplexity(model, ref_batches) if ref_batches else None
+    qa = read_qa(cfg.eval.qa, limit=cfg.eval.qa_limit) if cfg.eval.qa is not None else None
+    qa_before = _answer(model, tokenizer, qa, cfg) if qa else None
 
-    model = _apply_method(cfg, model, tokenizer).to(device)
+    model = _apply_method(cfg, model, tokenizer, classify).to(device)
     trainable, total = parameter_counts(model)
     log.info("finetune %s/%s: %s, %s trainable of %s parameters (%.3f%%)", cfg.kind, cfg.method, base_dir,
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)  # fmt: skip
     pack = cfg.data.packing and cfg.method != "prompt"  # a prompt-tuned row holds one sample
     train_examples, stats = _examples(ds, "train", cfg, tokenizer, pack)
+    if train_examples is None:
+        raise LmforgeError(f"{ds.path}: the train split is empty")
     batches = EpochSampler(fixed(train_examples), cfg.train.micro_batch_size, seed=cfg.train.seed)
     val_examples, _ = _examples(ds, "val", cfg, tokenizer, pack)
-    val = []
-    if val_examples is not None and len(val_examples) > 0:
-        n = min(len(val_examples), cfg.train.eval_batches * cfg.train.micro_batch_size)
-        val = [val_examples.batch(np.arange(i, min(i + cfg.train.micro_batch_size, n)), torch.Generator())
-               for i in range(0, n, cfg.train.micro_batch_size)]  # fmt: skip
-    val_before = evaluate(model, objective, val)["val_loss"] if val else math.nan
+    val = _fixed_batches(val_examples, cfg.train.micro_batch_size, cfg.train.eval_batches)
+    val_before = evaluate(model, objective, val) if val else {}
     optimizer = build_optimizer(model, cfg.optim, device.type)
     out.mkdir(parents=True, exist_ok=True)
     run_config = json.loads(cfg.model_dump_json())
@@ -123,6 +122,8 @@ def run_finetune(cfg: FinetuneConfig, out: Path) -> dict[str, Any]:
     model.eval()
     after = _perplexity(model, ref_batches) if ref_batches else None
     forgetting = _forgetting(before, after, reference, ref_batches, cfg)
+    if classify:
+        forgetting = {"skipped": "a classifier has no language-model head to measure perplexity with"}
     results: dict[str, Any] = {
         "kind": cfg.kind,
         "method": cfg.method,
@@ -134,19 +135,30 @@ def run_finetune(cfg: FinetuneConfig, out: Path) -> dict[str, Any]:
         "steps": summary["steps"],
         "tokens": summary["tokens"],
         "train_loss": summary["loss"],
-        "val_loss_before": val_before,
+        "val_loss_before": val_before.get("val_loss", math.nan),
         "val_loss": summary["val"].get("val_loss", math.nan),
         **stats,
         "forgetting": forgetting,
         "tokens_per_s": summary["tokens"] / max(summary["seconds"], 1e-9),
         "peak_memory_mb": peak_memory(device) / 2**20,
     }
+    if classify:
+        results["val_accuracy_before"] = val_before.get("val_cls_accuracy", math.nan)
+        results["val_accuracy"] = summary["val"].get("val_cls_accuracy", math.nan)
+        if cfg.eval.dataset is not None:
+            results["test"] = _test_accuracy(model, cfg, ds, tokenizer)
+    if qa:
+        results["qa"] = {"file": str(cfg.eval.qa), "before": qa_before, "after": _answer(model, tokenizer, qa, cfg)}
     lineage = {"parent": str(base_dir), "base_fingerprint": base_fingerprint(base_dir), "data": [ds.id],
                "stage": "finetune", "kind": cfg.kind, "method": cfg.method, "config": run_config,
-               "forgetting_reference": forgetting.get("reference") if forgetting else None,
-               "lmforge_version": __version__, "seed": cfg.train.seed, "results": results}  # fmt: skip
+               "forgetting_reference": forgetting.get("reference"), "lmforge_version": __version__,
+               "seed": cfg.train.seed, "results": results}  # fmt: skip
     model = model.cpu()
-    if cfg.method == "full":
+    if cfg.method == "full" or classify:
+        if cfg.method == "lora":  # the new head trains with the adapter: one plain model holds both
+            from lmforge.adapters.lora import merge_lora
+
+            model = merge_lora(model)
         target = save_model(model, out / "model")
     else:
         target = save_adapter(model, cfg, out / "adapter", base_dir)
@@ -158,13 +170,59 @@ def run_finetune(cfg: FinetuneConfig, out: Path) -> dict[str, Any]:
     plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
     atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
     limit = cfg.forgetting.max_increase_pct
-    if limit is not None and forgetting and forgetting["increase_pct"] > limit:
+    if limit is not None and "increase_pct" in forgetting and forgetting["increase_pct"] > limit:
         raise RunFailed(
             f"forgetting gate: reference perplexity rose {forgetting['increase_pct']:.2f}% "
             f"({forgetting['perplexity_before']:.3f} → {forgetting['perplexity_after']:.3f}), more than the "
             f"allowed {limit}% (forgetting.max_increase_pct / --max-forgetting); the outputs are in {out}"
         )
     return results
+
+
+def _classifier(base_dir: Path, ds: PreparedDataset) -> nn.Module:
+    """The base loaded under a sequence-classification head sized for the dataset's labels (a fresh head)."""
+    from lmforge.model.decoder import DecoderForSequenceClassification
+
+    config, _ = read_config(base_dir)
+    labels = ds.manifest.get("labels") or {}
+    if not labels:
+        raise LmforgeError(f"{ds.path}: classification data without labels in its manifest: prepare it again")
+    if isinstance(config, DecoderConfig):
+        architecture = DecoderForSequenceClassification.architectures[config.model_type]
+    else:
+        architecture = "BertForSequenceClassification"
+    return load_model(base_dir, architecture=architecture, id2label={int(i): n for i, n in labels.items()})
+
+
+def _fixed_batches(examples: Rows | None, size: int, most: int) -> list[dict]:
+    """The first `most` micro-batches of `examples` in order (the same every evaluation)."""
+    if examples is None or len(examples) == 0:
+        return []
+    n = min(len(examples), most * size)
+    return [examples.batch(np.arange(i, min(i + size, n)), torch.Generator()) for i in range(0, n, size)]
+
+
+def _test_accuracy(model: nn.Module, cfg: FinetuneConfig, ds: PreparedDataset, tokenizer: Tokenizer) -> dict:
+    """Accuracy on every split of the `eval.dataset` test set, with the majority-class baseline."""
+    test = PreparedDataset(cfg.eval.dataset)
+    if test.manifest["kind"] != "classification" or test.manifest["tokenizer"]["hash"] != ds.manifest["tokenizer"]["hash"]:
+        raise LmforgeError(f"eval.dataset {test.path}: expected classification data prepared with {ds.path}'s tokenizer")
+    docs = [d for split in ("train", "val") for d in test.documents(split)]
+    rows = Rows(classification_rows([(d.ids, d.label) for d in docs], cfg.train.seq_len, _pad(tokenizer)))
+    metrics = evaluate(model, OBJECTIVES["classify"], _fixed_batches(rows, 64, len(docs)))
+    counts = np.bincount([d.label for d in docs])
+    return {"dataset": test.id, "examples": len(docs), "accuracy": metrics["val_cls_accuracy"],
+            "majority_baseline": float(counts.max() / counts.sum())}  # fmt: skip
+
+
+def _answer(model: nn.Module, tokenizer: Tokenizer, items: list, cfg: FinetuneConfig) -> dict:
+    """Exact-match accuracy of the model's greedy answers to `items` (evaluation mode, restored after)."""
+    from lmforge.infer.engine import Engine
+
+    was_training = model.training
+    result = exact_match(Engine(model.eval(), tokenizer), items, max_new_tokens=cfg.eval.max_new_tokens)
+    model.train(was_training)
+    return result
 
 
 def _tokenizer(base_dir: Path, ds: PreparedDataset) -> Tokenizer:
@@ -181,21 +239,27 @@ def _tokenizer(base_dir: Path, ds: PreparedDataset) -> Tokenizer:
     return tok
 
 
-def _apply_method(cfg: FinetuneConfig, model: nn.Module, tokenizer: Tokenizer) -> nn.Module:
-    """The model the method trains: itself (full), or the base wrapped with a fresh adapter."""
+def _apply_method(cfg: FinetuneConfig, model: nn.Module, tokenizer: Tokenizer, classify: bool) -> nn.Module:
+    """The model the method trains: itself (full), or the base wrapped with a fresh adapter. A new
+    classification head always trains in full (it starts from random weights)."""
     if cfg.method == "full":
         return model.train()
     if cfg.method == "lora":
         from lmforge.adapters.lora import apply_lora
 
-        return apply_lora(model, cfg.lora).train()
-    if cfg.method == "adapter":
+        model = apply_lora(model, cfg.lora)
+    elif cfg.method == "adapter":
         from lmforge.adapters.bottleneck import apply_bottleneck
 
-        return apply_bottleneck(model, cfg.adapter).train()
-    from lmforge.adapters.prompt import apply_prompt_tuning
+        model = apply_bottleneck(model, cfg.adapter)
+    else:
+        from lmforge.adapters.prompt import apply_prompt_tuning
 
-    return apply_prompt_tuning(model, cfg.prompt, tokenizer).train()
+        model = apply_prompt_tuning(model, cfg.prompt, tokenizer)
+    if classify:
+        head = model.score if hasattr(model, "score") else model.classifier
+        head.requires_grad_(True)
+    return model.train()
 
 
 def _examples(
@@ -208,11 +272,14 @@ def _examples(
         return None, {}
     if ds.manifest["kind"] == "text":  # domain text: every token, windows across documents (as pretraining)
         return Windows(np.concatenate([d.ids for d in docs]).astype(np.int64), T), {}
+    if ds.manifest["kind"] == "classification":
+        cut = sum(len(d.ids) > T for d in docs)
+        return Rows(classification_rows([(d.ids, d.label) for d in docs], T, _pad(tokenizer))), (
+            {"samples": len(docs), "truncated_samples": cut} if split == "train" else {})  # fmt: skip
     if not any(d.mask is not None and d.mask.any() for d in docs):
         raise LmforgeError(f"{ds.path} ({split}): no sample has an assistant turn to train on")
     samples = [(d.ids, d.mask) for d in docs]
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    rows, cut = sft_rows(samples, T, pad, pack=pack)
+    rows, cut = sft_rows(samples, T, _pad(tokenizer), pack=pack)
     real = sum(min(len(ids), T) for ids, _ in samples)
     stats = {"samples": len(samples), "rows": len(rows["input_ids"]), "truncated_samples": cut,
              "row_fill": real / rows["input_ids"].numel(),
@@ -221,6 +288,10 @@ def _examples(
         log.info("%s: %d samples in %d rows of %d (%.0f%% filled, %d cut to fit)", ds.path, len(samples),
                  stats["rows"], T, 100 * stats["row_fill"], cut)  # fmt: skip
     return Rows(rows), stats if split == "train" else {}
+
+
+def _pad(tokenizer: Tokenizer) -> int:
+    return tokenizer.pad_id if tokenizer.pad_id is not None else 0
 
 
 # ------------------------------------------------------------------------------------------- forgetting
@@ -285,7 +356,7 @@ def _forgetting(
 ) -> dict:
     """The forgetting record: reference, perplexities before/after and the increase in per cent."""
     if before is None or after is None:
-        return {}
+        return {"skipped": "no reference set: the base has no lineage naming its data; give forgetting.reference"}
     return {
         "reference": str(reference),
         "windows": sum(len(b["input_ids"]) for b in batches),

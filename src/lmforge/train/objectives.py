@@ -172,6 +172,33 @@ def encoder_objective(*terms: str) -> Objective:
     return Objective(counts, losses, metrics)
 
 
+def _classify_counts(batch: Batch) -> Counts:
+    return {"cls": len(batch["labels"])}
+
+
+def _classify_logits(model: nn.Module, batch: Batch) -> Tensor:
+    """(B, num_labels) from a *ForSequenceClassification model (BERT or a decoder)."""
+    return model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+
+
+def _classify_losses(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+    return {"cls": summed_cross_entropy(_classify_logits(model, batch), batch["labels"])}
+
+
+def _classify_metrics(model: nn.Module, batch: Batch) -> Metrics:
+    with torch.no_grad():
+        logits = _classify_logits(model, batch)
+    labels = batch["labels"]
+    return {
+        "cls_loss": (float(summed_cross_entropy(logits, labels)), float(len(labels))),
+        "cls_accuracy": correct_predictions(logits, labels),
+    }
+
+
+classify = Objective(_classify_counts, _classify_losses, _classify_metrics)
+"""Sequence classification: `input_ids` (B, T), `attention_mask` (B, T), `labels` (B,); one term "cls" over
+the rows, and validation accuracy."""
+
 OBJECTIVES: dict[str, Objective] = {
     "clm": clm,
     # `input_ids` already masked, `labels` (B, T) = original ids at masked positions, IGNORE_INDEX elsewhere,
@@ -181,5 +208,6 @@ OBJECTIVES: dict[str, Objective] = {
     "nsp": encoder_objective("nsp"),
     # Both batches' keys; the loss is BERT's: mean over masked positions + mean over pairs.
     "mlm+nsp": encoder_objective("mlm", "nsp"),
+    "classify": classify,
 }
 """Every objective by the name a config gives."""
