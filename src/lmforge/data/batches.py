@@ -85,7 +85,9 @@ def sft_rows(
     return ({**rows_out, "segment_ids": segment_ids} if pack else rows_out), cut
 
 
-def classification_rows(samples: Sequence[tuple[np.ndarray, int]], seq_len: int, pad_id: int) -> dict[str, Tensor]:
+def classification_rows(
+    samples: Sequence[tuple[np.ndarray, int]], seq_len: int, pad_id: int
+) -> dict[str, Tensor]:
     """(ids, label) samples → {"input_ids", "attention_mask"} (N, seq_len) right-padded, "labels" (N,).
 
     A sample longer than `seq_len` keeps its first `seq_len` tokens; a decoder classifies the last real token

@@ -48,15 +48,24 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 # The prepared-data kinds each fine-tuning kind reads.
-DATA_KINDS = {"instruction": ("chat",), "chat": ("chat",), "domain": ("text", "chat"), "task": ("classification", "chat")}
+DATA_KINDS = {
+    "instruction": ("chat",),
+    "chat": ("chat",),
+    "domain": ("text", "chat"),
+    "task": ("classification", "chat"),
+}
 
 
 def run_finetune(cfg: FinetuneConfig, out: Path) -> dict[str, Any]:
     """Fine-tune `cfg.model` on `cfg.data.dataset`; write `out/model` (full) or `out/adapter`, metrics, results."""
     if cfg.model is None:
-        raise LmforgeError("finetune: model is required (--init-from DIR or --set model=DIR): the base HF dir")
+        raise LmforgeError(
+            "finetune: model is required (--init-from DIR or --set model=DIR): the base HF dir"
+        )
     if cfg.data.dataset is None:
-        raise LmforgeError("finetune: data.dataset is required: a directory written by `lmforge data prepare`")
+        raise LmforgeError(
+            "finetune: data.dataset is required: a directory written by `lmforge data prepare`"
+        )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise LmforgeError("finetune runs in one process for now: drop --nproc / torchrun")
     if cfg.train.resume:
@@ -73,13 +82,17 @@ def run_finetune(cfg: FinetuneConfig, out: Path) -> dict[str, Any]:
         )
     classify = kind == "classification"
     if classify and cfg.method == "prompt":
-        raise LmforgeError("method 'prompt' trains causal LMs; a classifier fine-tunes with full, lora or adapter")
+        raise LmforgeError(
+            "method 'prompt' trains causal LMs; a classifier fine-tunes with full, lora or adapter"
+        )
     tokenizer = _tokenizer(base_dir, ds)
     device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.train.seed)
     model = _classifier(base_dir, ds) if classify else load_model(base_dir)
     if not classify and not isinstance(model, CausalLM):
-        raise LmforgeError(f"finetune kind {cfg.kind!r} trains a causal LM; {base_dir} holds a {type(model).__name__}")
+        raise LmforgeError(
+            f"finetune kind {cfg.kind!r} trains a causal LM; {base_dir} holds a {type(model).__name__}"
+        )
     if cfg.train.seq_len > model.config.max_position_embeddings:
         raise LmforgeError(
             f"train.seq_len={cfg.train.seq_len} exceeds {base_dir}'s max_position_embeddings="
@@ -148,7 +161,11 @@ def run_finetune(cfg: FinetuneConfig, out: Path) -> dict[str, Any]:
         if cfg.eval.dataset is not None:
             results["test"] = _test_accuracy(model, cfg, ds, tokenizer)
     if qa:
-        results["qa"] = {"file": str(cfg.eval.qa), "before": qa_before, "after": _answer(model, tokenizer, qa, cfg)}
+        results["qa"] = {
+            "file": str(cfg.eval.qa),
+            "before": qa_before,
+            "after": _answer(model, tokenizer, qa, cfg),
+        }
     lineage = {"parent": str(base_dir), "base_fingerprint": base_fingerprint(base_dir), "data": [ds.id],
                "stage": "finetune", "kind": cfg.kind, "method": cfg.method, "config": run_config,
                "forgetting_reference": forgetting.get("reference"), "lmforge_version": __version__,
@@ -205,8 +222,13 @@ def _fixed_batches(examples: Rows | None, size: int, most: int) -> list[dict]:
 def _test_accuracy(model: nn.Module, cfg: FinetuneConfig, ds: PreparedDataset, tokenizer: Tokenizer) -> dict:
     """Accuracy on every split of the `eval.dataset` test set, with the majority-class baseline."""
     test = PreparedDataset(cfg.eval.dataset)
-    if test.manifest["kind"] != "classification" or test.manifest["tokenizer"]["hash"] != ds.manifest["tokenizer"]["hash"]:
-        raise LmforgeError(f"eval.dataset {test.path}: expected classification data prepared with {ds.path}'s tokenizer")
+    if (
+        test.manifest["kind"] != "classification"
+        or test.manifest["tokenizer"]["hash"] != ds.manifest["tokenizer"]["hash"]
+    ):
+        raise LmforgeError(
+            f"eval.dataset {test.path}: expected classification data prepared with {ds.path}'s tokenizer"
+        )
     docs = [d for split in ("train", "val") for d in test.documents(split)]
     rows = Rows(classification_rows([(d.ids, d.label) for d in docs], cfg.train.seq_len, _pad(tokenizer)))
     metrics = evaluate(model, OBJECTIVES["classify"], _fixed_batches(rows, 64, len(docs)))
@@ -356,7 +378,9 @@ def _forgetting(
 ) -> dict:
     """The forgetting record: reference, perplexities before/after and the increase in per cent."""
     if before is None or after is None:
-        return {"skipped": "no reference set: the base has no lineage naming its data; give forgetting.reference"}
+        return {
+            "skipped": "no reference set: the base has no lineage naming its data; give forgetting.reference"
+        }
     return {
         "reference": str(reference),
         "windows": sum(len(b["input_ids"]) for b in batches),
