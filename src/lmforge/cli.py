@@ -320,19 +320,22 @@ def demo(
     ),
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     pretrain_steps: Annotated[int, typer.Option(help="Pretraining steps on the synthetic world.")] = 200,
+    sft_steps: Annotated[int, typer.Option(help="LoRA fine-tuning steps on group A's Q&A.")] = 300,
     as_json: JsonFlag = False,
 ) -> None:
     """Run the built-in demo end to end (no downloads).
 
     Today: synthesise the world, train its tokenizer, prepare its datasets (pretraining text, SFT chats,
     medical Q&A, preference pairs), pretrain a ~4M Llama on the world's text, generate from it at two
-    temperatures (the same weights, steered only by sampling), build a ~14M Llama for the tokenizer, save it
+    temperatures (the same weights, steered only by sampling), LoRA-fine-tune it on group A's Q&A and compare
+    exact-match answers about A and B (B's facts exist only in pretraining) before and after, with the
+    forgetting delta, build a ~14M Llama for the tokenizer, save it
     as a Hugging Face directory, reload it bit-exactly, inspect it and the real all-MiniLM-L6-v2, and compare
     sentences with MiniLM embeddings computed by lmforge's BERT. It grows with each lmforge stage.
     """
     from lmforge.pipeline import run_demo
 
-    result = run_demo(out, seed, pretrain_steps)
+    result = run_demo(out, seed, pretrain_steps, sft_steps)
     if as_json:
         emit(result, as_json=True)
         return
@@ -359,10 +362,34 @@ def demo(
             )
             for text in info["samples"]:
                 console.print(f"  … {escape(text)}", highlight=False)
+    sft = result["sft"]
+    console.rule("6. fine-tuning teaches the format, pretraining the knowledge (LoRA SFT on A's Q&A)")
+    console.print(
+        f"LoRA: {sft['trainable_params']:,} of {sft['total_params']:,} parameters trained; chat val loss "
+        f"{sft['val_loss']['before']:.3f} → {sft['val_loss']['after']:.3f}"
+    )
+    table = Table("held-out questions", "before SFT", "after SFT")
+    for group, accuracy in sft["exact_match"].items():
+        where = "in SFT + pretraining" if group == "A" else "in pretraining only"
+        table.add_row(f"group {group} ({where})", f"{accuracy['before']:.1%}", f"{accuracy['after']:.1%}")
+    table.add_row(
+        "answers ending with end-of-turn",
+        f"{sft['ends_turn']['before']:.1%}",
+        f"{sft['ends_turn']['after']:.1%}",
+    )
+    console.print(table)
+    f = sft["forgetting"]
+    if "increase_pct" in f:
+        console.print(
+            f"forgetting: pretraining-text perplexity {f['perplexity_before']:.2f} → {f['perplexity_after']:.2f} "
+            f"({f['increase_pct']:+.1f}%)"
+        )
+    for example in sft["examples_after"][:2]:
+        console.print(f"  Q: {escape(example['question'])}  A: {escape(example['answer'])}", highlight=False)
     for name, info in result["inspect"].items():
-        console.rule(f"6. lmforge inspect: {name}")
+        console.rule(f"7. lmforge inspect: {name}")
         emit(info, as_json=False)
-    console.rule("7. all-MiniLM-L6-v2 sentence similarity, computed by lmforge's BERT")
+    console.rule("8. all-MiniLM-L6-v2 sentence similarity, computed by lmforge's BERT")
     table = Table("", *[f"s{i}" for i in range(len(result["minilm_similarity"]["sentences"]))])
     for i, (sentence, row) in enumerate(zip(*result["minilm_similarity"].values(), strict=True)):
         table.add_row(f"s{i} {sentence}", *[f"{c:.2f}" for c in row])

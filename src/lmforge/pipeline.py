@@ -60,8 +60,11 @@ DEMO_MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers":
 """A ~4M-parameter Llama: big enough to learn the world's language, small enough for a few CPU minutes."""
 
 
-def run_demo(out: Path, seed: int = 0, pretrain_steps: int = 200) -> dict[str, Any]:
-    """The demo so far: synthesise the world, train its tokenizer, prepare its datasets, pretrain on it."""
+def run_demo(
+    out: Path, seed: int = 0, pretrain_steps: int = 200, sft_steps: int = 300, questions: int = 150
+) -> dict[str, Any]:
+    """The demo so far: synthesise the world, train its tokenizer, prepare its datasets, pretrain on it, steer
+    it by sampling, LoRA-fine-tune it on group A's Q&A and measure what each stage taught."""
     from lmforge.data.prepare import PrepareConfig, iter_texts, prepare
     from lmforge.data.synthetic import synthesize
     from lmforge.tokenizer import Tokenizer, tokenizer_stats, train_tokenizer
@@ -110,6 +113,7 @@ def run_demo(out: Path, seed: int = 0, pretrain_steps: int = 200) -> dict[str, A
     pretrained = timed("pretrain", run_pretrain, pretrain_cfg, out / "pretrain")
 
     steering = timed("generate", temperature_contrast, Path(pretrained["model_dir"]), seed)
+    sft = timed("finetune", finetune_on_a, Path(pretrained["model_dir"]), out, w, seed, sft_steps, questions)
 
     # A ~14M Llama sized for the world's tokenizer, saved as a HF dir with the tokenizer beside its weights.
     torch.manual_seed(seed)
@@ -150,6 +154,7 @@ def run_demo(out: Path, seed: int = 0, pretrain_steps: int = 200) -> dict[str, A
             )
         },
         "steering": steering,
+        "sft": sft,
         "model_dir": str(model_dir),
         "reload_bit_exact": exact,
         "inspect": {"llama-14m-world": inspect_model(model_dir), "all-MiniLM-L6-v2": inspect_model(minilm)},
@@ -158,6 +163,48 @@ def run_demo(out: Path, seed: int = 0, pretrain_steps: int = 200) -> dict[str, A
             "cosine": [[round(c, 4) for c in row] for row in similarity],
         },
         "seconds": timings,
+    }
+
+
+def finetune_on_a(
+    base: Path, out: Path, world: Path, seed: int, steps: int, questions: int
+) -> dict[str, Any]:
+    """LoRA SFT on group A's Q&A (recipes/sft-synthetic.yaml), then exact-match accuracy on the held-out
+    question paraphrases about A (SFT'd people) and B (people seen only in pretraining), before and after,
+    and the forgetting delta on the pretraining text."""
+    from lmforge.stages.configs import FinetuneConfig
+    from lmforge.stages.finetune import run_finetune
+
+    cfg = FinetuneConfig.model_validate({
+        "kind": "chat", "method": "lora", "model": str(base), "data": {"dataset": str(out / "data" / "sft_a")},
+        "lora": {"r": 16, "alpha": 32},
+        "eval": {"qa": str(world / "eval_qa.jsonl"), "qa_limit": questions, "qa_groups": ["A", "B"], "max_new_tokens": 32},
+        "train": {"max_steps": steps, "seq_len": 128, "micro_batch_size": 16, "eval_every": 100, "eval_batches": 8,
+                  "seed": seed},
+        "optim": {"lr": 2e-3, "warmup_steps": 20},
+    })  # fmt: skip
+    shutil.rmtree(out / "sft", ignore_errors=True)  # a demo rerun fine-tunes afresh
+    res = run_finetune(cfg, out / "sft")
+    qa = res["qa"]
+    return {
+        "trainable_params": res["trainable_params"],
+        "total_params": res["total_params"],
+        "val_loss": {"before": res["val_loss_before"], "after": res["val_loss"]},
+        "exact_match": {
+            group: {
+                "before": qa["before"]["by_group"].get(group),
+                "after": qa["after"]["by_group"].get(group),
+            }
+            for group in ("A", "B")
+        },
+        "ends_turn": {
+            "before": qa["before"]["ended_with_end_of_turn"],
+            "after": qa["after"]["ended_with_end_of_turn"],
+        },
+        "questions_per_group": cfg.eval.qa_limit,
+        "examples_after": qa["after"]["examples"],
+        "forgetting": res["forgetting"],
+        "adapter": res["output"],
     }
 
 

@@ -36,20 +36,26 @@ class QAItem:
 
 
 def read_qa(path: Path, limit: int | None = None, groups: set[str] | None = None) -> list[QAItem]:
-    """Questions of a chat/GSM8K file: every record's turns before its last reply, and what that reply must hold."""
+    """Questions of a chat/GSM8K file: every record's turns before its last reply, and what that reply must hold.
+
+    `limit` keeps the first questions of each `group` (records without one form one group); `groups` keeps
+    only those groups.
+    """
     records = list(read_records(path))
     fmt = detect_format(records[:20])
     examples = list(to_examples(records, fmt))
     if len(examples) != len(records):
         raise LmforgeError(f"{path}: expected one question per record ({fmt} format)")
-    items = []
+    items: list[QAItem] = []
+    taken: dict[str | None, int] = defaultdict(int)
     for record, ex in zip(records, examples, strict=True):
         if ex.kind != "chat":
             raise LmforgeError(f"{record.where}: a {ex.kind} record; expected a question with its answer")
         data: dict[str, Any] = record.data if isinstance(record.data, dict) else {}
         group = data.get("group")
-        if groups is not None and group not in groups:
+        if (groups is not None and group not in groups) or (limit is not None and taken[group] == limit):
             continue
+        taken[group] += 1
         *prompt, reply = ex.messages
         if ex.answer is not None:
             items.append(QAItem(tuple(prompt), ex.answer, "number", group))
@@ -57,8 +63,6 @@ def read_qa(path: Path, limit: int | None = None, groups: set[str] | None = None
             items.append(QAItem(tuple(prompt), data["value"], "contains", group))
         else:
             items.append(QAItem(tuple(prompt), reply["content"], "exact", group))
-        if limit is not None and len(items) == limit:
-            break
     return items
 
 

@@ -148,7 +148,9 @@ class FinetuneEval(Section):
     """A question file (chat records with a `value`, or GSM8K `question`/`answer`): exact-match accuracy of
     greedy answers before and after fine-tuning, overall and per `group`."""
     qa_limit: int | None = Field(200, ge=1)
-    """Questions of `qa` to ask at most (the first ones; null: all)."""
+    """Questions of `qa` to ask at most, per `group` when its records have one (the first ones; null: all)."""
+    qa_groups: list[str] | None = None
+    """Only the questions of these groups (e.g. [A, B] of the synthetic world); null: every question."""
     max_new_tokens: int = Field(48, ge=1)
     """Tokens per generated answer at most."""
 

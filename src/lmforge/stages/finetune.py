@@ -102,7 +102,8 @@ def run_finetune(cfg: FinetuneConfig, out: Path) -> dict[str, Any]:
     objective = OBJECTIVES["classify" if classify else "clm"]
     reference, ref_batches = (None, []) if classify else _reference_batches(cfg, base_dir, tokenizer)
     before = _perplexity(model, ref_batches) if ref_batches else None
-    qa = read_qa(cfg.eval.qa, limit=cfg.eval.qa_limit) if cfg.eval.qa is not None else None
+    groups = set(cfg.eval.qa_groups) if cfg.eval.qa_groups else None
+    qa = read_qa(cfg.eval.qa, limit=cfg.eval.qa_limit, groups=groups) if cfg.eval.qa is not None else None
     qa_before = _answer(model, tokenizer, qa, cfg) if qa else None
 
     model = _apply_method(cfg, model, tokenizer, classify).to(device)
