@@ -75,6 +75,13 @@ def test_every_method_trains_and_measures_forgetting(world, tmp_path, method):
     assert forgetting["increase_pct"] == pytest.approx(expected)
     lineage = json.loads((Path(res["output"]) / "lmforge.json").read_text())
     assert lineage["parent"] == str(world["base"]) and lineage["results"]["forgetting"] == forgetting
+    if (
+        method != "full"
+    ):  # the adapter generates on top of its base (prompt tuning: its virtual tokens cached)
+        gen = runner.invoke(app, ["generate", str(world["base"]), "--adapter", res["output"], "--chat", "--prompt",
+                                  "Who is Ada?", "--max-new-tokens", "5", "--temperature", "0", "--json"])  # fmt: skip
+        assert gen.exit_code == 0, gen.output
+        assert json.loads(gen.stdout)["results"][0]["samples"][0]["finish_reason"] in ("stop", "length")
 
 
 def test_forgetting_gate_fails_the_run(world, tmp_path):
@@ -134,6 +141,28 @@ def test_chat_sft_learns_to_end_its_turn(world, tmp_path):
     )
     assert before["ended_with_end_of_turn"] < 0.1
     assert after["ended_with_end_of_turn"] >= 0.9, after["examples"]
+
+
+def test_adapter_on_another_base_is_refused(world, tmp_path):
+    import shutil
+
+    from lmforge.model.hf import load_model, save_model
+
+    result = finetune(world, tmp_path / "run", "method=adapter")
+    assert result.exit_code == 0, result.output
+    other = shutil.copytree(world["base"], tmp_path / "other")
+    model = load_model(other)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.01)  # same shapes, other weights
+    save_model(model, other)
+    gen = runner.invoke(
+        app, ["generate", str(other), "--adapter", str(tmp_path / "run" / "adapter"), "--prompt", "x"]
+    )
+    assert gen.exit_code == 2 and "trained on" in gen.output and "other weights" in gen.output
+    merged = runner.invoke(
+        app, ["merge", str(world["base"]), str(tmp_path / "run" / "adapter"), "--out", str(tmp_path / "m")]
+    )
+    assert merged.exit_code == 2 and "only LoRA merges" in merged.output
 
 
 def test_bad_input(world, tmp_path):
