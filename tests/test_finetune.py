@@ -143,6 +143,33 @@ def test_chat_sft_learns_to_end_its_turn(world, tmp_path):
     assert after["ended_with_end_of_turn"] >= 0.9, after["examples"]
 
 
+def test_domain_text_and_a_decoder_classifier(world, tmp_path, shared_data):
+    """kind=domain trains on every token of text windows; kind=task on classification data puts a fresh
+    LlamaForSequenceClassification head on the decoder base."""
+    result = finetune(
+        world, tmp_path / "domain", "kind=domain", f"data.dataset={world['pretrain']}", "method=lora"
+    )
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.stdout)
+    assert res["val_loss"] < res["val_loss_before"] and res["forgetting"]["increase_pct"] < 50
+    rows = (shared_data / "banking77" / "train.csv").read_text(encoding="utf-8").splitlines()[:121]
+    folder = tmp_path / "cls"
+    folder.mkdir()
+    (folder / "train.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (folder / "categories.json").write_text((shared_data / "banking77" / "categories.json").read_text())
+    data = _prepare([folder / "train.csv"], world["root"] / "tok", tmp_path / "cls-data")
+    result = finetune(
+        world, tmp_path / "cls-run", "kind=task", f"data.dataset={data}", "method=full", "optim.lr=1e-3"
+    )
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.stdout)
+    assert res["val_accuracy_before"] >= 0 and "skipped" in res["forgetting"]
+    from lmforge.model.hf import load_model
+
+    model = load_model(res["output"])
+    assert type(model).__name__ == "DecoderForSequenceClassification" and model.config.num_labels == 77
+
+
 def test_adapter_on_another_base_is_refused(world, tmp_path):
     import shutil
 
