@@ -77,3 +77,13 @@ def test_long_samples_are_cut_and_counted() -> None:
 def test_positions_restart_per_segment() -> None:
     seg = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1]])
     assert positions_from_segments(seg).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
+
+
+def test_padded_rows_cut_each_batch_to_its_longest_sample() -> None:
+    from lmforge.data.batches import classification_rows
+    from lmforge.data.samplers import PaddedRows
+
+    rows = PaddedRows(classification_rows([(np.arange(3), 0), (np.arange(7), 1), (np.arange(2), 2)], 10, 0))
+    batch = rows.batch(np.array([0, 2]), torch.Generator())
+    assert batch["input_ids"].shape == (2, 3) and batch["labels"].tolist() == [0, 2]
+    assert rows.batch(np.array([1]), torch.Generator())["attention_mask"].tolist() == [[1] * 7]

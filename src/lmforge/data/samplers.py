@@ -118,6 +118,17 @@ class Rows:
         return {k: v[index] for k, v in self.rows.items()}
 
 
+class PaddedRows(Rows):
+    """Right-padded rows with an "attention_mask": a batch drops the columns no row of it uses, so short
+    samples (classification queries) do not pay for the longest one."""
+
+    def batch(self, rows: np.ndarray, generator: torch.Generator) -> Batch:
+        """The rows `rows`, cut to their longest sample."""
+        out = super().batch(rows, generator)
+        width = max(int(out["attention_mask"].sum(1).max()), 1)
+        return {k: v[:, :width] if v.dim() == 2 else v for k, v in out.items()}
+
+
 class Windows(Rows):
     """Next-token windows of a token stream (`clm_windows`): {"input_ids", "targets"} (B, seq_len)."""
 

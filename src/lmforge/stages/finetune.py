@@ -26,7 +26,7 @@ from lmforge.adapters.base import parameter_counts
 from lmforge.adapters.io import base_fingerprint, save_adapter
 from lmforge.data.batches import classification_rows, sft_rows
 from lmforge.data.dataset import PreparedDataset
-from lmforge.data.samplers import EpochSampler, Rows, Windows, fixed
+from lmforge.data.samplers import EpochSampler, PaddedRows, Rows, Windows, fixed
 from lmforge.errors import LmforgeError, RunFailed
 from lmforge.eval.qa import exact_match, read_qa
 from lmforge.fileio import atomic_write
@@ -231,7 +231,7 @@ def _test_accuracy(model: nn.Module, cfg: FinetuneConfig, ds: PreparedDataset, t
             f"eval.dataset {test.path}: expected classification data prepared with {ds.path}'s tokenizer"
         )
     docs = [d for split in ("train", "val") for d in test.documents(split)]
-    rows = Rows(classification_rows([(d.ids, d.label) for d in docs], cfg.train.seq_len, _pad(tokenizer)))
+    rows = PaddedRows(classification_rows([(d.ids, d.label) for d in docs], cfg.train.seq_len, _pad(tokenizer)))
     metrics = evaluate(model, OBJECTIVES["classify"], _fixed_batches(rows, 64, len(docs)))
     counts = np.bincount([d.label for d in docs])
     return {"dataset": test.id, "examples": len(docs), "accuracy": metrics["val_cls_accuracy"],
@@ -297,7 +297,7 @@ def _examples(
         return Windows(np.concatenate([d.ids for d in docs]).astype(np.int64), T), {}
     if ds.manifest["kind"] == "classification":
         cut = sum(len(d.ids) > T for d in docs)
-        return Rows(classification_rows([(d.ids, d.label) for d in docs], T, _pad(tokenizer))), (
+        return PaddedRows(classification_rows([(d.ids, d.label) for d in docs], T, _pad(tokenizer))), (
             {"samples": len(docs), "truncated_samples": cut} if split == "train" else {})  # fmt: skip
     if not any(d.mask is not None and d.mask.any() for d in docs):
         raise LmforgeError(f"{ds.path} ({split}): no sample has an assistant turn to train on")
