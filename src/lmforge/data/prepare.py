@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CHUNK = 512  # examples per tokenisation task: large enough to amortise IPC, small enough to stream
+MANIFEST_FORMAT = 2  # bumped when what prepare writes changes (2: "labels"), so older outputs are rebuilt
 
 
 class PrepareConfig(Section):
@@ -292,7 +293,7 @@ def fingerprint(cfg: PrepareConfig, digests: dict[Path, str], tokenizer_hash: st
         h.update(str(path).encode())
         h.update(digest.encode())
     h.update(tokenizer_hash.encode())
-    h.update(__version__.encode())
+    h.update(f"{__version__} format {MANIFEST_FORMAT}".encode())
     return h.hexdigest()
 
 
