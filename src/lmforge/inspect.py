@@ -12,14 +12,7 @@ from torch import nn
 
 from lmforge.model.configs import DecoderConfig
 from lmforge.model.hf import ARCHITECTURES, read_config, weight_files
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "tokenizer.model",
-    "special_tokens_map.json",
-)
+from lmforge.tokenizer import TOKENIZER_FILES
 
 
 def inspect_model(path: str | Path) -> dict[str, Any]:

@@ -99,7 +99,8 @@ def run_demo(
         }
 
     from lmforge.stages.configs import PretrainConfig
-    from lmforge.stages.pretrain import TOKENIZER_FILES, run_pretrain
+    from lmforge.stages.pretrain import run_pretrain
+    from lmforge.tokenizer import copy_tokenizer
 
     pretrain_cfg = PretrainConfig.model_validate({
         "model": {"overrides": DEMO_MODEL},
@@ -121,9 +122,7 @@ def run_demo(
                     pad_token_id=tok.pad_id)  # fmt: skip
     model = timed("build model", build_model, config)
     model_dir = save_model(model.eval(), out / "llama-14m-world")
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).exists():
-            shutil.copy2(tok_dir / name, model_dir / name)
+    copy_tokenizer(tok_dir, model_dir)
     reloaded = load_model(model_dir)
     ids = torch.tensor([tok.encode("Peregrine Oakley was born in")])
     with torch.no_grad():

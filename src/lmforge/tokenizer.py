@@ -25,6 +25,27 @@ from lmforge.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.txt",
+    "tokenizer.model",
+)
+"""The files of a HF tokenizer that travel with a model directory."""
+
+
+def copy_tokenizer(source: Path, model_dir: Path) -> list[str]:
+    """Copy the tokenizer files of `source` beside a model's weights in `model_dir`; returns their names."""
+    import shutil
+
+    copied = [name for name in TOKENIZER_FILES if (Path(source) / name).exists()]
+    for name in copied:
+        shutil.copy2(Path(source) / name, Path(model_dir) / name)
+    return copied
+
+
 BPE_SPECIAL = {
     "pad_token": "<|pad|>",
     "unk_token": "<|unk|>",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +11,7 @@ from lmforge.adapters.io import adapter_kind, base_fingerprint, load_adapter
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write
 from lmforge.model.hf import load_model, save_model
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
+from lmforge.tokenizer import copy_tokenizer
 
 
 def merge_adapter(base: Path, adapter: Path, out: Path) -> dict[str, Any]:
@@ -36,10 +29,7 @@ def merge_adapter(base: Path, adapter: Path, out: Path) -> dict[str, Any]:
     model = load_adapter(load_model(base), adapter, base_dir=base)
     merged = merge_lora(model).eval()
     target = save_model(merged, out)
-    for name in TOKENIZER_FILES:
-        source = (adapter / name) if (adapter / name).exists() else (base / name)
-        if source.exists():
-            shutil.copy2(source, target / name)
+    copy_tokenizer(adapter if (adapter / "tokenizer.json").exists() else base, target)
     lineage = {"parent": str(base), "adapter": str(adapter), "stage": "merge", "lmforge_version": __version__,
                "base_fingerprint": base_fingerprint(base)}  # fmt: skip
     adapter_lineage = adapter / "lmforge.json"

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -34,19 +33,13 @@ from lmforge.model.configs import DecoderConfig
 from lmforge.model.decoder import CausalLM
 from lmforge.model.hf import load_model, read_config, save_model
 from lmforge.stages.configs import FinetuneConfig
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import Tokenizer, copy_tokenizer
 from lmforge.train.loop import evaluate, train
 from lmforge.train.objectives import OBJECTIVES
 from lmforge.train.optim import build_optimizer
 from lmforge.train.reporting import ProgressBar, open_sinks, peak_memory, plot_loss_curve
 
 log = logging.getLogger(__name__)
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
 # The prepared-data kinds each fine-tuning kind reads.
 DATA_KINDS = {
     "instruction": ("chat",),
@@ -180,9 +173,7 @@ def run_finetune(cfg: FinetuneConfig, out: Path) -> dict[str, Any]:
         target = save_model(model, out / "model")
     else:
         target = save_adapter(model, cfg, out / "adapter", base_dir)
-    for name in TOKENIZER_FILES:
-        if (base_dir / name).exists():
-            shutil.copy2(base_dir / name, target / name)
+    copy_tokenizer(base_dir, target)
     results["output"] = str(target)
     atomic_write(target / "lmforge.json", json.dumps(lineage, indent=2) + "\n")
     plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
@@ -231,7 +222,9 @@ def _test_accuracy(model: nn.Module, cfg: FinetuneConfig, ds: PreparedDataset, t
             f"eval.dataset {test.path}: expected classification data prepared with {ds.path}'s tokenizer"
         )
     docs = [d for split in ("train", "val") for d in test.documents(split)]
-    rows = PaddedRows(classification_rows([(d.ids, d.label) for d in docs], cfg.train.seq_len, _pad(tokenizer)))
+    rows = PaddedRows(
+        classification_rows([(d.ids, d.label) for d in docs], cfg.train.seq_len, _pad(tokenizer))
+    )
     metrics = evaluate(model, OBJECTIVES["classify"], _fixed_batches(rows, 64, len(docs)))
     counts = np.bincount([d.label for d in docs])
     return {"dataset": test.id, "examples": len(docs), "accuracy": metrics["val_cls_accuracy"],

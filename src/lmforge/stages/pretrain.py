@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from lmforge.fileio import atomic_write
 from lmforge.model.configs import DecoderConfig, EncoderConfig, preset
 from lmforge.model.hf import build_model, load_model, read_config, save_model
 from lmforge.stages.configs import PretrainConfig
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import Tokenizer, copy_tokenizer
 from lmforge.train.activations import checkpoint_activations
 from lmforge.train.checkpoint import (
     CHECKPOINTS,
@@ -63,12 +62,6 @@ from lmforge.train.reporting import (
 )
 
 log = logging.getLogger(__name__)
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
 # The head each encoder objective trains (a headless checkpoint gets it freshly initialised).
 ENCODER_ARCHITECTURE = {
     "mlm": "BertForMaskedLM",
@@ -341,10 +334,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, sources: dict[str, Path], dist: Di
         return {"rank": dist.rank, "steps": summary["steps"]}
 
     model_dir = save_model(full.eval(), out / "model")
-    tok_dir = Path(tok["path"])
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).exists():
-            shutil.copy2(tok_dir / name, model_dir / name)
+    copy_tokenizer(Path(tok["path"]), model_dir)
     plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
     sample = greedy_sample(full, tokenizer, cfg.sample_prompt) if decoder and cfg.sample_prompt else None
     tokens_per_s = (summary["tokens"] - start_tokens) / max(summary["seconds"], 1e-9)
