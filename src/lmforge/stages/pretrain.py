@@ -30,6 +30,7 @@ from lmforge.data.samplers import (
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write
 from lmforge.model.configs import DecoderConfig, EncoderConfig, preset
+from lmforge.model.decoder import CausalLM
 from lmforge.model.hf import build_model, load_model, read_config, save_model
 from lmforge.stages.configs import PretrainConfig
 from lmforge.tokenizer import Tokenizer, copy_tokenizer
@@ -166,6 +167,10 @@ def _check(
             "an encoder (e.g. model.preset=bert-mini)")  # fmt: skip
         raise LmforgeError(
             f"pretrain objective {cfg.objective!r} needs {need}; {parent} is a {config.model_type} model"
+        )
+    if decoder and not isinstance(model, CausalLM):
+        raise LmforgeError(
+            f"pretrain objective 'clm' needs a causal LM; {parent} holds a {type(model).__name__}"
         )
     init_from = cfg.model.init_from
     if init_from is not None and (Path(init_from) / "tokenizer.json").is_file():
