@@ -34,10 +34,16 @@ def test_packed_losses_equal_unpacked(name: str) -> None:
     assert cut == 0 and len(rows["input_ids"]) < len(samples)  # several samples share rows
     with torch.no_grad():
         packed = model(rows["input_ids"], rows["targets"], segment_ids=rows["segment_ids"], reduction="none")
-        k = 0
+        seen = []
         for r in range(len(rows["input_ids"])):
             for seg in range(int(rows["segment_ids"][r].max()) + 1):
                 at = (rows["segment_ids"][r] == seg).nonzero().flatten()
+                k = next(
+                    i
+                    for i, (ids, _) in enumerate(samples)
+                    if rows["input_ids"][r, at].tolist() == ids.tolist()
+                )
+                seen.append(k)
                 ids, mask = samples[k]
                 alone_in = torch.from_numpy(ids)[None]
                 alone_t = torch.from_numpy(ids[1:].copy())
@@ -46,8 +52,7 @@ def test_packed_losses_equal_unpacked(name: str) -> None:
                 alone = model(alone_in, alone_t, reduction="none")[0]
                 assert torch.equal(rows["targets"][r, at], alone_t[0])
                 torch.testing.assert_close(packed[r, at], alone, atol=1e-5, rtol=0)
-                k += 1
-    assert k == len(samples)
+    assert sorted(seen) == list(range(len(samples)))  # every sample packed exactly once
 
 
 def test_rows_never_train_across_samples_or_on_prompts() -> None:

@@ -8,6 +8,7 @@ with the keys the objectives of `lmforge.train.objectives` read.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,23 +51,31 @@ def sft_rows(
 
     A sample predicts its own next tokens only: target t is ids[t + 1] where mask[t + 1] is 1, and a sample's
     last position has no target, so no loss ever reads across samples. `pack` fills each row with whole
-    samples in order (next fit), each with its own segment id (0, 1, ...): the model's attention never crosses
+    samples (best fit, longest first), each with its own segment id (0, 1, ...): the model's attention never crosses
     a segment and positions restart per segment, so a packed sample computes what it computes alone.
     Without `pack` each sample gets a row, right-padded, and no "segment_ids": causal attention alone keeps
     real tokens from the padding after them. Padding has segment -1 and no target. A sample longer than
     `seq_len` keeps its first `seq_len` tokens (counted in the second return value).
     """
-    T, rows, current, used, cut = seq_len, [], [], 0, 0
+    T, cut = seq_len, 0
+    kept: list[Sample] = []
     for ids, mask in samples:
         if len(ids) > T:
             ids, mask, cut = ids[:T], None if mask is None else mask[:T], cut + 1
-        if current and (not pack or used + len(ids) > T):
-            rows.append(current)
-            current, used = [], 0
-        current.append((ids, mask))
-        used += len(ids)
-    if current:
-        rows.append(current)
+        kept.append((ids, mask))
+    rows: list[list[Sample]] = [[s] for s in kept]
+    if pack:  # best fit, longest first: each sample goes to the fullest row that still has room for it
+        rows, free = [], []  # free: sorted (room left, row index)
+        for i in sorted(range(len(kept)), key=lambda i: -len(kept[i][0])):
+            n = len(kept[i][0])
+            at = bisect.bisect_left(free, (n, -1))
+            if at == len(free):
+                rows.append([kept[i]])
+                bisect.insort(free, (T - n, len(rows) - 1))
+            else:
+                room, r = free.pop(at)
+                rows[r].append(kept[i])
+                bisect.insort(free, (room - n, r))
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.int64)
     targets = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.int64)
     segment_ids = torch.full((len(rows), T), -1, dtype=torch.int64)
