@@ -180,7 +180,7 @@ def finetune_on_a(
         "eval": {"qa": str(world / "eval_qa.jsonl"), "qa_limit": questions, "qa_groups": ["A", "B"], "max_new_tokens": 32},
         "train": {"max_steps": steps, "seq_len": 128, "micro_batch_size": 16, "eval_every": 100, "eval_batches": 8,
                   "seed": seed},
-        "optim": {"lr": 2e-3, "warmup_steps": 20},
+        "optim": {"lr": 5e-4, "warmup_steps": 20},
     })  # fmt: skip
     shutil.rmtree(out / "sft", ignore_errors=True)  # a demo rerun fine-tunes afresh
     res = run_finetune(cfg, out / "sft")
