@@ -200,7 +200,22 @@ def test_counts_need_no_model():
     """counts read the batch alone: the loop totals them before any forward pass."""
     assert OBJECTIVES["clm"].counts(clm_batch()) == {"clm": 68}
     assert OBJECTIVES["mlm+nsp"].counts(bert_batch()) == {"mlm": 4, "nsp": 3}
-    assert set(OBJECTIVES) == {"clm", "mlm", "nsp", "mlm+nsp"}
+    assert OBJECTIVES["classify"].counts({"labels": torch.tensor([2, 0, 1])}) == {"cls": 3}
+    assert set(OBJECTIVES) == {"clm", "mlm", "nsp", "mlm+nsp", "classify"}
+
+
+def test_classify_sums_cross_entropy_and_counts_hits():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 0.5], [1.0, 1.5, 0.0]])  # argmax 0, 1, 1
+    labels = torch.tensor([0, 1, 2])
+    batch = {"input_ids": torch.zeros(3, 4, dtype=torch.long), "labels": labels}
+
+    def model(input_ids, attention_mask=None):
+        return logits
+
+    loss = OBJECTIVES["classify"].losses(model, batch)["cls"]
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+    metrics = OBJECTIVES["classify"].evaluate(model, batch)
+    assert metrics["cls_accuracy"] == (2.0, 3.0) and metrics["cls_loss"][1] == 3.0
 
 
 # ---------------------------------------------------------------------- gradient accumulation property
