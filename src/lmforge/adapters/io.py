@@ -82,9 +82,12 @@ def load_adapter(model: nn.Module, adapter_dir: Path, base_dir: Path | None = No
     return load_prompt(model, adapter_dir)
 
 
-def load_with_adapter(base_dir: Path, adapter_dir: Path | None) -> nn.Module:
-    """The base model of `base_dir`, with `adapter_dir`'s adapter on top when given, in eval mode."""
-    model = load_model(base_dir)
+def load_with_adapter(
+    base_dir: Path, adapter_dir: Path | None, *, device: str = "cpu", dtype: Any = None
+) -> nn.Module:
+    """The base model of `base_dir`, with `adapter_dir`'s adapter on top when given, on `device`, in eval mode."""
+    model = load_model(base_dir, device=device, dtype=dtype)
     if adapter_dir is not None:
-        model = load_adapter(model, adapter_dir, base_dir)
+        model = load_adapter(model, Path(adapter_dir), Path(base_dir))
+        model = model.to(device=device, dtype=next(model.parameters()).dtype)  # new adapter weights too
     return model.eval()

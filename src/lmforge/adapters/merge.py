@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from lmforge import __version__
-from lmforge.adapters.io import adapter_kind, base_fingerprint, load_adapter
+from lmforge.adapters.io import adapter_kind, base_fingerprint, load_with_adapter
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write
-from lmforge.model.hf import load_model, save_model
+from lmforge.model.hf import save_model
 from lmforge.tokenizer import copy_tokenizer
 
 
@@ -26,8 +26,7 @@ def merge_adapter(base: Path, adapter: Path, out: Path) -> dict[str, Any]:
         )
     if (out / "config.json").exists():
         raise LmforgeError(f"--out {out} already holds a model: choose another directory")
-    model = load_adapter(load_model(base), adapter, base_dir=base)
-    merged = merge_lora(model).eval()
+    merged = merge_lora(load_with_adapter(base, adapter)).eval()
     target = save_model(merged, out)
     copy_tokenizer(adapter if (adapter / "tokenizer.json").exists() else base, target)
     lineage = {"parent": str(base), "adapter": str(adapter), "stage": "merge", "lmforge_version": __version__,

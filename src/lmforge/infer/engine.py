@@ -31,7 +31,6 @@ from lmforge.infer.sampling import (
     token_logprobs,
 )
 from lmforge.model.decoder import KVCache
-from lmforge.model.hf import load_model
 from lmforge.tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"  # what a decoder prints for an incomplete UTF-8 sequence
@@ -101,15 +100,14 @@ class Engine:
     ) -> Engine:
         """Load a HF model directory with its tokenizer and its generation_config.json defaults, and an adapter
         directory (LoRA, bottleneck, prompt tuning) on top when given."""
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(path, device=device, dtype=dtype)
-        if not hasattr(model, "lm_head"):
-            raise LmforgeError(f"{path}: a {type(model).__name__} cannot generate text (a decoder is needed)")
-        if adapter is not None:
-            from lmforge.adapters.io import load_adapter
+        from lmforge.adapters.io import load_with_adapter
 
-            model = load_adapter(model, Path(adapter), base_dir=Path(path))
-            model = model.to(device=device, dtype=next(model.parameters()).dtype).eval()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_with_adapter(Path(path), adapter, device=device, dtype=dtype)
+        if not hasattr(
+            getattr(model, "base", model), "lm_head"
+        ):  # prompt tuning wraps the CausalLM as `base`
+            raise LmforgeError(f"{path}: a {type(model).__name__} cannot generate text (a decoder is needed)")
         return cls(model, Tokenizer.from_dir(path), defaults=GenerationConfig.from_model_dir(path))
 
     def encode(self, prompt: str) -> list[int]:
