@@ -30,8 +30,8 @@ def test_packed_losses_equal_unpacked(name: str) -> None:
     overrides = {"vocab_size": 64, "sliding_window": 4} if name == "tiny-mistral" else {"vocab_size": 64}
     model = build_model(preset(name, **overrides)).eval()
     samples = _samples(9)
-    rows, cut = sft_rows(samples, 24, pad_id=0, pack=True)
-    assert cut == 0 and len(rows["input_ids"]) < len(samples)  # several samples share rows
+    rows, counts = sft_rows(samples, 24, pad_id=0, pack=True)
+    assert counts["cut"] == 0 and len(rows["input_ids"]) < len(samples)  # several samples share rows
     with torch.no_grad():
         packed = model(rows["input_ids"], rows["targets"], segment_ids=rows["segment_ids"], reduction="none")
         seen = []
@@ -73,8 +73,8 @@ def test_rows_never_train_across_samples_or_on_prompts() -> None:
 
 
 def test_long_samples_are_cut_and_counted() -> None:
-    rows, cut = sft_rows([(np.arange(10), None), (np.arange(3), None)], 6, pad_id=0, pack=True)
-    assert cut == 1
+    rows, counts = sft_rows([(np.arange(10), None), (np.arange(3), None)], 6, pad_id=0, pack=True)
+    assert counts == {"cut": 1, "dropped": 0, "tokens": 9}
     assert rows["input_ids"].tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 0, 0]]
     assert rows["targets"][1].tolist() == [1, 2, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
 
@@ -82,6 +82,17 @@ def test_long_samples_are_cut_and_counted() -> None:
 def test_positions_restart_per_segment() -> None:
     seg = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1]])
     assert positions_from_segments(seg).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
+
+
+def test_samples_with_nothing_left_to_train_are_dropped() -> None:
+    long_prompt = (np.arange(10), np.array([0] * 8 + [1, 1]))  # its reply lies beyond 6 tokens
+    short = (np.arange(4), np.array([0, 0, 1, 1]))
+    no_reply = (np.arange(3), np.zeros(3, dtype=np.int64))
+    for pack in (True, False):
+        rows, counts = sft_rows([long_prompt, short, no_reply], 6, pad_id=0, pack=pack)
+        assert counts == {"cut": 1, "dropped": 2, "tokens": 4}
+        assert rows["input_ids"].tolist() == [[0, 1, 2, 3, 0, 0]]
+        assert rows["targets"][0].tolist() == [IGNORE_INDEX, 2, 3] + [IGNORE_INDEX] * 3
 
 
 def test_padded_rows_cut_each_batch_to_its_longest_sample() -> None:
@@ -92,3 +103,23 @@ def test_padded_rows_cut_each_batch_to_its_longest_sample() -> None:
     batch = rows.batch(np.array([0, 2]), torch.Generator())
     assert batch["input_ids"].shape == (2, 3) and batch["labels"].tolist() == [0, 2]
     assert rows.batch(np.array([1]), torch.Generator())["attention_mask"].tolist() == [[1] * 7]
+
+
+def test_length_grouped_order_is_a_permutation_with_less_padding() -> None:
+    from lmforge.data.batches import classification_rows
+    from lmforge.data.samplers import EpochSampler, PaddedRows, fixed
+
+    rng = np.random.default_rng(0)
+    samples = [(np.arange(1, int(n) + 1), 0) for n in rng.integers(2, 60, size=1003)]
+    plain = PaddedRows(classification_rows(samples, 64, 0))
+    grouped = PaddedRows(classification_rows(samples, 64, 0), group_by_length=True)
+    order = grouped.order(np.random.default_rng(1), 8)
+    assert sorted(order.tolist()) == list(range(1003))  # every sample once; the 3 left over stay last
+    assert (order == grouped.order(np.random.default_rng(1), 8)).all()  # the cursor's rng decides it
+
+    def columns(examples: PaddedRows) -> int:
+        sampler = EpochSampler(fixed(examples), 8, seed=0)
+        return sum(next(sampler)["input_ids"].numel() for _ in range(1000 // 8))  # one epoch
+
+    real = sum(len(ids) for ids, _ in samples)
+    assert columns(grouped) < 1.2 * real < 1.5 * real < columns(plain)

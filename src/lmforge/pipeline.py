@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from lmforge.data.synthetic import WorldSizes
 from lmforge.errors import LmforgeError
 from lmforge.inspect import inspect_model
 from lmforge.model.configs import preset
@@ -61,7 +62,12 @@ DEMO_MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers":
 
 
 def run_demo(
-    out: Path, seed: int = 0, pretrain_steps: int = 200, sft_steps: int = 300, questions: int = 150
+    out: Path,
+    seed: int = 0,
+    pretrain_steps: int = 200,
+    sft_steps: int = 300,
+    questions: int = 150,
+    sizes: WorldSizes | None = None,
 ) -> dict[str, Any]:
     """The demo so far: synthesise the world, train its tokenizer, prepare its datasets, pretrain on it, steer
     it by sampling, LoRA-fine-tune it on group A's Q&A and measure what each stage taught."""
@@ -78,7 +84,7 @@ def run_demo(
         timings[name] = round(time.perf_counter() - t0, 2)
         return result
 
-    world = timed("synthesize", synthesize, out / "world", seed=seed)
+    world = timed("synthesize", synthesize, out / "world", seed=seed, sizes=sizes)
     w = Path(world["out"])
     corpus = [w / "pretrain.jsonl", w / "medical_corpus.jsonl", w / "sft_a.jsonl"]
     tok_dir = timed("tokenizer", train_tokenizer, iter_texts(corpus), "bpe", 4096, out / "tokenizer")

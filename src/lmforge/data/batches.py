@@ -46,8 +46,9 @@ Sample = tuple[np.ndarray, np.ndarray | None]
 
 def sft_rows(
     samples: Sequence[Sample], seq_len: int, pad_id: int, *, pack: bool
-) -> tuple[dict[str, Tensor], int]:
-    """SFT samples → rows {"input_ids", "targets", "segment_ids"} (N, seq_len) int64, and how many were cut.
+) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """SFT samples → rows {"input_ids", "targets", "segment_ids"} (N, seq_len) int64, and counts {"cut",
+    "dropped", "tokens" (real tokens in the rows)}.
 
     A sample predicts its own next tokens only: target t is ids[t + 1] where mask[t + 1] is 1, and a sample's
     last position has no target, so no loss ever reads across samples. `pack` fills each row with whole
@@ -55,14 +56,20 @@ def sft_rows(
     a segment and positions restart per segment, so a packed sample computes what it computes alone.
     Without `pack` each sample gets a row, right-padded, and no "segment_ids": causal attention alone keeps
     real tokens from the padding after them. Padding has segment -1 and no target. A sample longer than
-    `seq_len` keeps its first `seq_len` tokens (counted in the second return value).
+    `seq_len` keeps its first `seq_len` tokens ("cut"); one whose kept tokens have no target left (a long
+    prompt, the reply beyond `seq_len`) would cost positions and train nothing, so it is left out ("dropped").
     """
-    T, cut = seq_len, 0
+    T, counts = seq_len, {"cut": 0, "dropped": 0, "tokens": 0}
     kept: list[Sample] = []
     for ids, mask in samples:
         if len(ids) > T:
-            ids, mask, cut = ids[:T], None if mask is None else mask[:T], cut + 1
+            ids, mask = ids[:T], None if mask is None else mask[:T]
+            counts["cut"] += 1
+        if len(ids) < 2 or (mask is not None and not np.asarray(mask[1:]).any()):
+            counts["dropped"] += 1
+            continue
         kept.append((ids, mask))
+        counts["tokens"] += len(ids)
     rows: list[list[Sample]] = [[s] for s in kept]
     if pack:  # best fit, longest first: each sample goes to the fullest row that still has room for it
         rows, free = [], []  # free: sorted (room left, row index)
@@ -91,7 +98,7 @@ def sft_rows(
             targets[r, start : start + n - 1] = target
             start += n
     rows_out = {"input_ids": input_ids, "targets": targets}
-    return ({**rows_out, "segment_ids": segment_ids} if pack else rows_out), cut
+    return ({**rows_out, "segment_ids": segment_ids} if pack else rows_out), counts
 
 
 def classification_rows(

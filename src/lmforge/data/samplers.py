@@ -59,7 +59,9 @@ class EpochSampler:
                 f"{self.n} training examples (windows or sentence pairs) are fewer than one micro-batch of "
                 f"{self.micro_batch_size}: use more data, a shorter train.seq_len or a smaller batch"
             )
-        self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = getattr(self.examples, "order", None)  # examples may choose their own epoch order
+        self._order = order(rng, self.micro_batch_size) if order else rng.permutation(self.n)
 
     def __iter__(self) -> EpochSampler:
         return self
@@ -120,7 +122,34 @@ class Rows:
 
 class PaddedRows(Rows):
     """Right-padded rows with an "attention_mask": a batch drops the columns no row of it uses, so short
-    samples (classification queries) do not pay for the longest one."""
+    samples (classification queries) do not pay for the longest one.
+
+    With `group_by_length` an epoch's order batches samples of similar length together (as `transformers`'
+    `group_by_length`): a random permutation is cut into groups of `GROUP` micro-batches, each group sorted by
+    length, and the resulting micro-batches shuffled, so a batch of short queries is not padded to one long
+    query (BANKING77: 16 real tokens a sample, 46 columns a batch without grouping).
+    """
+
+    GROUP = 50
+
+    def __init__(self, rows: dict[str, torch.Tensor], group_by_length: bool = False) -> None:
+        super().__init__(rows)
+        self.group_by_length = group_by_length
+        self.lengths = rows["attention_mask"].sum(1).numpy()  # (N,)
+
+    def order(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
+        """An epoch's order of the rows: a permutation, length-grouped per micro-batch when asked."""
+        perm = rng.permutation(len(self))
+        if not self.group_by_length:
+            return perm
+        size = self.GROUP * batch_size
+        grouped = np.concatenate([
+            chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            for chunk in np.split(perm, range(size, len(perm), size))
+        ])  # fmt: skip
+        full = len(grouped) // batch_size * batch_size  # the epoch's rest stays last (dropped as usual)
+        batches = grouped[:full].reshape(-1, batch_size)[rng.permutation(full // batch_size)]
+        return np.concatenate([batches.ravel(), grouped[full:]])
 
     def batch(self, rows: np.ndarray, generator: torch.Generator) -> Batch:
         """The rows `rows`, cut to their longest sample."""

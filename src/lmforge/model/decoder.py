@@ -354,14 +354,16 @@ class CausalLM(nn.Module):
                        inputs_embeds=inputs_embeds)  # (B, T, C)  # fmt: skip
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x)
-        logits = self.lm_head(x).float()  # (B, T, V), fp32 for a stable log-softmax
-        loss = F.cross_entropy(
-            logits.view(-1, logits.size(-1)),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction=reduction,
-        )
-        return loss.view(targets.shape) if reduction == "none" else loss
+        shape = targets.shape  # (B, T)
+        x, targets = x.flatten(0, 1), targets.flatten()  # (B*T, C), (B*T,)
+        if reduction != "none" and not torch.compiler.is_compiling():
+            # A reduced loss needs the head (C x V, and a V-wide softmax) only at counted positions: SFT
+            # trains ~40% of a packed row. (Under torch.compile the data-dependent shape would break the graph.)
+            counted = targets != IGNORE_INDEX
+            x, targets = x[counted], targets[counted]  # (N, C), (N,)
+        logits = self.lm_head(x).float()  # (N, V), fp32 for a stable log-softmax
+        loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+        return loss.view(shape) if reduction == "none" else loss
 
 
 # -------------------------------------------------------------------------------- classification head

@@ -137,6 +137,8 @@ class FinetuneData(Section):
     """Prepared dataset directory; its train split trains, its val split validates."""
     packing: bool = True
     """Pack several samples into each row (attention isolated per sample; positions restart per sample)."""
+    group_by_length: bool = True
+    """task (classification): batch queries of similar length together, so few columns are padding."""
 
 
 class FinetuneEval(Section):

@@ -222,6 +222,7 @@ def _test_accuracy(model: nn.Module, cfg: FinetuneConfig, ds: PreparedDataset, t
             f"eval.dataset {test.path}: expected classification data prepared with {ds.path}'s tokenizer"
         )
     docs = [d for split in ("train", "val") for d in test.documents(split)]
+    docs.sort(key=lambda d: len(d.ids))  # batches of similar length: little padding, the same accuracy
     rows = PaddedRows(
         classification_rows([(d.ids, d.label) for d in docs], cfg.train.seq_len, _pad(tokenizer))
     )
@@ -290,19 +291,23 @@ def _examples(
         return Windows(np.concatenate([d.ids for d in docs]).astype(np.int64), T), {}
     if ds.manifest["kind"] == "classification":
         cut = sum(len(d.ids) > T for d in docs)
-        return PaddedRows(classification_rows([(d.ids, d.label) for d in docs], T, _pad(tokenizer))), (
+        rows = classification_rows([(d.ids, d.label) for d in docs], T, _pad(tokenizer))
+        return PaddedRows(rows, group_by_length=cfg.data.group_by_length), (
             {"samples": len(docs), "truncated_samples": cut} if split == "train" else {})  # fmt: skip
     if not any(d.mask is not None and d.mask.any() for d in docs):
         raise LmforgeError(f"{ds.path} ({split}): no sample has an assistant turn to train on")
     samples = [(d.ids, d.mask) for d in docs]
-    rows, cut = sft_rows(samples, T, _pad(tokenizer), pack=pack)
-    real = sum(min(len(ids), T) for ids, _ in samples)
-    stats = {"samples": len(samples), "rows": len(rows["input_ids"]), "truncated_samples": cut,
-             "row_fill": real / rows["input_ids"].numel(),
+    rows, counts = sft_rows(samples, T, _pad(tokenizer), pack=pack)
+    if len(rows["input_ids"]) == 0:
+        raise LmforgeError(f"{ds.path} ({split}): no sample has a reply token within its first train.seq_len={T} "
+                           "tokens: raise train.seq_len")  # fmt: skip
+    stats = {"samples": len(samples), "rows": len(rows["input_ids"]), "truncated_samples": counts["cut"],
+             "untrained_samples_dropped": counts["dropped"], "row_fill": counts["tokens"] / rows["input_ids"].numel(),
              "trained_tokens": int((rows["targets"] != -100).sum())}  # fmt: skip
     if split == "train":
-        log.info("%s: %d samples in %d rows of %d (%.0f%% filled, %d cut to fit)", ds.path, len(samples),
-                 stats["rows"], T, 100 * stats["row_fill"], cut)  # fmt: skip
+        log.info("%s: %d samples in %d rows of %d (%.0f%% filled, %d cut to fit, %d left out: no reply token "
+                 "within the first %d)", ds.path, len(samples), stats["rows"], T, 100 * stats["row_fill"],
+                 counts["cut"], counts["dropped"], T)  # fmt: skip
     return Rows(rows), stats if split == "train" else {}
 
 
