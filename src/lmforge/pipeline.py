@@ -6,16 +6,18 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmforge.data.synthetic import WorldSizes
 from lmforge.errors import LmforgeError
 from lmforge.inspect import inspect_model
 from lmforge.model.configs import preset
 from lmforge.model.encoder import mean_pool
 from lmforge.model.hf import build_model, load_model, save_model
+
+if TYPE_CHECKING:
+    from lmforge.data.synthetic import WorldSizes
 
 log = logging.getLogger(__name__)
 
