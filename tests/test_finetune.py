@@ -202,7 +202,10 @@ def test_bad_input(world, tmp_path):
     )
     assert no_model.exit_code == 2 and "model is required" in no_model.output
     short = finetune(world, tmp_path / "d", "train.seq_len=4")  # every reply starts after the first 4 tokens
-    assert short.exit_code == 2 and "no sample has a reply token within its first train.seq_len=4" in short.output
+    assert (
+        short.exit_code == 2
+        and "no sample has a reply token within its first train.seq_len=4" in short.output
+    )
 
 
 # ------------------------------------------------------------------------ recipes, each on a small slice
