@@ -104,9 +104,8 @@ class Engine:
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_with_adapter(Path(path), adapter, device=device, dtype=dtype)
-        if not hasattr(
-            getattr(model, "base", model), "lm_head"
-        ):  # prompt tuning wraps the CausalLM as `base`
+        # Prompt tuning wraps the CausalLM as `base`; a decoder either way has the LM head.
+        if not hasattr(getattr(model, "base", model), "lm_head"):
             raise LmforgeError(f"{path}: a {type(model).__name__} cannot generate text (a decoder is needed)")
         return cls(model, Tokenizer.from_dir(path), defaults=GenerationConfig.from_model_dir(path))
 
