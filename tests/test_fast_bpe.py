@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -40,6 +41,12 @@ def test_lmforge_bpe_fast_path_equals_tokenizers(tmp_path, shared_data):
     expected = [e.ids for e in tok.backend.encode_batch_fast(texts, add_special_tokens=False)]
     assert tok.encode_batch(texts) == expected
     assert tok.encode_batch(["<|im_end|>"]) == [[tok.token_to_id("<|im_end|>")]]  # added tokens still special
+    # Without added tokens in the texts they are encoded joined by one, in one call: halves of special tokens
+    # at the texts' edges must not join across texts, and empty texts keep their place.
+    plain = [t for t in texts if "<|" not in t] + ["half <|endoftext", "|> other half", "<|im_", "end|>", ""]
+    ids, offsets = tok.encode_many(plain)
+    expected = [e.ids for e in tok.backend.encode_batch_fast(plain, add_special_tokens=False)]
+    assert [ids[a:b].tolist() for a, b in itertools.pairwise(offsets)] == expected
 
 
 def test_gpt2_style_byte_level_converts(shared_data):

@@ -112,6 +112,64 @@ def test_text_separator_option(tmp_path):
     assert [r.data for r in read_records(path, text_separator="")] == ["a", "b\n---\nc"]
 
 
+def _reference_documents(data: bytes, separator: str | None) -> tuple[list[tuple[int, str]], list[int]]:
+    """The plain line-by-line definition the block reader must match: (line, document) pairs and bad lines."""
+    lines, bad = [], []
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            lines.append((n, raw.decode("utf-8-sig" if n == 1 else "utf-8")))
+        except UnicodeDecodeError:
+            bad.append(n)
+    if lines and lines[-1][1] == "":  # the empty piece after a final newline is not a line
+        lines.pop()
+    marker = "<|endoftext|>" if separator is None else separator.strip()
+    blank_ends = separator == "" or (separator is None and all(t.strip() != marker for _, t in lines))
+    docs, doc, first = [], [], 0
+    for n, text in lines:
+        if (marker and text.strip() == marker) or (blank_ends and not text.strip()):
+            if doc and (joined := "\n".join(doc).strip()):
+                docs.append((first, joined))
+            doc = []
+        elif doc or text.strip():
+            first = first if doc else n
+            doc.append(text.rstrip("\r\n"))
+    if doc and (joined := "\n".join(doc).strip()):
+        docs.append((first, joined))
+    return docs, bad
+
+
+@pytest.mark.parametrize("block_bytes", [5, 64, 1 << 18])
+def test_text_documents_match_the_line_by_line_definition(tmp_path, monkeypatch, block_bytes):
+    """Random files of blank, space-only, CRLF, marker, BOM and non-UTF-8 lines, read in blocks of any size."""
+    import random
+
+    from lmforge.data import readers
+
+    monkeypatch.setattr(readers, "_BLOCK_BYTES", block_bytes)
+    pieces = [b"word", b" two words ", b"", b"  ", b"\t", b"\r", b"<|endoftext|>", b" <|endoftext|> ", b"---",
+              b"caf\xc3\xa9", b"bad \xff byte", b"\xef\xbb\xbfbom", b"a\rb", b"\xe2\x80\xa8", b"\x0c"]  # fmt: skip
+    rng = random.Random(block_bytes)
+    for trial in range(150):
+        data = b"\n".join(rng.choice(pieces) for _ in range(rng.randint(1, 40))) + rng.choice([b"", b"\n"])
+        path = tmp_path / f"t{trial}.txt"
+        path.write_bytes(data)
+        for separator in (None, "", "---"):
+            docs, bad_lines = _reference_documents(data, separator)
+            if not docs and not bad_lines:
+                continue  # an empty input is an error, tested elsewhere
+            records, bad = read(path, text_separator=separator)
+            assert [(r.line, r.data) for r in records] == docs, (data, separator)
+            assert [b.where for b in bad if "not UTF-8" in b.reason] == [f"{path}:{n}" for n in bad_lines]
+            # What `data prepare` does: whole-document byte chunks cut here, decoded and split in workers.
+            split = readers.text_split(path, separator)
+            from_chunks = [
+                (r.line, r.data)
+                for chunk in readers.text_chunks(path, split, size=block_bytes)
+                for r in readers.decode_chunk(str(path), chunk, split, on_bad=lambda bad: None)
+            ]
+            assert from_chunks == docs, (data, separator)
+
+
 # --- datasets dirs and optional dependencies
 
 

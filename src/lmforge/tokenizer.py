@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as Backend
 
@@ -263,18 +264,43 @@ class Tokenizer:
         return enc.ids, enc.type_ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
-        """Token ids of many texts: tiktoken's BPE when it is exactly equivalent, else the parallel Rust path."""
+        """Token ids of many texts (as `encode` of each): see `encode_many`."""
+        ids, offsets = self.encode_many(texts, add_special_tokens)
+        flat, ends = ids.tolist(), offsets.tolist()
+        return [flat[a:b] for a, b in itertools.pairwise(ends)]
+
+    def encode_many(
+        self, texts: Sequence[str], add_special_tokens: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids of many texts as one int64 array and offsets: text i is ids[offsets[i]:offsets[i + 1]].
+
+        The hot path of `data prepare`: tiktoken's BPE when it is exactly equivalent, on all the texts joined by a
+        special token in one call (tiktoken splits at special tokens before its regex, so each text is encoded
+        alone; one call instead of one per text saves a third of the time on short documents), else the Rust
+        backend's parallel batch."""
         fast = None if add_special_tokens else self._fast_encoding()
-        if fast is None:
-            return [
-                e.ids
-                for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)
-            ]
         special = self._added_re
-        return [
+        if fast is None:
+            encoded = self.backend.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)
+            return flat_ids([e.ids for e in encoded])
+        specials = fast.special_tokens_set
+        if texts and specials and not (special is not None and special.search("\n".join(texts))):
+            sep = min(specials)
+            joined = sep.join(texts) + sep
+            ids = fast.encode_to_numpy(joined, allowed_special={sep}, disallowed_special=()).astype(np.int64)
+            # One separator per text, as ordinary BPE never yields a special token's id; else (a text ending in a
+            # part of `sep` that made another special token) the texts are encoded one by one below.
+            ends = np.flatnonzero(ids == fast.encode_single_token(sep))
+            if len(ends) == len(texts):
+                offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+                offsets[1:] = ends - np.arange(len(texts))  # text i ends at ends[i], after i separators
+                return np.delete(ids, ends), offsets
+        # Texts that spell an added token are left to the backend, which matches added tokens before the BPE.
+        lists = [
             self.encode(t) if special is not None and special.search(t) else fast.encode_ordinary(t)
             for t in texts
         ]
+        return flat_ids(lists)
 
     def _fast_encoding(self) -> Any:
         if self._fast is ...:
@@ -291,6 +317,13 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`."""
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def flat_ids(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Lists of ids as one int64 array and offsets (list i is ids[offsets[i]:offsets[i + 1]])."""
+    offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+    np.cumsum([len(ids) for ids in lists], out=offsets[1:])
+    return np.fromiter(itertools.chain.from_iterable(lists), np.int64, int(offsets[-1])), offsets
 
 
 def tokenizer_stats(tokenizer: Tokenizer, texts: Iterable[str], batch_size: int = 1024) -> dict[str, Any]:

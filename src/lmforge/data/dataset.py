@@ -14,70 +14,76 @@ import numpy as np
 from lmforge.errors import LmforgeError
 from lmforge.fileio import sha256_file
 
-
-@dataclass
-class Encoded:
-    """One tokenised example: per column (ids, mask or None), and the label for classification."""
-
-    columns: dict[str, tuple[np.ndarray, np.ndarray | None]]
-    label: int | None = None
+Column = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+"""Many documents of one column: (ids, offsets, mask or None); document i is ids[offsets[i]:offsets[i + 1]]."""
 
 
 @dataclass
 class ShardWriter:
-    """Accumulates encoded documents of one split and writes whole-document shards."""
+    """Accumulates tokenised documents of one split and writes whole-document shards."""
 
     root: Path
     dtype: np.dtype
     shard_tokens: int
-    buffers: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    masks: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    labels: list[int] = field(default_factory=list)
+    buffers: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]] = field(default_factory=dict)
+    labels: list[np.ndarray] = field(default_factory=list)
     shards: list[dict] = field(default_factory=list)
     buffered: int = 0  # tokens waiting in `buffers` for the next shard
     documents: int = 0
     tokens: int = 0
     masked: int = 0
 
-    def add(self, enc: Encoded) -> None:
-        """Buffer one document; write a shard once `shard_tokens` are buffered."""
-        for name, (ids, mask) in enc.columns.items():
-            self.buffers.setdefault(name, []).append(ids)
-            if mask is not None:
-                self.masks.setdefault(name, []).append(mask)
-                self.masked += int(mask.sum())
-            self.tokens += len(ids)
-            self.buffered += len(ids)
-        if enc.label is not None:
-            self.labels.append(enc.label)
-        self.documents += 1
-        if self.buffered >= self.shard_tokens:
-            self.flush()
+    def add(self, columns: dict[str, Column], labels: np.ndarray | None, select: np.ndarray) -> None:
+        """Buffer the documents of `columns` where `select` (bool per document) is true, in order; write a shard
+        each time `shard_tokens` are buffered (a shard ends after the document that reaches it)."""
+        chosen = np.flatnonzero(select)
+        sizes = sum(np.diff(offsets)[chosen] for _, offsets, _ in columns.values())  # tokens, all columns
+        while len(chosen):
+            reached = self.buffered + np.cumsum(sizes)
+            n = min(int(np.searchsorted(reached, self.shard_tokens)) + 1, len(chosen))
+            self._buffer(columns, labels, chosen[:n])
+            self.buffered = int(reached[n - 1])
+            if self.buffered >= self.shard_tokens:
+                self.flush()
+            chosen, sizes = chosen[n:], sizes[n:]
+
+    def _buffer(self, columns: dict[str, Column], labels: np.ndarray | None, docs: np.ndarray) -> None:
+        for name, (ids, offsets, mask) in columns.items():
+            lengths = np.diff(offsets)
+            picked = np.zeros(len(lengths), dtype=bool)
+            picked[docs] = True
+            tokens = np.repeat(picked, lengths)  # token-level selection of whole documents
+            part = (ids[tokens], lengths[docs], None if mask is None else mask[tokens])
+            self.buffers.setdefault(name, []).append(part)
+            self.tokens += len(part[0])
+            self.masked += 0 if part[2] is None else int(part[2].sum())
+        if labels is not None:
+            self.labels.append(labels[docs])
+        self.documents += len(docs)
 
     def flush(self) -> None:
         """Write the buffered documents as one shard (token ids, document offsets, masks, labels)."""
-        if not self.buffers or not next(iter(self.buffers.values())):
+        if not self.buffers:
             return
         self.root.mkdir(parents=True, exist_ok=True)
         stem = f"{len(self.shards):05d}"
         files: dict[str, str] = {}
-        for name, docs in self.buffers.items():
-            offsets = np.zeros(len(docs) + 1, dtype=np.int64)
-            np.cumsum([len(d) for d in docs], out=offsets[1:])
-            files[f"{stem}.{name}.bin"] = _write(
-                self.root / f"{stem}.{name}.bin", np.concatenate(docs).astype(self.dtype)
-            )
+        for name, parts in self.buffers.items():
+            lengths = np.concatenate([n for _, n, _ in parts])
+            offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            ids = np.concatenate([ids for ids, _, _ in parts]).astype(self.dtype, copy=False)
+            files[f"{stem}.{name}.bin"] = _write(self.root / f"{stem}.{name}.bin", ids)
             files[f"{stem}.{name}.docs.npy"] = _write(self.root / f"{stem}.{name}.docs.npy", offsets)
-            if name in self.masks:
-                mask = np.concatenate(self.masks[name])
+            if parts[0][2] is not None:
+                mask = np.concatenate([m for _, _, m in parts])
                 files[f"{stem}.{name}_mask.bin"] = _write(self.root / f"{stem}.{name}_mask.bin", mask)
         if self.labels:
             files[f"{stem}.labels.npy"] = _write(
-                self.root / f"{stem}.labels.npy", np.asarray(self.labels, np.int64)
+                self.root / f"{stem}.labels.npy", np.concatenate(self.labels)
             )
-        n_docs = len(next(iter(self.buffers.values())))
-        self.shards.append({"documents": n_docs, "files": files})
-        self.buffers, self.masks, self.labels, self.buffered = {}, {}, [], 0
+        self.shards.append({"documents": len(lengths), "files": files})
+        self.buffers, self.labels, self.buffered = {}, [], 0
 
     def summary(self) -> dict:
         """The split's manifest entry: counts and every shard's files with their sha256."""

@@ -23,9 +23,11 @@ LABEL_FIELDS = ("label", "category")
 _DETECT_SAMPLE = 8
 
 
-@dataclass(frozen=True)
+@dataclass(
+    slots=True
+)  # not frozen: a frozen dataclass is 3.5x slower to create, and `data prepare` makes millions
 class Example:
-    """One training or evaluation example, whatever file format it came from."""
+    """One training or evaluation example, whatever file format it came from (treated as immutable: see `replace`)."""
 
     id: str
     kind: Literal["text", "chat", "preference", "classification"]
@@ -137,10 +139,10 @@ def _preference(record: Record, prompt: list[Message], chosen: str, rejected: st
 
 
 def _text(record: Record, opts: _Options) -> list[Example]:
-    text = record.data if isinstance(record.data, str) else _str(record.data, "text")
-    if not text.strip():
+    text = (record.data if isinstance(record.data, str) else _str(record.data, "text")).strip()
+    if not text:
         raise _Invalid("the text is empty; expected a document")
-    return [Example(id=_id(record), kind="text", text=text.strip())]
+    return [Example(_id(record), "text", text)]
 
 
 def _prompt_completion(record: Record, opts: _Options) -> list[Example]:

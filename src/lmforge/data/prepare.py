@@ -28,6 +28,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -36,17 +37,27 @@ from pydantic import Field
 
 from lmforge import __version__
 from lmforge.config import Section
-from lmforge.data.dataset import Encoded, ShardWriter
+from lmforge.data.dataset import Column, ShardWriter
 from lmforge.data.formats import Example, detect_format, load_label_map, to_examples
 from lmforge.data.governance import DedupKey, Deduplicator, contamination, scrub_pii
-from lmforge.data.readers import BadRecord, Record, iter_files, read_records
+from lmforge.data.readers import (
+    BadRecord,
+    Record,
+    TextSplit,
+    decode_chunk,
+    iter_files,
+    read_records,
+    text_chunks,
+    text_split,
+)
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write, sha256_file, staging_dir
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-CHUNK = 512  # examples per tokenisation task: large enough to amortise IPC, small enough to stream
+CHUNK = 512  # records per tokenisation task: large enough to amortise IPC, small enough to stream
+TEXT_CHUNK_BYTES = 1 << 18  # bytes of a text file per task (whole documents, so a little more)
 MANIFEST_FORMAT = 2  # bumped when what prepare writes changes (2: "labels"), so older outputs are rebuilt
 
 
@@ -102,25 +113,32 @@ class PrepareConfig(Section):
 
 @dataclass
 class _Task:
-    """A chunk of raw records of one input: what a worker turns into tokens."""
+    """A chunk of one input, what a worker turns into tokens: raw records, or for a text file whole documents'
+    bytes (the worker decodes and splits them, so reading text costs the main process next to nothing)."""
 
     source: str
     fmt: str
     label_map: dict[str, int] | None
     records: list[tuple[int, Any, bool]]  # (line, data, by_index) of each Record: cheap to pickle
+    text: tuple[int, bytes] | None = None  # (first line number, bytes) from `text_chunks`
+    split: TextSplit | None = None
 
 
 @dataclass
 class _Chunk:
-    """A processed task: its kept examples' tokens in order, plus what the main process merges and reports."""
+    """A processed task: its kept examples' tokens in order, plus what the main process merges and reports. Arrays
+    per column and per chunk, not one per document, so it crosses processes and is written cheaply."""
 
-    columns: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]  # name -> (ids, offsets, mask): one
-    labels: list[int | None]  # array per column, not one per document, so it crosses processes cheaply
-    ids: list[str]
-    in_val: list[bool]
-    keys: list[DedupKey | None]
-    snippets: list[str]
-    kinds: set[str]
+    columns: dict[str, Column] = field(default_factory=dict)
+    labels: np.ndarray | None = None  # class per kept example (classification)
+    in_val: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    ids: list[str] = field(
+        default_factory=list
+    )  # with dedup on: ids, keys and the texts' first 200 characters
+    keys: list[DedupKey] = field(default_factory=list)
+    snippets: list[str] = field(default_factory=list)
+    kinds: set[str] = field(default_factory=set)
+    records: int = 0
     examples: int = 0
     text_bytes: int = 0
     pii: Counter = field(default_factory=Counter)
@@ -149,44 +167,57 @@ def _deduplicator(cfg: PrepareConfig) -> Deduplicator:
 def _process(task: _Task) -> _Chunk:
     """Records → examples → PII → decontamination → split and dedup keys → tokens, in a worker or in-process."""
     cfg: PrepareConfig = _worker["cfg"]
-    chunk = _Chunk({}, [], [], [], [], [], set())
+    chunk = _Chunk()
     on_bad = chunk.rejects.append if cfg.skip_bad else None
-    records = (Record(task.source, line, data, by_index) for line, data, by_index in task.records)
+    if task.text is not None:
+        records: Iterator[Record] = decode_chunk(task.source, task.text, task.split, on_bad)  # type: ignore[arg-type]
+        chunk.text_bytes = len(task.text[1])
+    else:
+        records = (Record(task.source, line, data, by_index) for line, data, by_index in task.records)
     kwargs: dict[str, Any] = {"label_map": task.label_map, "on_bad": on_bad}
     if cfg.label_field:
         kwargs["label_field"] = cfg.label_field
     kept: list[Example] = []
-    for ex in to_examples(records, task.fmt, **kwargs):
+    joined: list[str] = []  # each kept example's texts as one string (what the split and dedup hash)
+    for ex in to_examples(_counted(records, chunk), task.fmt, **kwargs):
         chunk.examples += 1
         chunk.kinds.add(ex.kind)
         texts = _texts(ex)
-        chunk.text_bytes += sum(len(t.encode()) for t in texts)
+        if task.text is None:
+            chunk.text_bytes += sum(len(t.encode()) for t in texts)
         if cfg.pii != "off":
             ex, found = _scrub(ex, texts, cfg.pii)
             chunk.pii.update(found)
             if cfg.pii == "drop" and found:
                 chunk.pii_dropped += 1
                 continue
+            texts = _texts(ex) if found and cfg.pii == "mask" else texts
         if ex.id in _worker["drop_ids"]:
             chunk.decontaminated += 1
             continue
         kept.append(ex)
-    dedup = _worker["dedup"]
-    for ex in kept:
-        joined = "\n".join(_texts(ex))
-        chunk.ids.append(ex.id)
-        chunk.in_val.append(_in_val(joined, cfg.val_fraction, cfg.seed))
-        chunk.keys.append(dedup.key(joined) if dedup is not None else None)
-        chunk.snippets.append(joined[:200])
-    encoded = _encode(kept)
-    chunk.labels = [enc.label for enc in encoded]
-    for name in encoded[0].columns if encoded else ():
-        parts = [enc.columns[name] for enc in encoded]
-        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
-        np.cumsum([len(ids) for ids, _ in parts], out=offsets[1:])
-        masks = None if parts[0][1] is None else np.concatenate([m for _, m in parts])
-        chunk.columns[name] = (np.concatenate([ids for ids, _ in parts]), offsets, masks)
+        joined.append(texts[0] if len(texts) == 1 else "\n".join(texts))
+    if len(chunk.kinds) > 1:
+        raise LmforgeError(f"{task.source}: holds examples of kinds {sorted(chunk.kinds)}; expected one kind")
+    chunk.in_val = np.array([_in_val(text, cfg.val_fraction, cfg.seed) for text in joined], dtype=bool)
+    if (dedup := _worker["dedup"]) is not None:
+        chunk.ids = [ex.id for ex in kept]
+        chunk.keys = [dedup.key(text) for text in joined]
+        chunk.snippets = [text[:200] for text in joined]
+    chunk.columns, chunk.labels = _encode(kept)
+    dtype = _token_dtype(_worker["tok"])  # the shards' dtype already: a quarter of int64's bytes to send back
+    chunk.columns = {name: (ids.astype(dtype), *rest) for name, (ids, *rest) in chunk.columns.items()}
     return chunk
+
+
+def _token_dtype(tok: Any) -> np.dtype:
+    return np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
+
+
+def _counted(records: Iterator[Record], chunk: _Chunk) -> Iterator[Record]:
+    for record in records:
+        chunk.records += 1
+        yield record
 
 
 def _scrub(ex: Example, texts: list[str], mode: str) -> tuple[Example, Counter]:
@@ -205,35 +236,54 @@ def _scrub(ex: Example, texts: list[str], mode: str) -> tuple[Example, Counter]:
     return _map_texts(ex, mask), found
 
 
-def _encode(examples: list[Example]) -> list[Encoded]:
-    """Tokenise examples: text in one batched call, chats and preference pairs through the chat template."""
+def _encode(examples: list[Example]) -> tuple[dict[str, Column], np.ndarray | None]:
+    """Tokenise examples of one kind into columns (and labels): text in one batched call with the BOS/EOS frame
+    added by array operations, chats and preference pairs through the chat template."""
     tok, template, cfg = _worker["tok"], _worker["template"], _worker["cfg"]
-    out: list[Encoded | None] = [None] * len(examples)
-    texts = [(i, ex.text) for i, ex in enumerate(examples) if ex.kind == "text"]
-    if texts:
+    kind = examples[0].kind if examples else None
+    if kind == "text":
         head = [tok.bos_id] if cfg.add_bos and tok.bos_id is not None else []
         tail = [tok.eos_id] if cfg.append_eos and tok.eos_id is not None else []
-        for (i, _), ids in zip(texts, tok.encode_batch([t for _, t in texts]), strict=True):
-            out[i] = Encoded({"tokens": (np.asarray(head + ids + tail), None)})
-    for i, ex in enumerate(examples):
-        if ex.kind == "chat":
-            from lmforge.chat import render_chat  # here, not above: Jinja's import costs plain text 0.1 s
+        return {"tokens": (*_framed(*tok.encode_many([ex.text for ex in examples]), head, tail), None)}, None
+    if kind == "classification":
+        ids, offsets = tok.encode_many([ex.text for ex in examples], add_special_tokens=True)
+        return {"tokens": (ids, offsets, None)}, np.array([ex.label for ex in examples], np.int64)
+    from lmforge.chat import render_chat  # here, not above: Jinja's import costs plain text 0.1 s
+    from lmforge.tokenizer import flat_ids
 
-            r = render_chat(tok, ex.messages, template=template)
-            out[i] = Encoded({"tokens": (np.asarray(r.ids), np.asarray(r.mask, dtype=np.uint8))})
-        elif ex.kind == "classification":
-            ids = np.asarray(tok.encode(ex.text, add_special_tokens=True))
-            out[i] = Encoded({"tokens": (ids, None)}, ex.label)
-        elif ex.kind == "preference":
-            from lmforge.chat import render_chat
+    columns = {}
+    for name in ("tokens",) if kind == "chat" else ("chosen", "rejected"):
+        rendered = [render_chat(tok, _conversation(ex, name), template=template) for ex in examples]
+        ids, offsets = flat_ids([r.ids for r in rendered])
+        mask = np.fromiter(chain.from_iterable(r.mask for r in rendered), np.uint8, len(ids))
+        columns[name] = (ids, offsets, mask)
+    return columns, None
 
-            columns = {}
-            for name in ("chosen", "rejected"):
-                reply = {"role": "assistant", "content": getattr(ex, name)}
-                r = render_chat(tok, [*ex.messages, reply], template=template)
-                columns[name] = (np.asarray(r.ids), np.asarray(r.mask, dtype=np.uint8))
-            out[i] = Encoded(columns)
-    return out  # type: ignore[return-value]
+
+def _conversation(ex: Example, column: str) -> Sequence[dict]:
+    """The messages rendered into `column`: a chat's, or a preference prompt with its chosen or rejected reply."""
+    if column == "tokens":
+        return ex.messages  # type: ignore[return-value]
+    return [*ex.messages, {"role": "assistant", "content": getattr(ex, column)}]  # type: ignore[misc]
+
+
+def _framed(
+    ids: np.ndarray, offsets: np.ndarray, head: list[int], tail: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every document of (ids, offsets) with `head` ids before it and `tail` ids after it, without a Python loop."""
+    if not head and not tail:
+        return ids, offsets
+    lengths = np.diff(offsets)
+    framed = np.zeros_like(offsets)
+    np.cumsum(lengths + len(head) + len(tail), out=framed[1:])
+    out = np.empty(int(framed[-1]), dtype=ids.dtype)
+    # token j of document i moves from offsets[i] + j to framed[i] + len(head) + j
+    out[np.arange(len(ids)) + np.repeat(framed[:-1] + len(head) - offsets[:-1], lengths)] = ids
+    for k, token in enumerate(head):
+        out[framed[:-1] + k] = token
+    for k, token in enumerate(tail):
+        out[framed[1:] - len(tail) + k] = token
+    return out, framed
 
 
 # --------------------------------------------------------------------------------------- governance
@@ -241,6 +291,8 @@ def _encode(examples: list[Example]) -> list[Encoded]:
 
 def _texts(ex: Example) -> list[str]:
     """The human-written strings of an example (what PII, dedup and contamination look at)."""
+    if ex.kind == "text":
+        return [ex.text]  # type: ignore[list-item]  # the common case, made cheap: one call per document
     parts = [ex.text] if ex.text is not None else []
     parts += [m["content"] for m in ex.messages or ()]
     parts += [s for s in (ex.chosen, ex.rejected) if s is not None]
@@ -348,7 +400,7 @@ def _prepare_into(
     """Read every input here, turn chunks of records into tokens in workers (or here), then deduplicate and write
     in input order: the output does not depend on the number of workers."""
     inputs = list(digests)
-    dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
+    dtype = _token_dtype(tok)
     rejects: list[BadRecord] = []
     pii_counts: Counter[str] = Counter()
     totals = Counter()
@@ -371,13 +423,18 @@ def _prepare_into(
             label_map = load_label_map(cfg.label_map) if cfg.label_map else _label_map_beside(path)
             if label_map:
                 label_names.update({i: name for name, i in label_map.items()})
+            if path.name.lower().endswith((".txt", ".txt.gz")):
+                split = text_split(path, cfg.text_separator)
+                for text in text_chunks(path, split, TEXT_CHUNK_BYTES):
+                    yield _Task(str(path), fmt, label_map, [], text, split), report
+                continue
             records = read_records(path, on_bad=rejects.append if cfg.skip_bad else None,
                                    text_separator=cfg.text_separator)  # fmt: skip
             for batch in _chunks(records, CHUNK):
-                report["records"] += len(batch)
                 yield _Task(str(path), fmt, label_map, [(r.line, r.data, r.by_index) for r in batch]), report
 
     def merge(chunk: _Chunk, report: dict) -> None:
+        report["records"] += chunk.records
         report["examples"] += chunk.examples
         for kind in chunk.kinds:
             if kinds and kind not in kinds:
@@ -391,17 +448,19 @@ def _prepare_into(
         pii_counts.update(chunk.pii)
         totals.update(pii_dropped=chunk.pii_dropped, decontaminated=chunk.decontaminated)
         rejects.extend(chunk.rejects)
-        for i, label in enumerate(chunk.labels):
-            if label is not None:
+        keep = np.ones(len(chunk.in_val), dtype=bool)
+        if dedup is not None:
+            for i, (doc_id, key, snippet) in enumerate(
+                zip(chunk.ids, chunk.keys, chunk.snippets, strict=True)
+            ):
+                if dup := dedup.add_key(doc_id, key, snippet):
+                    dedup_dropped[dup.kind] += 1
+                    keep[i] = False
+        if chunk.labels is not None:
+            for label in np.unique(chunk.labels).tolist():
                 label_names.setdefault(label, None)
-            if dedup is not None and (dup := dedup.add_key(chunk.ids[i], chunk.keys[i], chunk.snippets[i])):
-                dedup_dropped[dup.kind] += 1
-                continue
-            columns = {
-                name: (ids[o[i] : o[i + 1]], None if mask is None else mask[o[i] : o[i + 1]])
-                for name, (ids, o, mask) in chunk.columns.items()
-            }
-            writers["val" if chunk.in_val[i] else "train"].add(Encoded(columns, label))
+        writers["train"].add(chunk.columns, chunk.labels, keep & ~chunk.in_val)
+        writers["val"].add(chunk.columns, chunk.labels, keep & chunk.in_val)
 
     init = (cfg, template, drop_ids)
     with _worker_pool(cfg.num_proc, init) if cfg.num_proc > 1 else _in_process(init) as submit:

@@ -11,10 +11,10 @@ import gzip
 import importlib
 import json
 import os
+import re
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from types import ModuleType
 from typing import IO
@@ -26,11 +26,13 @@ SUPPORTED = ".txt, .jsonl, .json, .csv or .parquet (each maybe .gz), or a datase
 LABEL_MAP_NAMES = ("categories.json", "labels.json")  # label maps kept beside data files, not data themselves
 END_OF_TEXT = "<|endoftext|>"  # TinyStories v2's document separator line
 _SNIFF_BYTES = 256 * 1024  # auto text mode looks this far for an END_OF_TEXT line (v2 stories are ~1 KB)
+_BLOCK_BYTES = 1 << 18  # text files are read and split this many bytes at a time
+_CR_LF = re.compile(r"\r+\n")
 _RAW_CHARS = 200
 _GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)  # a truncated or corrupt .gz
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen, which is 2x slower to create: one per document or row
 class Record:
     """One record: its file, its position and its data (a JSON object, a CSV/parquet row or a text document)."""
 
@@ -143,7 +145,7 @@ def _records(path: Path, ext: str, gz: bool, on_bad: OnBad | None, sep: str | No
     note = None if on_bad is None else count
     records = {
         "datasets": lambda: _read_datasets(path),
-        ".txt": lambda: _read_text(_Lines(path, gz, note), sep),
+        ".txt": lambda: _read_text(path, gz, note, sep),
         ".jsonl": lambda: _read_jsonl(_Lines(path, gz, note), note),
         ".json": lambda: _read_json(path, gz, note),
         ".csv": lambda: _read_csv(_Lines(path, gz, note), note),
@@ -184,31 +186,189 @@ class _Lines:
             raise LmforgeError(f"{src}:{self.lineno + 1}: cannot decompress ({e}); expected gzip data") from e
 
 
-def _read_text(lines: _Lines, separator: str | None) -> Iterator[Record]:
-    numbered: Iterator[tuple[int, str]] = ((lines.lineno, text) for text in lines)
-    blank_ends = separator == ""
-    if separator is None:  # auto: peek for a TinyStories-v2 separator before deciding what blank lines mean
-        head, size = [], 0
-        for item in numbered:
-            head.append(item)
-            size += len(item[1])
-            if size >= _SNIFF_BYTES:
-                break
-        blank_ends = all(text.strip() != END_OF_TEXT for _, text in head)
-        numbered = chain(head, numbered)
-    marker = END_OF_TEXT if separator is None else separator.strip()
-    src, doc, first = str(lines.path), [], 0
-    for lineno, text in numbered:
-        stripped = text.strip()
-        if (marker and stripped == marker) or (blank_ends and not stripped):
-            if doc and (document := "\n".join(doc).strip()):
-                yield Record(src, first, document)
-            doc = []
-        elif doc or stripped:  # a document starts at its first non-blank line
-            first = first if doc else lineno
-            doc.append(text.rstrip("\r\n"))
-    if doc and (document := "\n".join(doc).strip()):
-        yield Record(src, first, document)
+def _text_blocks(path: Path, gz: bool, on_bad: OnBad | None) -> Iterator[tuple[int, str]]:
+    """The file decoded in blocks of whole lines, each with its first line's number (from 1). A line that is not
+    UTF-8 is a bad record and is left out; the text around it comes in separate blocks, so numbers stay right."""
+    src, lineno, rest = str(path), 1, b""
+    try:
+        with _open(path, gz) as f:
+            while True:
+                data = f.read(_BLOCK_BYTES)
+                buf = rest + data
+                cut = buf.rfind(b"\n") + 1 if data else len(buf)  # the last block may lack a final newline
+                block, rest = buf[:cut], buf[cut:]
+                if block:
+                    yield from _decoded(src, lineno, block, on_bad)
+                    lineno += block.count(b"\n")
+                if not data:
+                    return
+    except _GZIP_ERRORS as e:
+        raise LmforgeError(f"{src}:{lineno}: cannot decompress ({e}); expected gzip data") from e
+
+
+def _decoded(src: str, lineno: int, block: bytes, on_bad: OnBad | None) -> Iterator[tuple[int, str]]:
+    """`block` as text from line `lineno` on; line by line only when some line of it is not UTF-8."""
+    try:  # utf-8-sig on line 1: spreadsheet exports start with a byte-order mark
+        text = block.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError:
+        yield from _decoded_lines(src, lineno, block, on_bad)
+    else:
+        yield lineno, text
+
+
+def _decoded_lines(src: str, lineno: int, block: bytes, on_bad: OnBad | None) -> Iterator[tuple[int, str]]:
+    """`block` decoded line by line: each bad line rejected, the runs of good lines between them yielded."""
+    good: list[str] = []
+    first = lineno
+    for n, raw in enumerate(_split_lf(block), lineno):
+        try:
+            good.append(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
+        except UnicodeDecodeError as e:
+            reason = f"byte 0x{raw[e.start]:02x} (column {e.start + 1}) is not UTF-8; expected UTF-8 text"
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            reject(on_bad, BadRecord(src, f"{src}:{n}", reason, clip(text)))
+            if good:
+                yield first, "".join(good)
+            good, first = [], n + 1
+    if good:
+        yield first, "".join(good)
+
+
+def _split_lf(block: bytes) -> list[bytes]:
+    """The lines of `block`, each with its b"\\n" (bytes.splitlines would also end lines at b"\\r")."""
+    lines = [line + b"\n" for line in block.split(b"\n")]
+    lines[-1] = lines[-1][:-1]
+    return lines if lines[-1] else lines[:-1]
+
+
+@dataclass(frozen=True)
+class TextSplit:
+    """Where a text file's documents end: at lines equal to `marker` (spaces around it allowed, "" for none) and,
+    when `blank_ends`, at blank lines. A resolved `text_separator`, cheap to send to a worker process."""
+
+    marker: str
+    blank_ends: bool
+
+    def pattern(self, space: str = r"[^\S\n]") -> str | None:
+        """A regex matching the newline before each separator line and that line, without its own line end (for the
+        text to split on, give it a leading newline). Starting at a literal newline, it is searched for fast; `space`
+        is the whitespace class (for bytes, give an ASCII one: it then finds a subset of the separator lines, which is
+        safe for cutting). Ending at the text's end, an empty match is no line."""
+        ends = ([f"{space}*{re.escape(self.marker)}"] if self.marker else []) + (
+            [""] if self.blank_ends else []
+        )
+        return rf"\n(?:{'|'.join(ends)}){space}*(?=\n|\Z)" if ends else None
+
+
+def text_split(path: Path, separator: str | None) -> TextSplit:
+    """Resolve `text_separator` for `path`: auto (None) ends documents at `<|endoftext|>` lines, and also at blank
+    lines unless the file's first 256 KiB hold an `<|endoftext|>` line."""
+    if separator is not None:
+        return TextSplit(separator.strip(), separator == "")
+    head, size = [], 0
+    for _, text in _text_blocks(path, _kind(path) == (".txt", True), lambda bad: None):  # reported when read
+        head.append(text)
+        size += len(text)
+        if size >= _SNIFF_BYTES:
+            break
+    line = _marker_line("".join(head), END_OF_TEXT)
+    return TextSplit(END_OF_TEXT, line is None or line >= _SNIFF_BYTES)
+
+
+def _marker_line(text: str, marker: str) -> int | None:
+    """Where the first line of `text` that is `marker` with spaces around starts, if any: found
+    with str.find, much faster than a multi-line regex that tries every position."""
+    at = text.find(marker)
+    while at >= 0:
+        start, end = text.rfind("\n", 0, at) + 1, text.find("\n", at)
+        if text[start : len(text) if end < 0 else end].strip() == marker:
+            return start
+        at = text.find(marker, at + len(marker))
+    return None
+
+
+def _read_text(path: Path, gz: bool, on_bad: OnBad | None, separator: str | None) -> Iterator[Record]:
+    split = text_split(path, separator)
+    return text_records(str(path), _text_blocks(path, gz, on_bad), split)
+
+
+def text_records(source: str, blocks: Iterable[tuple[int, str]], split: TextSplit) -> Iterator[Record]:
+    """The documents in decoded blocks of whole lines ((first line number, text) pairs, as `_text_blocks` gives):
+    each block split at separator lines by one regex rather than a Python loop over lines; documents may span
+    blocks. A document's line is that of its first non-blank character."""
+    sep = re.compile(f"({pattern})") if (pattern := split.pattern()) else None
+    carry: list[str] = []  # the open document's text from earlier blocks
+    first = 0  # the line of the open document's first non-blank character (0: none yet)
+    for lineno, text in blocks:
+        # [text, separator, text, ..., text]; each separator holds one newline, each later text starts with one
+        parts = sep.split("\n" + text) if sep else ["\n" + text]
+        if len(parts) > 2 and parts[-2] == "\n" and not parts[-1]:  # the empty "line" after a final newline
+            del parts[-2:]
+        line = lineno - 1  # the line of parts[i][0], a newline before the first character of its line
+        for i in range(0, len(parts) - 1, 2):
+            piece = parts[i]
+            if not first and (rest := piece.lstrip()):
+                first = line + piece.count("\n", 0, len(piece) - len(rest))
+            if first:
+                yield Record(source, first, _cleaned("".join([*carry, piece]) if carry else piece))
+            carry, first = [], 0
+            line += piece.count("\n") + 1
+        piece = parts[-1]  # the block's end: the open document goes on in the next block
+        if not first and (rest := piece.lstrip()):
+            first = line + piece.count("\n", 0, len(piece) - len(rest))
+        carry.append(
+            piece[:-1] if piece.endswith("\n") else piece
+        )  # the next block's leading newline is this one
+    if first:
+        yield Record(source, first, _cleaned("".join(carry)))
+
+
+def text_chunks(path: Path, split: TextSplit, size: int) -> Iterator[tuple[int, bytes]]:
+    """A text file's raw bytes in chunks of about `size` that end at a separator line (or the file's end), each
+    with its first line's number: whole documents, for workers to decode and split (`decode_chunk`)."""
+    pattern = split.pattern(space=r"[ \t\r\f\v]")
+    sep = re.compile(pattern.encode()) if pattern else None
+    lineno, rest = 1, b""
+    try:
+        with _open(path, _kind(path) == (".txt", True)) as f:
+            while data := f.read(size):
+                buf = rest + data
+                cut = 0
+                for window in (4096, 65536, len(buf)) if sep else ():  # separators are near the end, usually
+                    if cut := _last_end(sep, buf, max(0, len(buf) - window)):
+                        break
+                if not cut:
+                    rest = buf  # one document so far: read on
+                    continue
+                yield lineno, buf[:cut]
+                lineno += buf.count(b"\n", 0, cut)
+                rest = buf[cut:]
+    except _GZIP_ERRORS as e:
+        raise LmforgeError(f"{path}:{lineno}: cannot decompress ({e}); expected gzip data") from e
+    if rest:
+        yield lineno, rest
+
+
+def _last_end(sep: re.Pattern, buf: bytes, start: int) -> int:
+    """Where the line after the last separator line in buf[start:] starts, or 0. A separator line at the buffer's
+    end without its newline does not count: the next read may complete it into a longer line."""
+    end = 0
+    for m in sep.finditer(buf, start):
+        end = m.end() + 1 if m.end() < len(buf) else end  # buf[m.end()] is the separator's newline
+    return end
+
+
+def decode_chunk(
+    source: str, chunk: tuple[int, bytes], split: TextSplit, on_bad: OnBad | None
+) -> Iterator[Record]:
+    """The documents of one `text_chunks` chunk, as `read_records` gives them for the same lines."""
+    lineno, raw = chunk
+    return text_records(source, _decoded(source, lineno, raw, on_bad), split)
+
+
+def _cleaned(text: str) -> str:
+    """A document's text: its lines without their line ends (a CR before LF too), stripped."""
+    return (_CR_LF.sub("\n", text) if "\r" in text else text).strip()
 
 
 def _read_jsonl(lines: _Lines, on_bad: OnBad | None) -> Iterator[Record]:
