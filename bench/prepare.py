@@ -1,19 +1,21 @@
 """`data prepare` throughput vs `datasets.map(batched=True, num_proc=2)` with the same tokenizer, in one run.
 
-  python bench/prepare.py [--repeat 10]
+  python bench/prepare.py [--repeat 10] [--runs 3]
 
 Inputs: TinyShakespeare + the TinyStories samples from ../shared/data (1.7 MB), and the same text repeated
 `--repeat` times (distinct copies, so startup costs are amortised). Tokenizer: an 8k byte-level BPE trained
 by lmforge on the same text. MB/s = input bytes / wall seconds. lmforge's time covers reading, splitting,
 governance (when on), tokenising, writing shards with sha256s and the manifest; the `datasets` time covers
 `Dataset.from_dict` + `map` over the already-split documents (reading and writing to disk not counted).
-The last column is the upper bound of any 2-process design on this machine: two independent prepares of half
-the files each, side by side.
+The last column is two independent in-process prepares of half the files each, side by side. Every
+measurement is made `--runs` times, interleaved (this shared VM's speed drifts by up to 1.7x within minutes);
+the table gives medians, the ratio is the median of the rounds' ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -74,6 +76,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument(
+        "--runs", type=int, default=3, help="rounds of every measurement; medians are reported"
+    )
     args = parser.parse_args()
     from lmforge.data.prepare import iter_texts
     from lmforge.tokenizer import train_tokenizer
@@ -93,23 +98,26 @@ def main() -> None:
         rows = []
         for name, files in (("1x (1.7 MB)", inputs), (f"{args.repeat}x", repeated)):
             mb = sum(p.stat().st_size for p in files) / 1e6
-            plain = run_lmforge(files, tok, tmp / f"out-{len(files)}-plain", pii="off", dedup="off")
-            governed = run_lmforge(files, tok, tmp / f"out-{len(files)}-gov")  # PII report, exact dedup
-            hf = run_datasets(files, tok)
-            ideal = run_ideal_split(files, tok, tmp / f"ideal-{len(files)}")
-            rows.append((name, mb, plain, governed, hf, ideal))
+            times: dict[str, list[float]] = {"plain": [], "governed": [], "hf": [], "ideal": []}
+            for r in range(args.runs):  # interleaved, so that each round's ratio sees one machine state
+                out = tmp / f"out-{len(files)}-{r}"
+                times["plain"].append(run_lmforge(files, tok, out / "plain", pii="off", dedup="off"))
+                times["governed"].append(run_lmforge(files, tok, out / "gov"))  # PII report, exact dedup
+                times["hf"].append(run_datasets(files, tok))
+                times["ideal"].append(run_ideal_split(files, tok, out / "ideal"))
+            ratios = [hf / plain for hf, plain in zip(times["hf"], times["plain"], strict=True)]
+            rows.append(
+                (name, mb, {k: statistics.median(v) for k, v in times.items()}, ratios, times["plain"])
+            )
     head = "| input | MB | lmforge MB/s | + PII report + exact dedup | datasets.map MB/s | ratio | ideal 2-proc MB/s |"
     print(head + "\n|---|---:|---:|---:|---:|---:|---:|")
-    for name, mb, plain, governed, hf, ideal in rows:
-        cells = [
-            name,
-            f"{mb:.1f}",
-            f"{mb / plain:.1f}",
-            f"{mb / governed:.1f}",
-            f"{mb / hf:.1f}",
-            f"{hf / plain:.2f}x",
-        ]
-        print("| " + " | ".join([*cells, f"{mb / ideal:.1f}"]) + " |")
+    for name, mb, t, ratios, _ in rows:
+        cells = [name, f"{mb:.1f}", f"{mb / t['plain']:.1f}", f"{mb / t['governed']:.1f}", f"{mb / t['hf']:.1f}",
+                 f"{statistics.median(ratios):.2f}x", f"{mb / t['ideal']:.1f}"]  # fmt: skip
+        print("| " + " | ".join(cells) + " |")
+    print(f"\nmedians of {args.runs} interleaved rounds; lmforge plain MB/s per round:")
+    for name, mb, _, _, plain in rows:
+        print(f"  {name}: " + ", ".join(f"{mb / t:.1f}" for t in plain))
 
 
 if __name__ == "__main__":

@@ -157,6 +157,17 @@ def test_bad_record_names_file_and_line_and_leaves_nothing(tmp_path, tokenizer_d
     assert reject["raw"].startswith("{not json") and "3" in reject["where"]
 
 
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_empty_text_file_is_named_and_leaves_nothing(tmp_path, tokenizer_dir, num_proc):
+    good = tmp_path / "good.txt"
+    good.write_text("a document\n\nanother\n")
+    for name, content in [("empty.txt", ""), ("blank.txt", "\n  \n\t\n")]:
+        (tmp_path / name).write_text(content)
+        with pytest.raises(LmforgeError, match=rf"{name}: no records \(empty file\?\)"):
+            run(tmp_path, tokenizer_dir, [good, tmp_path / name], num_proc=num_proc)
+        assert not (tmp_path / "out").exists()
+
+
 def test_failed_prepare_keeps_the_previous_output(tmp_path, tokenizer_dir):
     src = write(tmp_path / "a.jsonl", [{"text": "one"}, {"text": "two"}])
     first, out = run(tmp_path, tokenizer_dir, [src])

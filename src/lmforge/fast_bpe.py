@@ -86,11 +86,12 @@ def tiktoken_encoding(spec: dict[str, Any], backend: Any) -> Any | None:
     ]
     if None in merged or any(a >= b for a, b in itertools.pairwise(merged)):
         return None  # merge order and id order disagree: tiktoken would merge in another order
-    chars = _bytes_of_char()
-    try:
-        ranks = {bytes(chars[c] for c in token): i for token, i in vocab.items() if token not in added}
-    except KeyError:
+    tokens = {token: i for token, i in vocab.items() if token not in added}
+    if not set("".join(tokens)) <= _bytes_of_char().keys():
         return None  # a vocab entry outside the byte-level alphabet
+    # Each alphabet character → the character of its byte, then Latin-1: the bytes, without a Python loop per character.
+    table = str.maketrans({c: chr(b) for c, b in _bytes_of_char().items()})
+    ranks = {token.translate(table).encode("latin-1"): i for token, i in tokens.items()}
     if len(ranks) != len(vocab) - len(added & vocab.keys()) or any(
         bytes([b]) not in ranks for b in range(256)
     ):
