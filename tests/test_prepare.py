@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -84,6 +85,28 @@ def test_text_shards_decode_back_to_the_documents(tmp_path, tokenizer_dir):
     other, _ = run(tmp_path, tokenizer_dir, [src], val_fraction=0.3, pii="off", dedup="off")
     assert not other["cache_hit"] and other["id"] != manifest["id"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp dirs left
+
+
+def test_shards_end_after_the_document_that_reaches_shard_tokens(tmp_path, tokenizer_dir):
+    docs = [f"Document {i}. " + " ".join(CORPUS[: 1 + i % 4]) for i in range(120)]
+    src = tmp_path / "corpus.txt"
+    src.write_text("\n\n".join(docs) + "\n")
+    manifest, out = run(
+        tmp_path, tokenizer_dir, [src], val_fraction=0.0, pii="off", dedup="off", shard_tokens=300
+    )
+    shards = manifest["splits"]["train"]["shards"]
+    assert len(shards) > 5
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    seen = []
+    for shard in shards:
+        stem = next(iter(shard["files"])).split(".")[0]
+        offsets = np.load(out / "train" / f"{stem}.tokens.docs.npy")
+        ids = np.fromfile(out / "train" / f"{stem}.tokens.bin", dtype=np.uint16)
+        assert len(offsets) == shard["documents"] + 1 and offsets[-1] == len(ids)
+        if shard is not shards[-1]:
+            assert offsets[-1] >= 300 > offsets[-2]  # whole documents, cut after the one that reaches the cap
+        seen += [tok.decode(ids[a:b].tolist()) for a, b in itertools.pairwise(offsets)]
+    assert [d.removesuffix(tok.decode([tok.eos_id])) for d in seen] == docs  # in input order
 
 
 def test_split_is_deterministic_and_worker_count_does_not_matter(tmp_path, tokenizer_dir):

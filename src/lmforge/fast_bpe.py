@@ -89,7 +89,7 @@ def tiktoken_encoding(spec: dict[str, Any], backend: Any) -> Any | None:
     tokens = {token: i for token, i in vocab.items() if token not in added}
     if not set("".join(tokens)) <= _bytes_of_char().keys():
         return None  # a vocab entry outside the byte-level alphabet
-    # Each alphabet character → the character of its byte, then Latin-1: the bytes, without a Python loop per character.
+    # Each alphabet character → the character of its byte, then Latin-1: bytes without a loop per character.
     table = str.maketrans({c: chr(b) for c, b in _bytes_of_char().items()})
     ranks = {token.translate(table).encode("latin-1"): i for token, i in tokens.items()}
     if len(ranks) != len(vocab) - len(added & vocab.keys()) or any(

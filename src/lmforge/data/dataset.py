@@ -25,6 +25,7 @@ class ShardWriter:
     root: Path
     dtype: np.dtype
     shard_tokens: int
+    # per column, the parts added since the last shard: (ids, document lengths, mask or None)
     buffers: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]] = field(default_factory=dict)
     labels: list[np.ndarray] = field(default_factory=list)
     shards: list[dict] = field(default_factory=list)

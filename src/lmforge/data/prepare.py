@@ -132,9 +132,8 @@ class _Chunk:
     columns: dict[str, Column] = field(default_factory=dict)
     labels: np.ndarray | None = None  # class per kept example (classification)
     in_val: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
-    ids: list[str] = field(
-        default_factory=list
-    )  # with dedup on: ids, keys and the texts' first 200 characters
+    # With dedup on: each kept example's id, dedup key and first 200 characters, for the main process to add.
+    ids: list[str] = field(default_factory=list)
     keys: list[DedupKey] = field(default_factory=list)
     snippets: list[str] = field(default_factory=list)
     kinds: set[str] = field(default_factory=set)
@@ -397,8 +396,9 @@ def _prepare_into(
     root: Path,
     progress: Callable | None,
 ) -> dict:
-    """Read every input here, turn chunks of records into tokens in workers (or here), then deduplicate and write
-    in input order: the output does not depend on the number of workers."""
+    """Cut every input into tasks here (records, or whole documents' bytes of a text file), turn them into tokens
+    in workers (or here), then deduplicate and write in input order: the output does not depend on the number of
+    workers."""
     inputs = list(digests)
     dtype = _token_dtype(tok)
     rejects: list[BadRecord] = []
@@ -419,9 +419,8 @@ def _prepare_into(
         for path in inputs:
             report = {"path": str(path), "bytes": _size(path), "sha256": digests[path], "records": 0,
                       "examples": 0, "licence": cfg.licence or read_licence(path)}  # fmt: skip
-            text = path.name.lower().endswith(
-                (".txt", ".txt.gz")
-            )  # documents, which only the text format reads
+            # A text file holds documents, which only the text format reads: no records to peek at.
+            text = path.name.lower().endswith((".txt", ".txt.gz"))
             fmt = cfg.format or ("text" if text else detect_format(_peek_records(path, cfg.text_separator)))
             report["format"] = fmt
             input_reports.append(report)

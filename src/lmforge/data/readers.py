@@ -145,7 +145,7 @@ def _records(path: Path, ext: str, gz: bool, on_bad: OnBad | None, sep: str | No
     note = None if on_bad is None else count
     records = {
         "datasets": lambda: _read_datasets(path),
-        ".txt": lambda: _read_text(path, gz, note, sep),
+        ".txt": lambda: _read_text(path, note, sep),
         ".jsonl": lambda: _read_jsonl(_Lines(path, gz, note), note),
         ".json": lambda: _read_json(path, gz, note),
         ".csv": lambda: _read_csv(_Lines(path, gz, note), note),
@@ -186,24 +186,30 @@ class _Lines:
             raise LmforgeError(f"{src}:{self.lineno + 1}: cannot decompress ({e}); expected gzip data") from e
 
 
-def _text_blocks(path: Path, gz: bool, on_bad: OnBad | None) -> Iterator[tuple[int, str]]:
-    """The file decoded in blocks of whole lines, each with its first line's number (from 1). A line that is not
-    UTF-8 is a bad record and is left out; the text around it comes in separate blocks, so numbers stay right."""
-    src, lineno, rest = str(path), 1, b""
+def _raw_blocks(path: Path, size: int, cut: Callable[[bytes], int]) -> Iterator[tuple[int, bytes]]:
+    """A file's bytes (gunzipped) in blocks read `size` at a time and ending where `cut(buffer)` says (0: read on),
+    each with its first line's number (from 1); the rest of the file is the last block."""
+    lineno, rest = 1, b""
     try:
-        with _open(path, gz) as f:
-            while True:
-                data = f.read(_BLOCK_BYTES)
+        with _open(path, path.name.lower().endswith(".gz")) as f:
+            while data := f.read(size):
                 buf = rest + data
-                cut = buf.rfind(b"\n") + 1 if data else len(buf)  # the last block may lack a final newline
-                block, rest = buf[:cut], buf[cut:]
-                if block:
-                    yield from _decoded(src, lineno, block, on_bad)
-                    lineno += block.count(b"\n")
-                if not data:
-                    return
+                if end := cut(buf):
+                    yield lineno, buf[:end]
+                    lineno += buf.count(b"\n", 0, end)
+                    buf = buf[end:]
+                rest = buf
     except _GZIP_ERRORS as e:
-        raise LmforgeError(f"{src}:{lineno}: cannot decompress ({e}); expected gzip data") from e
+        raise LmforgeError(f"{path}:{lineno}: cannot decompress ({e}); expected gzip data") from e
+    if rest:
+        yield lineno, rest
+
+
+def _text_blocks(path: Path, on_bad: OnBad | None) -> Iterator[tuple[int, str]]:
+    """The file decoded in blocks of whole lines, each with its first line's number. A line that is not UTF-8 is a
+    bad record and is left out; the text around it comes in separate blocks, so numbers stay right."""
+    for lineno, raw in _raw_blocks(path, _BLOCK_BYTES, lambda buf: buf.rfind(b"\n") + 1):
+        yield from _decoded(str(path), lineno, raw, on_bad)
 
 
 def _decoded(src: str, lineno: int, block: bytes, on_bad: OnBad | None) -> Iterator[tuple[int, str]]:
@@ -266,7 +272,7 @@ def text_split(path: Path, separator: str | None) -> TextSplit:
     if separator is not None:
         return TextSplit(separator.strip(), separator == "")
     head, size = [], 0
-    for _, text in _text_blocks(path, _kind(path) == (".txt", True), lambda bad: None):  # reported when read
+    for _, text in _text_blocks(path, lambda bad: None):  # bad lines are reported when the documents are read
         head.append(text)
         size += len(text)
         if size >= _SNIFF_BYTES:
@@ -276,8 +282,8 @@ def text_split(path: Path, separator: str | None) -> TextSplit:
 
 
 def _marker_line(text: str, marker: str) -> int | None:
-    """Where the first line of `text` that is `marker` with spaces around starts, if any: found
-    with str.find, much faster than a multi-line regex that tries every position."""
+    """Where the first line of `text` that is `marker` with spaces around starts, if any (found with str.find,
+    much faster than a multi-line regex that tries every position)."""
     at = text.find(marker)
     while at >= 0:
         start, end = text.rfind("\n", 0, at) + 1, text.find("\n", at)
@@ -287,9 +293,9 @@ def _marker_line(text: str, marker: str) -> int | None:
     return None
 
 
-def _read_text(path: Path, gz: bool, on_bad: OnBad | None, separator: str | None) -> Iterator[Record]:
+def _read_text(path: Path, on_bad: OnBad | None, separator: str | None) -> Iterator[Record]:
     split = text_split(path, separator)
-    return text_records(str(path), _text_blocks(path, gz, on_bad), split)
+    return text_records(str(path), _text_blocks(path, on_bad), split)
 
 
 def text_records(source: str, blocks: Iterable[tuple[int, str]], split: TextSplit) -> Iterator[Record]:
@@ -316,9 +322,7 @@ def text_records(source: str, blocks: Iterable[tuple[int, str]], split: TextSpli
         piece = parts[-1]  # the block's end: the open document goes on in the next block
         if not first and (rest := piece.lstrip()):
             first = line + piece.count("\n", 0, len(piece) - len(rest))
-        carry.append(
-            piece[:-1] if piece.endswith("\n") else piece
-        )  # the next block's leading newline is this one
+        carry.append(piece[:-1] if piece.endswith("\n") else piece)  # the next block starts with this newline
     if first:
         yield Record(source, first, _cleaned("".join(carry)))
 
@@ -328,25 +332,14 @@ def text_chunks(path: Path, split: TextSplit, size: int) -> Iterator[tuple[int, 
     with its first line's number: whole documents, for workers to decode and split (`decode_chunk`)."""
     pattern = split.pattern(space=r"[ \t\r\f\v]")
     sep = re.compile(pattern.encode()) if pattern else None
-    lineno, rest = 1, b""
-    try:
-        with _open(path, _kind(path) == (".txt", True)) as f:
-            while data := f.read(size):
-                buf = rest + data
-                cut = 0
-                for window in (4096, 65536, len(buf)) if sep else ():  # separators are near the end, usually
-                    if cut := _last_end(sep, buf, max(0, len(buf) - window)):
-                        break
-                if not cut:
-                    rest = buf  # one document so far: read on
-                    continue
-                yield lineno, buf[:cut]
-                lineno += buf.count(b"\n", 0, cut)
-                rest = buf[cut:]
-    except _GZIP_ERRORS as e:
-        raise LmforgeError(f"{path}:{lineno}: cannot decompress ({e}); expected gzip data") from e
-    if rest:
-        yield lineno, rest
+
+    def cut(buf: bytes) -> int:
+        for window in (4096, 65536, len(buf)) if sep else ():  # separators are near the end, usually
+            if end := _last_end(sep, buf, max(0, len(buf) - window)):  # type: ignore[arg-type]
+                return end
+        return 0  # one document so far: read on
+
+    return _raw_blocks(path, size, cut)
 
 
 def _last_end(sep: re.Pattern, buf: bytes, start: int) -> int:
