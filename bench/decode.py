@@ -1,7 +1,7 @@
 """Decoding speed, lmforge's inference engine vs `transformers` `generate`, side by side on the same weights.
 
   python bench/decode.py [--presets llama-14m llama-124m] [--new-tokens 256] [--batch 16]
-                         [--batch-new-tokens 64] [--repeats 3] [--threads N] [--profile]
+                         [--batch-new-tokens 64] [--repeats 3] [--threads N] [--profile] [--speculate K]
 
 Greedy (temperature 0), fp32, CPU, inference_mode, the same thread count for both. Per preset:
 
@@ -12,6 +12,10 @@ Greedy (temperature 0), fp32, CPU, inference_mode, the same thread count for bot
 
 `transformers` gets the default dynamic cache and SDPA attention, with EOS switched off; its per-token times
 come from a streamer. Both libraries must return every requested token, and their greedy ids are compared.
+3. With `--speculate K`, batch 1 again with lmforge's prompt-lookup speculative decoding (`speculate=K`,
+   greedy output) against plain `transformers`, then against `transformers`' own prompt lookup
+   (`prompt_lookup_num_tokens=K`).
+
 Calls alternate between the libraries and each figure is the median over `--repeats` calls. `--profile`
 prints, for both batch sizes, the time inside vs outside the model's forward for each library, then
 torch.profiler's op table and cProfile's top functions for lmforge.
@@ -88,8 +92,8 @@ def make_tokenizer(out: Path) -> Tokenizer:
     return Tokenizer.from_dir(out)
 
 
-def run_lmforge(engine: Engine, prompts: list[list[int]], new: int) -> Run:
-    cfg = GenerationConfig(temperature=0, max_new_tokens=new)
+def run_lmforge(engine: Engine, prompts: list[list[int]], new: int, speculate: int = 0) -> Run:
+    cfg = GenerationConfig(temperature=0, max_new_tokens=new, speculate=speculate)
     t0 = time.perf_counter()
     done = engine.generate(prompts, cfg)
     wall = time.perf_counter() - t0
@@ -99,25 +103,30 @@ def run_lmforge(engine: Engine, prompts: list[list[int]], new: int) -> Run:
     return Run([c.token_ids for c in done], first, last, wall)
 
 
-def run_hf(hf: torch.nn.Module, prompts: list[list[int]], new: int, pad_id: int) -> Run:
+def run_hf(hf: torch.nn.Module, prompts: list[list[int]], new: int, pad_id: int, lookup: int = 0) -> Run:
     P = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts])  # left-padded (B, P)
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
     t0 = time.perf_counter()
     clock = StepClock(t0)
+    extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
     out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                      pad_token_id=pad_id, eos_token_id=None, streamer=clock)  # fmt: skip
+                      pad_token_id=pad_id, eos_token_id=None, streamer=clock, **extra)  # fmt: skip
     wall = time.perf_counter() - t0
     return Run(out[:, P:].tolist(), clock.puts[1], clock.puts[-1], wall)
 
 
-def compare(engine: Engine, hf: torch.nn.Module, prompts: list[list[int]], new: int, repeats: int):
-    """Alternate the two libraries `repeats` times (after a short warm-up); return each one's runs."""
+def compare(engine: Engine, hf: torch.nn.Module, prompts: list[list[int]], new: int, repeats: int,
+            speculate: int = 0, lookup: int = 0):  # fmt: skip
+    """Alternate the two libraries `repeats` times (after a short warm-up); return each one's runs.
+    `speculate` / `lookup`: lmforge's prompt-lookup speculation and `transformers`' prompt_lookup_num_tokens."""
     pad = engine.tokenizer.pad_id or 0
-    run_lmforge(engine, prompts, 4), run_hf(hf, prompts, 4, pad)  # warm-up
+    ours = lambda n: run_lmforge(engine, prompts, n, speculate)  # noqa: E731
+    theirs = lambda n: run_hf(hf, prompts, n, pad, lookup)  # noqa: E731
+    ours(4), theirs(4)  # warm-up
     runs: tuple[list[Run], list[Run]] = ([], [])
     for r in range(repeats):
-        order = [(0, lambda: run_lmforge(engine, prompts, new)), (1, lambda: run_hf(hf, prompts, new, pad))]
+        order = [(0, lambda: ours(new)), (1, lambda: theirs(new))]
         for i, call in order[:: 1 if r % 2 == 0 else -1]:  # swap who goes first each round
             runs[i].append(call())
     return runs
@@ -169,6 +178,14 @@ def bench_preset(name: str, tokenizer: Tokenizer, args: argparse.Namespace) -> l
             name, f"batch {args.batch}, {args.batch_new_tokens} new", batch_runs, args.batch_new_tokens
         ),
     ]
+    if args.speculate:  # batch 1: lmforge's speculation vs plain transformers, then vs its prompt lookup
+        k = args.speculate
+        for lookup, what in ((0, f"speculate={k} vs plain"), (k, f"speculate={k} vs prompt_lookup={k}")):
+            with torch.inference_mode():
+                runs = compare(engine, hf, single, args.new_tokens, args.repeats, speculate=k, lookup=lookup)
+            rows += table_rows(
+                name, f"batch 1, {args.new_tokens} new, {what}", runs, args.new_tokens, decode=True
+            )
     if args.profile:
         profile(engine, hf, name, single, args.new_tokens)
         profile(engine, hf, name, batch, args.batch_new_tokens)
@@ -227,6 +244,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads, both")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--speculate", type=int, default=0,
+                        help="also compare lmforge's prompt-lookup speculation (this many drafts) at batch 1")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers

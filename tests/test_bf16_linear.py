@@ -1,9 +1,11 @@
-"""CPU bf16 autocast without bf16 GEMM hardware: lmforge's `Linear` computes what a bf16 GEMM computes."""
+"""lmforge's `Linear`: under CPU bf16 autocast without bf16 GEMM hardware it computes what a bf16 GEMM computes;
+fp32 inference on a few rows matches nn.Linear."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import randomize_
 
 from lmforge.model import linear
@@ -47,3 +49,23 @@ def test_linear_is_nn_linear_outside_cpu_bf16_autocast(monkeypatch):
     assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))  # fp32: untouched
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16  # what autocast's nn.Linear returns
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 64, 65])
+@pytest.mark.parametrize("bias", [True, False])
+def test_few_rows_inference_matches_nn_linear(rows, bias):
+    """fp32 inference on 2..64 rows goes through W @ x.T: F.linear's values up to summation order; one row,
+    more rows and training take F.linear itself (bit-identical)."""
+    from lmforge.model.linear import SMALL_ROWS, Linear
+
+    torch.manual_seed(rows)
+    layer = Linear(96, 160, bias=bias)
+    x = torch.randn(1, rows, 96)  # (B, T, C) as a decode step or a speculative check gives it
+    with torch.no_grad():
+        got, want = layer(x), F.linear(x, layer.weight, layer.bias)
+    assert got.shape == (1, rows, 160) and got.is_contiguous()
+    if 1 < rows <= SMALL_ROWS:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(got, want)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # grad enabled: nn.Linear

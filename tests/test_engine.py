@@ -176,3 +176,107 @@ def test_bf16_generation_runs_for_every_family(model_dir):
     out = engine.generate(batch, GenerationConfig(temperature=0.7, seed=0, max_new_tokens=8))
     assert all(len(c.token_ids) <= 8 and all(lp <= 0 for lp in c.logprobs) for c in out)
     assert all(c.finish_reason in ("stop", "length") for c in out)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"repetition_penalty": 1.3, "logit_bias": {7: 2.0}}, {"no_repeat_ngram_size": 3}],
+    ids=["plain", "penalties", "no-repeat"],
+)
+def test_speculative_decoding_gives_greedy_tokens_in_fewer_forwards(model_dir, extra):
+    """Prompt-lookup drafts checked in one forward: the same tokens, log-probs and finish as plain greedy."""
+    engine = Engine.from_dir(model_dir, device="cpu")
+    forwards = 0
+    forward = engine.model.forward
+
+    def counted(*args, **kwargs):
+        nonlocal forwards
+        forwards += 1
+        return forward(*args, **kwargs)
+
+    engine.model.forward = counted
+    base = GenerationConfig(temperature=0, max_new_tokens=40, logprobs=3, **extra)
+    for p in prompts(engine):
+        forwards = 0
+        (want,) = engine.generate([p], base)
+        plain_forwards = forwards
+        for k in (2, 5):
+            forwards = 0
+            (got,) = engine.generate([p], base.model_copy(update={"speculate": k}))
+            assert got.token_ids == want.token_ids and got.text == want.text
+            assert (got.finish_reason, got.stop_token) == (want.finish_reason, want.stop_token)
+            assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+            assert [list(t) for t in got.top_logprobs] == [list(t) for t in want.top_logprobs]
+            assert forwards <= plain_forwards
+            stream = list(engine.stream([p], base.model_copy(update={"speculate": k})))
+            assert (
+                "".join(d.text for d in stream) == got.text and stream[-1].finish_reason == got.finish_reason
+            )
+
+
+class Periodic(torch.nn.Module):
+    """A stand-in decoder whose greedy continuation of any prefix of length L is cycle[L % len(cycle)]."""
+
+    def __init__(self, config, cycle: list[int]):
+        super().__init__()
+        self.config, self.cycle, self.weight = config, cycle, torch.nn.Parameter(torch.zeros(1))
+        self.forwards = 0
+
+    def forward(self, input_ids, attention_mask=None, cache=None, last_only=False):
+        self.forwards += 1
+        B, T = input_ids.shape
+        logits = torch.full((B, T, self.config.vocab_size), -1e9)
+        for i in range(T):  # the token after position cache.length + i
+            logits[:, i, self.cycle[(cache.length + i + 1) % len(self.cycle)]] = 0.0
+        cache.length += T
+        return logits[:, -1:] if last_only else logits
+
+
+def test_speculation_accepts_a_repeating_continuation_in_few_forwards(tokenizer_dir):
+    from lmforge.model.configs import preset
+
+    cycle = [10, 11, 12, 13]
+    model = Periodic(preset("tiny-llama", vocab_size=VOCAB), cycle)
+    engine = Engine(model, Tokenizer.from_dir(tokenizer_dir))
+    want = [cycle[i % 4] for i in range(8, 8 + 40)]  # the prompt is 8 ids
+    for k, most in ((0, 41), (3, 12), (8, 7)):  # forwards: the prefill + one per 1 + k tokens, after a cycle
+        model.forwards = 0
+        (c,) = engine.generate([cycle * 2], GenerationConfig(temperature=0, max_new_tokens=40, speculate=k))
+        assert c.token_ids == want and c.finish_reason == "length"
+        assert model.forwards <= most, (k, model.forwards)
+
+
+def test_speculation_stops_at_stop_strings_and_the_length_limit(model_dir):
+    engine = Engine.from_dir(model_dir, device="cpu")
+    p = prompts(engine)[1]
+    (free,) = engine.generate([p], GenerationConfig(temperature=0, max_new_tokens=30))
+    for cfg in (
+        GenerationConfig(temperature=0, max_new_tokens=7),
+        GenerationConfig(
+            temperature=0, max_new_tokens=30, stop=[free.text[5:8]] if len(free.text) > 8 else []
+        ),
+    ):
+        (want,) = engine.generate([p], cfg)
+        (got,) = engine.generate([p], cfg.model_copy(update={"speculate": 6}))
+        assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
+
+
+def test_ngram_index_drafts_what_followed_the_latest_longest_match():
+    from lmforge.infer.engine import NgramIndex
+
+    index = NgramIndex([1, 2, 3, 9, 1, 2, 3, 4, 5, 7, 2, 3])
+    assert index.draft(4, 3) == [5, 7, 2]  # "2 3 4" last seen at 5..7, followed by 5 7 2
+    index = NgramIndex([5, 6, 7, 5, 6, 8])
+    assert index.draft(5, 2) == [6, 8]  # the latest "5" is followed by 6 8, an earlier one by 6 7
+    assert NgramIndex([1, 2, 3]).draft(4, 5) == []  # 4 never occurred
+    assert NgramIndex([1, 2, 1]).draft(2, 0) == []
+    assert NgramIndex([1, 2, 1, 2]).draft(1, 5) == [2, 1, 2, 1, 2]  # a cycle goes on past the sequence's end
+
+
+def test_speculation_needs_greedy_decoding():
+    with pytest.raises(
+        ValueError, match="speculate=4 checks drafts against greedy decoding: set temperature 0"
+    ):
+        GenerationConfig(temperature=0.7, speculate=4)
+    with pytest.raises(ValueError, match=r"expected a value in \[0, 64\]"):
+        GenerationConfig(temperature=0, speculate=65)

@@ -63,6 +63,22 @@ def test_single_prompt_streams_text(model_dir):
     assert result.stdout.endswith("\n")
 
 
+def test_speculate_gives_the_greedy_text(model_dir):
+    args = [
+        str(model_dir),
+        "-p",
+        "the cat sat on the mat the cat",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "30",
+    ]
+    plain, fast = generate(*args, "--json"), generate(*args, "--json", "--speculate", "4")
+    assert plain.exit_code == 0 and fast.exit_code == 0, fast.output
+    samples = [json.loads(r.stdout)["results"][0]["samples"][0] for r in (plain, fast)]
+    assert samples[0]["token_ids"] == samples[1]["token_ids"] and samples[0]["text"] == samples[1]["text"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -73,6 +89,7 @@ def test_single_prompt_streams_text(model_dir):
         (["--max-new-tokens", "100", "-p", "the cat " * 20], "leaves no room for max_new_tokens"),
         ([], "give --prompt TEXT or --prompts-file FILE"),
         (["--bogus", "1"], "No such option: --bogus"),
+        (["--speculate", "3", "--temperature", "0.5"], "speculate=3 checks drafts against greedy decoding"),
     ],
 )
 def test_bad_input_names_the_parameter(model_dir, args, message):

@@ -455,6 +455,14 @@ def generate(
     logprobs: Annotated[
         int | None, typer.Option(help="Top alternatives to report per token (--json).", show_default=False)
     ] = None,
+    speculate: Annotated[
+        int | None,
+        typer.Option(
+            help="Greedy, one prompt: draft up to this many tokens from earlier text and check them in one "
+            "forward (same output; faster when it repeats its context). 0 = off.",
+            show_default=False,
+        ),
+    ] = None,
     truncate: Annotated[
         bool, typer.Option(help="Keep the end of a prompt too long for the context.")
     ] = False,
@@ -548,7 +556,7 @@ def chat(
 
 GENERATION_FLAGS = (
     "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
-    "presence_penalty", "no_repeat_ngram_size", "stop", "seed", "n", "logprobs",
+    "presence_penalty", "no_repeat_ngram_size", "stop", "seed", "n", "logprobs", "speculate",
 )  # fmt: skip
 
 

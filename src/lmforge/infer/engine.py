@@ -15,12 +15,12 @@ string is released.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.sampling import (
@@ -172,43 +172,103 @@ class Engine:
 
         logits = self.model(tokens[:, :P], attention_mask=valid[:, :P] if padded else None, cache=cache,
                             last_only=True)[:, -1].float()  # (B, V)  # fmt: skip
-        for t in range(N):
+        # Prompt-lookup speculation (one greedy sample): drafts from earlier n-grams, checked in one forward.
+        drafter = NgramIndex(rows_ids[0]) if cfg.speculate and B == 1 and cfg.temperature == 0 else None
+        t = 0  # tokens generated so far by every unfinished row
+        while True:
             pos = P + t
             scores = process_logits(logits, tokens[:, :pos], valid[:, :pos], generated[:, :pos], cfg)
             next_ids = sample_next(scores, cfg, generator)  # (B,)
             chosen, top_logp, top_ids = token_logprobs(logits, next_ids, cfg.logprobs)  # raw log-probs
             tokens[:, pos], valid[:, pos], generated[:, pos] = next_ids, True, True
             now = time.perf_counter() - start
-            # One device-to-host copy per step, not one per row and value.
-            step_ids, step_logp = next_ids.tolist(), chosen.tolist()
-            step_top = list(zip(top_ids.tolist(), top_logp.tolist(), strict=True)) if cfg.logprobs else None
-            for i, row in enumerate(rows):
-                if row.done:
-                    continue
-                c = row.completion
-                if t == 0:
-                    c.time_to_first_token = now
-                if step_ids[i] in stop_ids:
-                    c.finish_reason, c.stop_token = "stop", step_ids[i]
-                else:
-                    c.token_ids.append(step_ids[i])
-                    c.logprobs.append(step_logp[i])
-                    if step_top is not None:
-                        c.top_logprobs.append(dict(zip(*step_top[i], strict=True)))
-                    c.text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
-                    hits = [c.text.find(s) for s in cfg.stop if s in c.text]  # earlier text had none
-                    if hits:
-                        c.text, c.finish_reason = c.text[: min(hits)], "stop"
-                    elif t == N - 1:
+            # Per new token, every row's (id, log-prob, top alternatives); one device-to-host copy each.
+            steps = [_host(next_ids, chosen, top_ids, top_logp, cfg.logprobs)]
+            draft = drafter.draft(int(next_ids[0]), min(cfg.speculate, N - t - 1)) if drafter else []
+            if draft:
+                logits, accepted = self._verify(tokens, valid, generated, pos, draft, cache, cfg)
+                steps += [
+                    _host(d[None], lp[None], ti[None], tl[None], cfg.logprobs) for d, lp, ti, tl in accepted
+                ]
+            for j, (step_ids, step_logp, step_top) in enumerate(steps):
+                for i, row in enumerate(rows):
+                    if row.done:
+                        continue
+                    c = row.completion
+                    if t + j == 0:
+                        c.time_to_first_token = now
+                    self._take(c, step_ids[i], step_logp[i], step_top[i] if step_top else None, cfg, stop_ids)
+                    if not row.done and t + j == N - 1:
                         c.finish_reason = "length"
-                c.seconds = now
+                    c.seconds = time.perf_counter() - start if j else now
+            for i, row in enumerate(rows):
                 if (delta := self._release(row, i, hold)) is not None:
                     yield delta
+            t += len(steps)
             if all(row.done for row in rows):
                 break
-            logits = self.model(next_ids[:, None], attention_mask=valid[:, : pos + 1] if padded else None,
-                                cache=cache, last_only=True)[:, -1].float()  # fmt: skip
+            if drafter:
+                drafter.extend(step_ids[0] for step_ids, _, _ in steps[1:])  # the accepted drafts
+            if not draft:
+                logits = self.model(next_ids[:, None], attention_mask=valid[:, : pos + 1] if padded else None,
+                                    cache=cache, last_only=True)[:, -1].float()  # fmt: skip
         yield [row.completion for row in rows]
+
+    def _take(
+        self,
+        c: Completion,
+        token: int,
+        logp: float,
+        top: dict | None,
+        cfg: GenerationConfig,
+        stop_ids: set[int],
+    ) -> None:
+        """Append one generated token to a sample, or finish it at an end-of-turn id or a stop string."""
+        if token in stop_ids:
+            c.finish_reason, c.stop_token = "stop", token
+            return
+        c.token_ids.append(token)
+        c.logprobs.append(logp)
+        if top is not None:
+            c.top_logprobs.append(top)
+        c.text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        hits = [c.text.find(s) for s in cfg.stop if s in c.text]  # earlier text had none
+        if hits:
+            c.text, c.finish_reason = c.text[: min(hits)], "stop"
+
+    def _verify(
+        self,
+        tokens: Tensor,
+        valid: Tensor,
+        generated: Tensor,
+        pos: int,
+        draft: list[int],
+        cache: KVCache,
+        cfg: GenerationConfig,
+    ) -> tuple[Tensor, list[tuple[Tensor, ...]]]:
+        """Check `draft` (ids for positions pos+1...) after the token at `pos` in one forward of one row: the draft
+        tokens greedy decoding would have chosen too, each with its (id, log-prob, top log-probs, top ids), and the
+        logits (1, V) for the position after them. The cache keeps only the accepted positions."""
+        k = len(draft)
+        end = pos + 1 + k
+        tokens[0, pos + 1 : end] = torch.tensor(draft, device=tokens.device)
+        valid[0, pos + 1 : end], generated[0, pos + 1 : end] = True, True
+        raw = self.model(tokens[:, pos:end], cache=cache)[
+            0
+        ].float()  # (k + 1, V): after pos, pos+1, ..., pos+k
+        # Position pos+j's history is the row up to it: one (k + 1)-row batch of prefixes for the processors.
+        seen = (
+            torch.arange(end, device=tokens.device)[None]
+            <= torch.arange(pos, end, device=tokens.device)[:, None]
+        )
+        history = (tokens[:, :end].expand(k + 1, -1), valid[:, :end] & seen, generated[:, :end] & seen)
+        best = process_logits(raw, *history, cfg).argmax(-1)  # (k + 1,): greedy's choice after each position
+        drafted = torch.tensor(draft, device=tokens.device)
+        n = int((best[:k] == drafted).long().cumprod(0).sum())  # drafts accepted: the agreeing prefix
+        cache.length -= k - n
+        valid[0, pos + 1 + n : end], generated[0, pos + 1 + n : end] = False, False
+        logp, top_logp, top_ids = token_logprobs(raw[:n], drafted[:n], cfg.logprobs)
+        return raw[n : n + 1], list(zip(drafted[:n], logp, top_ids, top_logp, strict=True))
 
     def _release(self, row: _Row, index: int, hold: int) -> Delta | None:
         """The text a row can stream now: all of it once finished, else up to a possibly partial character
@@ -224,6 +284,47 @@ class Engine:
         delta = Delta(index, c.text[row.released : end], c.finish_reason)
         row.released = end
         return delta
+
+
+def _host(
+    ids: Tensor, logp: Tensor, top_ids: Tensor, top_logp: Tensor, top: int
+) -> tuple[list, list, list | None]:
+    """One new token of every row on the host: ids, log-probs and {id: log-prob} of the top alternatives."""
+    tops = [dict(zip(i, lp, strict=True)) for i, lp in zip(top_ids.tolist(), top_logp.tolist(), strict=True)]
+    return ids.tolist(), logp.tolist(), tops if top else None
+
+
+class NgramIndex:
+    """Prompt-lookup drafting: the ids that followed the latest earlier occurrence of the sequence's last n ids
+    (n = `max_ngram` down to 1, as vLLM's n-gram speculator and transformers' prompt lookup), from an index of
+    every n-gram's latest start, kept up to date as ids arrive."""
+
+    def __init__(self, ids: Sequence[int], max_ngram: int = 3) -> None:
+        self.ids: list[int] = []
+        self.max_ngram = max_ngram
+        self.starts: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_ngram + 1)]
+        self.extend(ids)
+
+    def extend(self, ids: Iterable[int]) -> None:
+        """Append ids; an n-gram is indexed once an id follows it (so a draft always has a first id)."""
+        for token in ids:
+            L = len(self.ids)
+            for n in range(1, min(self.max_ngram, L) + 1):
+                self.starts[n][tuple(self.ids[L - n :])] = L - n
+            self.ids.append(token)
+
+    def draft(self, token: int, k: int) -> list[int]:
+        """Append `token`, then up to `k` ids that followed the longest recent match of the sequence's end."""
+        self.extend([token])
+        L = len(self.ids)
+        for n in range(min(self.max_ngram, L - 1), 0, -1):
+            start = self.starts[n].get(tuple(self.ids[L - n :]))
+            if start is not None:  # copy what followed, overlapping its own output as LZ77 does: a cycle
+                draft: list[int] = []  # shorter than k repeats for as long as k asks
+                for i in range(start + n, start + n + k):
+                    draft.append(self.ids[i] if i < L else draft[i - L])
+                return draft
+        return []
 
 
 def read_prompts(path: Path) -> list[str | list[dict]]:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import AfterValidator, Field, ValidationError
+from pydantic import AfterValidator, Field, ValidationError, model_validator
 from torch import Tensor
 
 from lmforge.config import Section, validation_message
@@ -86,6 +86,19 @@ class GenerationConfig(Section):
     """Samples to generate per prompt (>= 1)."""
     logprobs: Annotated[int, _within("[0, inf)")] = 0
     """Report each token's log-prob and this many most likely alternatives (>= 0); 0 = the token's only."""
+    speculate: Annotated[int, _within("[0, 64]")] = 0
+    """Prompt-lookup speculative decoding, in [0, 64]: per step, draft up to this many tokens that followed the
+    latest earlier occurrence of the last 1-3 tokens (in the prompt or the output) and check them in one forward.
+    Greedy decoding of one sample only (temperature 0, one prompt, n = 1); the tokens are greedy's, up to
+    floating-point ties. Pays where the output repeats its context (RAG, edits, extraction); 0 = off."""
+
+    @model_validator(mode="after")
+    def _speculation_is_greedy(self) -> GenerationConfig:
+        if self.speculate and self.temperature != 0:
+            raise ValueError(
+                f"speculate={self.speculate} checks drafts against greedy decoding: set temperature 0 (or speculate 0)"
+            )
+        return self
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, **overrides: Any) -> GenerationConfig:
