@@ -12,6 +12,8 @@ Greedy (temperature 0), fp32, CPU, inference_mode, the same thread count for bot
 
 `transformers` gets the default dynamic cache and SDPA attention, with EOS switched off; its per-token times
 come from a streamer. Both libraries must return every requested token, and their greedy ids are compared.
+4. With `--trained DIR` (a model trained by lmforge, e.g. `runs/pretrain-stories/model`): natural text, greedy
+   continuations of TinyStories openings from ../shared/data, both libraries plain and with prompt lookup.
 3. With `--speculate K`, batch 1 again with lmforge's prompt-lookup speculative decoding (`speculate=K`,
    greedy output) against plain `transformers`, then against `transformers`' own prompt lookup
    (`prompt_lookup_num_tokens=K`).
@@ -192,6 +194,53 @@ def bench_preset(name: str, tokenizer: Tokenizer, args: argparse.Namespace) -> l
     return rows
 
 
+def bench_trained(path: Path, args: argparse.Namespace) -> None:
+    """A trained model on natural text: greedy continuations of TinyStories openings, each library plain and with
+    prompt lookup (lmforge `speculate=K`, `transformers` `prompt_lookup_num_tokens=K`), both stopping at EOS."""
+    import transformers
+
+    k = args.speculate or 4
+    engine = Engine.from_dir(path, device="cpu")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    eos, pad = engine.config.eos_token_id, engine.tokenizer.pad_id or 0
+    stories = (ROOT.parent / "shared/data/tinystories/tinystories_val_sample.txt").read_text().split("\n\n")
+    prompts = [engine.encode(story[:120]) for story in stories[3 : 3 + args.trained_prompts]]
+
+    def lmforge(ids: list[int], speculate: int) -> list[int]:
+        cfg = GenerationConfig(temperature=0, max_new_tokens=args.new_tokens, speculate=speculate)
+        return engine.generate([ids], cfg)[0].token_ids
+
+    def hf_generate(ids: list[int], lookup: int) -> list[int]:
+        extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
+        out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=args.new_tokens,
+                          eos_token_id=eos, pad_token_id=pad, **extra)[0, len(ids):].tolist()  # fmt: skip
+        return out[:-1] if out and out[-1] == eos else out
+
+    calls = {"lmforge": lambda ids: lmforge(ids, 0), f"lmforge speculate={k}": lambda ids: lmforge(ids, k),
+             "transformers": lambda ids: hf_generate(ids, 0),
+             f"transformers prompt_lookup={k}": lambda ids: hf_generate(ids, k)}  # fmt: skip
+    tokens, seconds, outputs = dict.fromkeys(calls, 0), dict.fromkeys(calls, 0.0), {}
+    with torch.inference_mode():
+        for call in calls.values():
+            call(prompts[0][:4])  # warm-up
+        for _ in range(args.repeats):
+            for name, call in calls.items():
+                for i, ids in enumerate(prompts):
+                    t0 = time.perf_counter()
+                    out = call(ids)
+                    seconds[name] += time.perf_counter() - t0
+                    tokens[name] += len(out)
+                    outputs[name, i] = out
+    same = all(outputs[name, i] == outputs["transformers", i] for name in calls for i in range(len(prompts)))
+    print(f"\n{path}: {len(prompts)} TinyStories openings, greedy up to {args.new_tokens} new tokens (stops at "
+          f"EOS), {args.repeats} rounds; every output identical to transformers' plain greedy: {same}")  # fmt: skip
+    print("| library | end-to-end tok/s | vs transformers |\n|---|---:|---:|")
+    base = tokens["transformers"] / seconds["transformers"]
+    for name in calls:
+        rate = tokens[name] / seconds[name]
+        print(f"| {name} | {rate:.1f} | {rate / base:.2f}x |")
+
+
 def model_share(model: torch.nn.Module, call) -> tuple[float, float, int]:
     """(seconds inside `model`'s forward, seconds of the whole call, forward calls) of one `call()`."""
     inside, calls, started = 0.0, 0, []
@@ -237,13 +286,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--presets", nargs="+", default=["llama-14m", "llama-124m"])
+    parser.add_argument("--presets", nargs="*", default=["llama-14m", "llama-124m"])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--batch-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads, both")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--trained", type=Path, help="also run a trained model dir on TinyStories openings")
+    parser.add_argument("--trained-prompts", type=int, default=6)
     parser.add_argument("--speculate", type=int, default=0,
                         help="also compare lmforge's prompt-lookup speculation (this many drafts) at batch 1")  # fmt: skip
     args = parser.parse_args()
@@ -261,6 +312,8 @@ def main() -> None:
         for name in args.presets:
             for line in bench_preset(name, tokenizer, args):
                 print(line, flush=True)
+    if args.trained:
+        bench_trained(args.trained, args)
     print(f"\nload average at end {Path('/proc/loadavg').read_text().split()[0]}")
 
 
