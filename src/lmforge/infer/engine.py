@@ -10,6 +10,10 @@ may span tokens; it is cut from the output), or at `max_new_tokens`.
 Streaming never splits a character: a row's text is decoded from all its ids each step and only the part
 that ends in complete characters (no U+FFFD from a partial byte sequence) and cannot be the start of a stop
 string is released.
+
+With `speculate=K` (greedy, one sample) a step may add several tokens: `NgramIndex` drafts up to K ids that
+followed an earlier occurrence of the last few ids, `_verify` checks them in one forward and keeps the prefix
+greedy decoding agrees with, and the KV cache is rolled back over the rest.
 """
 
 from __future__ import annotations
@@ -249,13 +253,12 @@ class Engine:
         """Check `draft` (ids for positions pos+1...) after the token at `pos` in one forward of one row: the draft
         tokens greedy decoding would have chosen too, each with its (id, log-prob, top log-probs, top ids), and the
         logits (1, V) for the position after them. The cache keeps only the accepted positions."""
-        k = len(draft)
-        end = pos + 1 + k
-        tokens[0, pos + 1 : end] = torch.tensor(draft, device=tokens.device)
+        k, end = len(draft), pos + 1 + len(draft)
+        drafted = torch.tensor(draft, device=tokens.device)  # (k,)
+        tokens[0, pos + 1 : end] = drafted
         valid[0, pos + 1 : end], generated[0, pos + 1 : end] = True, True
-        raw = self.model(tokens[:, pos:end], cache=cache)[
-            0
-        ].float()  # (k + 1, V): after pos, pos+1, ..., pos+k
+        # (k + 1, V): the logits after positions pos, pos + 1, ..., pos + k
+        raw = self.model(tokens[:, pos:end], cache=cache)[0].float()
         # Position pos+j's history is the row up to it: one (k + 1)-row batch of prefixes for the processors.
         seen = (
             torch.arange(end, device=tokens.device)[None]
@@ -263,7 +266,6 @@ class Engine:
         )
         history = (tokens[:, :end].expand(k + 1, -1), valid[:, :end] & seen, generated[:, :end] & seen)
         best = process_logits(raw, *history, cfg).argmax(-1)  # (k + 1,): greedy's choice after each position
-        drafted = torch.tensor(draft, device=tokens.device)
         n = int((best[:k] == drafted).long().cumprod(0).sum())  # drafts accepted: the agreeing prefix
         cache.length -= k - n
         valid[0, pos + 1 + n : end], generated[0, pos + 1 + n : end] = False, False
@@ -319,8 +321,9 @@ class NgramIndex:
         L = len(self.ids)
         for n in range(min(self.max_ngram, L - 1), 0, -1):
             start = self.starts[n].get(tuple(self.ids[L - n :]))
-            if start is not None:  # copy what followed, overlapping its own output as LZ77 does: a cycle
-                draft: list[int] = []  # shorter than k repeats for as long as k asks
+            if start is not None:
+                # What followed, copied with overlap as LZ77 does: a match just behind the end repeats as a cycle.
+                draft: list[int] = []
                 for i in range(start + n, start + n + k):
                     draft.append(self.ids[i] if i < L else draft[i - L])
                 return draft
