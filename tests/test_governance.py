@@ -318,3 +318,26 @@ def test_dedup_and_contamination_golden_counts(shared_data):
     assert (s["eval_examples"], s["eval_contaminated"], s["eval_short"]) == (1188, 4, 0)
     assert s["eval_ids"] == ["test:581", "test:602", "test:632", "test:806"]
     assert report["drop_ids"] == ["train:20", "train:406", "train:699", "train:1314"]
+
+
+def test_pii_of_many_texts_and_ascii_normalisation_equal_the_plain_definitions():
+    """find_pii_many (one scan of many texts) gives each text's find_pii; normalize's ASCII fast path gives what
+    the regex definition gives."""
+    import random
+
+    from lmforge.data.governance import _PUNCT, find_pii, find_pii_many, normalize
+
+    pieces = ["alice@example.com", "+44 20 7946 0958", "(555) 123-4567", "192.168.0.1", "fe80::1", "4111 1111 1111 1111",
+              "call 555-123-4567.", "x@y", "10:30:00", "1.2.3.4.5", "Don't STOP!", "ΑΣ", "Σοφία", "a_b", "\x1c\x1f",
+              "", "  ", "\n", "\t", "word", "3.14", "-", "...", "a@b.co\n", "::", "+1 (555) 123 4567", "\x00\x7f"]  # fmt: skip
+    rng = random.Random(0)
+    for _ in range(300):
+        texts = [
+            rng.choice(["", " ", "\n", "."]).join(rng.choice(pieces) for _ in range(rng.randint(0, 6)))
+            for _ in range(rng.randint(1, 8))
+        ]
+        assert find_pii_many(texts) == [find_pii(t) for t in texts], texts
+        for t in texts:
+            assert normalize(t) == " ".join(_PUNCT.sub("", t.lower()).split()), t
+    every_ascii = "".join(map(chr, range(128))) * 2
+    assert normalize(every_ascii) == " ".join(_PUNCT.sub("", every_ascii.lower()).split())

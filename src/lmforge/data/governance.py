@@ -11,7 +11,7 @@ import hashlib
 import ipaddress
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -111,7 +111,7 @@ def find_pii(text: str) -> list[tuple[int, int, str]]:
             by_kind[kind] += [
                 (m.start(), m.end(), kind) for m in pattern.finditer(text, lo, hi) if valid(m.group())
             ]
-    if not any(by_kind.values()):
+    if len(found) < 2 and not any(by_kind.values()):
         return found  # the common case: nothing to arbitrate
     spans: list[tuple[int, int, str]] = []
     # in priority order (e-mail, card, IP, phone), keep a span only if it overlaps none already kept
@@ -122,6 +122,30 @@ def find_pii(text: str) -> list[tuple[int, int, str]]:
     return spans
 
 
+def find_pii_many(texts: Sequence[str]) -> list[list[tuple[int, int, str]]]:
+    """`find_pii` of each text, from one scan of the texts joined by newlines: no pattern matches a newline, and
+    each treats one as it treats a text's edge (every lookaround and class leaves it out), so a span never
+    crosses texts and each text's spans are its own. One scan spares the per-text calls on mostly clean text."""
+    starts, at = [], 0
+    for text in texts:
+        starts.append(at)
+        at += len(text) + 1
+    out: list[list[tuple[int, int, str]]] = [[] for _ in texts]
+    for start, end, kind in find_pii("\n".join(texts)):
+        i = bisect.bisect_right(starts, start) - 1
+        out[i].append((start - starts[i], end - starts[i], kind))
+    return out
+
+
+def masked(text: str, spans: Sequence[tuple[int, int, str]]) -> str:
+    """`text` with each PII span replaced by its kind's placeholder."""
+    parts, pos = [], 0
+    for start, end, kind in spans:
+        parts += [text[pos:start], PLACEHOLDERS[kind]]
+        pos = end
+    return "".join([*parts, text[pos:]])
+
+
 def scrub_pii(text: str, mode: Literal["report", "mask", "drop"]) -> tuple[str | None, Counter[str]]:
     """Find e-mails, phones, IPs and Luhn-valid cards; return (text as is | masked | None if any found, counts)."""
     if mode not in ("report", "mask", "drop"):
@@ -130,13 +154,7 @@ def scrub_pii(text: str, mode: Literal["report", "mask", "drop"]) -> tuple[str |
     counts = Counter(kind for _, _, kind in spans) if spans else Counter()
     if mode == "report" or not spans:
         return text, counts
-    if mode == "drop":
-        return None, counts
-    parts, pos = [], 0
-    for start, end, kind in spans:
-        parts += [text[pos:start], PLACEHOLDERS[kind]]
-        pos = end
-    return "".join([*parts, text[pos:]]), counts
+    return (None if mode == "drop" else masked(text, spans)), counts
 
 
 _PUNCT = re.compile(r"[^\w\s]+")
@@ -145,7 +163,17 @@ _U64 = np.uint64
 
 def normalize(text: str) -> str:
     """Lowercase, delete punctuation (anything neither word nor whitespace), collapse whitespace."""
+    if text.isascii():  # the same in one bytes pass, 2x faster (O(1) test: CPython flags ASCII strings)
+        return b" ".join(text.encode().translate(_ASCII_FOLD, _ASCII_PUNCT).split()).decode()
     return " ".join(_PUNCT.sub("", text.lower()).split())
+
+
+# For ASCII text: the bytes _PUNCT deletes, and a table that lowercases and maps every str.isspace() byte to a
+# space (bytes.split() alone would not split at the separators \x1c-\x1f that str.split() splits at).
+_ASCII_PUNCT = bytes(c for c in range(128) if _PUNCT.fullmatch(chr(c)))
+_ASCII_FOLD = bytes(
+    c + 32 if 65 <= c <= 90 else 32 if c < 128 and chr(c).isspace() else c for c in range(256)
+)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

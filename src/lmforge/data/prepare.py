@@ -39,7 +39,7 @@ from lmforge import __version__
 from lmforge.config import Section
 from lmforge.data.dataset import Column, ShardWriter
 from lmforge.data.formats import Example, detect_format, load_label_map, to_examples
-from lmforge.data.governance import DedupKey, Deduplicator, contamination, scrub_pii
+from lmforge.data.governance import DedupKey, Deduplicator, contamination, find_pii_many, masked
 from lmforge.data.readers import (
     BadRecord,
     Record,
@@ -176,28 +176,23 @@ def _process(task: _Task) -> _Chunk:
     kwargs: dict[str, Any] = {"label_map": task.label_map, "on_bad": on_bad}
     if cfg.label_field:
         kwargs["label_field"] = cfg.label_field
+    examples = list(to_examples(_counted(records, chunk), task.fmt, **kwargs))
+    chunk.examples, chunk.kinds = len(examples), {ex.kind for ex in examples}
+    if len(chunk.kinds) > 1:
+        raise LmforgeError(f"{task.source}: holds examples of kinds {sorted(chunk.kinds)}; expected one kind")
+    texts = [_texts(ex) for ex in examples]
+    if task.text is None:
+        chunk.text_bytes = sum(len(t.encode()) for ts in texts for t in ts)
+    if cfg.pii != "off":
+        examples, texts = _scrub(examples, texts, cfg.pii, chunk)
     kept: list[Example] = []
     joined: list[str] = []  # each kept example's texts as one string (what the split and dedup hash)
-    for ex in to_examples(_counted(records, chunk), task.fmt, **kwargs):
-        chunk.examples += 1
-        chunk.kinds.add(ex.kind)
-        texts = _texts(ex)
-        if task.text is None:
-            chunk.text_bytes += sum(len(t.encode()) for t in texts)
-        if cfg.pii != "off":
-            ex, found = _scrub(ex, texts, cfg.pii)
-            chunk.pii.update(found)
-            if cfg.pii == "drop" and found:
-                chunk.pii_dropped += 1
-                continue
-            texts = _texts(ex) if found and cfg.pii == "mask" else texts
+    for ex, ts in zip(examples, texts, strict=True):
         if ex.id in _worker["drop_ids"]:
             chunk.decontaminated += 1
             continue
         kept.append(ex)
-        joined.append(texts[0] if len(texts) == 1 else "\n".join(texts))
-    if len(chunk.kinds) > 1:
-        raise LmforgeError(f"{task.source}: holds examples of kinds {sorted(chunk.kinds)}; expected one kind")
+        joined.append(ts[0] if len(ts) == 1 else "\n".join(ts))
     chunk.in_val = np.array([_in_val(text, cfg.val_fraction, cfg.seed) for text in joined], dtype=bool)
     if (dedup := _worker["dedup"]) is not None:
         chunk.ids = [ex.id for ex in kept]
@@ -219,20 +214,28 @@ def _counted(records: Iterator[Record], chunk: _Chunk) -> Iterator[Record]:
         yield record
 
 
-def _scrub(ex: Example, texts: list[str], mode: str) -> tuple[Example, Counter]:
-    """PII: counts per kind, and in mask mode the example with placeholders."""
-    found: Counter[str] = Counter()
-    if mode != "mask":
-        for text in texts:
-            found.update(scrub_pii(text, "report")[1])
-        return ex, found
-
-    def mask(text: str) -> str:
-        new, counts = scrub_pii(text, "mask")
-        found.update(counts)
-        return new
-
-    return _map_texts(ex, mask), found
+def _scrub(
+    examples: list[Example], texts: list[list[str]], mode: str, chunk: _Chunk
+) -> tuple[list[Example], list[list[str]]]:
+    """PII over a chunk's examples (one scan of all their texts): counts per kind in `chunk`; "drop" leaves out
+    the examples with any, "mask" puts placeholders in their texts."""
+    spans = find_pii_many([t for ts in texts for t in ts])
+    chunk.pii.update(kind for found in spans for _, _, kind in found)
+    if mode == "report":
+        return examples, texts
+    kept_examples, kept_texts, at = [], [], 0
+    for ex, ts in zip(examples, texts, strict=True):
+        mine, at = spans[at : at + len(ts)], at + len(ts)
+        if any(mine) and mode == "drop":
+            chunk.pii_dropped += 1
+            continue
+        if any(mine):  # _map_texts visits the texts in _texts' order
+            each = iter(mine)
+            ex = _map_texts(ex, lambda text, each=each: masked(text, next(each)))
+            ts = _texts(ex)
+        kept_examples.append(ex)
+        kept_texts.append(ts)
+    return kept_examples, kept_texts
 
 
 def _encode(examples: list[Example]) -> tuple[dict[str, Column], np.ndarray | None]:
