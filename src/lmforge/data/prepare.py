@@ -20,15 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
 import re
-import sys
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from itertools import chain
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -37,18 +32,24 @@ from pydantic import Field
 
 from lmforge import __version__
 from lmforge.config import Section
-from lmforge.data.dataset import Column, ShardWriter
+from lmforge.data.dataset import ShardWriter
 from lmforge.data.formats import Example, detect_format, load_label_map, to_examples
-from lmforge.data.governance import DedupKey, Deduplicator, contamination, find_pii_many, masked
+from lmforge.data.governance import contamination
 from lmforge.data.readers import (
     BadRecord,
-    Record,
-    TextSplit,
-    decode_chunk,
     iter_files,
     read_records,
     text_chunks,
     text_split,
+)
+from lmforge.data.workers import (
+    Chunk,
+    Task,
+    deduplicator,
+    example_texts,
+    in_process,
+    token_dtype,
+    worker_pool,
 )
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write, sha256_file, staging_dir
@@ -108,215 +109,7 @@ class PrepareConfig(Section):
     """Write bad records to rejects.jsonl and go on, instead of stopping at the first."""
 
 
-# ------------------------------------------------------------------------------------- tokenisation
-
-
-@dataclass
-class _Task:
-    """A chunk of one input, what a worker turns into tokens: raw records, or for a text file whole documents'
-    bytes (the worker decodes and splits them, so reading text costs the main process next to nothing)."""
-
-    source: str
-    fmt: str
-    label_map: dict[str, int] | None
-    records: list[tuple[int, Any, bool]]  # (line, data, by_index) of each Record: cheap to pickle
-    text: tuple[int, bytes] | None = None  # (first line number, bytes) from `text_chunks`
-    split: TextSplit | None = None
-
-
-@dataclass
-class _Chunk:
-    """A processed task: its kept examples' tokens in order, plus what the main process merges and reports. Arrays
-    per column and per chunk, not one per document, so it crosses processes and is written cheaply."""
-
-    columns: dict[str, Column] = field(default_factory=dict)
-    labels: np.ndarray | None = None  # class per kept example (classification)
-    in_val: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
-    # With dedup on: each kept example's id, dedup key and first 200 characters, for the main process to add.
-    ids: list[str] = field(default_factory=list)
-    keys: list[DedupKey] = field(default_factory=list)
-    snippets: list[str] = field(default_factory=list)
-    kinds: set[str] = field(default_factory=set)
-    records: int = 0
-    examples: int = 0
-    text_bytes: int = 0
-    pii: Counter = field(default_factory=Counter)
-    pii_dropped: int = 0
-    decontaminated: int = 0
-    rejects: list[BadRecord] = field(default_factory=list)
-
-
-_worker: dict[str, Any] = {}
-
-
-def _init_worker(cfg: PrepareConfig, template: str | None, drop_ids: set[str], tok: Any = None) -> None:
-    """Per-process state: the tokenizer (loaded unless given), and a Deduplicator only to compute keys (the main
-    process adds them)."""
-    from lmforge.tokenizer import Tokenizer
-
-    dedup = None if cfg.dedup == "off" else _deduplicator(cfg)
-    tok = tok if tok is not None else Tokenizer.from_dir(cfg.tokenizer)
-    _worker.update(cfg=cfg, tok=tok, template=template, drop_ids=drop_ids, dedup=dedup)
-
-
-def _deduplicator(cfg: PrepareConfig) -> Deduplicator:
-    return Deduplicator(threshold=cfg.dedup_threshold, near=cfg.dedup == "near")
-
-
-def _process(task: _Task) -> _Chunk:
-    """Records → examples → PII → decontamination → split and dedup keys → tokens, in a worker or in-process."""
-    cfg: PrepareConfig = _worker["cfg"]
-    chunk = _Chunk()
-    on_bad = chunk.rejects.append if cfg.skip_bad else None
-    if task.text is not None:
-        records: Iterator[Record] = decode_chunk(task.source, task.text, task.split, on_bad)  # type: ignore[arg-type]
-        chunk.text_bytes = len(task.text[1])
-    else:
-        records = (Record(task.source, line, data, by_index) for line, data, by_index in task.records)
-    kwargs: dict[str, Any] = {"label_map": task.label_map, "on_bad": on_bad}
-    if cfg.label_field:
-        kwargs["label_field"] = cfg.label_field
-    examples = list(to_examples(_counted(records, chunk), task.fmt, **kwargs))
-    chunk.examples, chunk.kinds = len(examples), {ex.kind for ex in examples}
-    if len(chunk.kinds) > 1:
-        raise LmforgeError(f"{task.source}: holds examples of kinds {sorted(chunk.kinds)}; expected one kind")
-    texts = [_texts(ex) for ex in examples]
-    if task.text is None:
-        chunk.text_bytes = sum(len(t.encode()) for ts in texts for t in ts)
-    if cfg.pii != "off":
-        examples, texts = _scrub(examples, texts, cfg.pii, chunk)
-    kept: list[Example] = []
-    joined: list[str] = []  # each kept example's texts as one string (what the split and dedup hash)
-    for ex, ts in zip(examples, texts, strict=True):
-        if ex.id in _worker["drop_ids"]:
-            chunk.decontaminated += 1
-            continue
-        kept.append(ex)
-        joined.append(ts[0] if len(ts) == 1 else "\n".join(ts))
-    chunk.in_val = np.array([_in_val(text, cfg.val_fraction, cfg.seed) for text in joined], dtype=bool)
-    if (dedup := _worker["dedup"]) is not None:
-        chunk.ids = [ex.id for ex in kept]
-        chunk.keys = [dedup.key(text) for text in joined]
-        chunk.snippets = [text[:200] for text in joined]
-    chunk.columns, chunk.labels = _encode(kept)
-    dtype = _token_dtype(_worker["tok"])  # the shards' dtype already: a quarter of int64's bytes to send back
-    chunk.columns = {name: (ids.astype(dtype), *rest) for name, (ids, *rest) in chunk.columns.items()}
-    return chunk
-
-
-def _token_dtype(tok: Any) -> np.dtype:
-    return np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
-
-
-def _counted(records: Iterator[Record], chunk: _Chunk) -> Iterator[Record]:
-    for record in records:
-        chunk.records += 1
-        yield record
-
-
-def _scrub(
-    examples: list[Example], texts: list[list[str]], mode: str, chunk: _Chunk
-) -> tuple[list[Example], list[list[str]]]:
-    """PII over a chunk's examples (one scan of all their texts): counts per kind in `chunk`; "drop" leaves out
-    the examples with any, "mask" puts placeholders in their texts."""
-    spans = find_pii_many([t for ts in texts for t in ts])
-    chunk.pii.update(kind for found in spans for _, _, kind in found)
-    if mode == "report":
-        return examples, texts
-    kept_examples, kept_texts, at = [], [], 0
-    for ex, ts in zip(examples, texts, strict=True):
-        mine, at = spans[at : at + len(ts)], at + len(ts)
-        if any(mine) and mode == "drop":
-            chunk.pii_dropped += 1
-            continue
-        if any(mine):  # _map_texts visits the texts in _texts' order
-            each = iter(mine)
-            ex = _map_texts(ex, lambda text, each=each: masked(text, next(each)))
-            ts = _texts(ex)
-        kept_examples.append(ex)
-        kept_texts.append(ts)
-    return kept_examples, kept_texts
-
-
-def _encode(examples: list[Example]) -> tuple[dict[str, Column], np.ndarray | None]:
-    """Tokenise examples of one kind into columns (and labels): text in one batched call with the BOS/EOS frame
-    added by array operations, chats and preference pairs through the chat template."""
-    tok, template, cfg = _worker["tok"], _worker["template"], _worker["cfg"]
-    kind = examples[0].kind if examples else None
-    if kind == "text":
-        head = [tok.bos_id] if cfg.add_bos and tok.bos_id is not None else []
-        tail = [tok.eos_id] if cfg.append_eos and tok.eos_id is not None else []
-        return {"tokens": (*_framed(*tok.encode_many([ex.text for ex in examples]), head, tail), None)}, None
-    if kind == "classification":
-        ids, offsets = tok.encode_many([ex.text for ex in examples], add_special_tokens=True)
-        return {"tokens": (ids, offsets, None)}, np.array([ex.label for ex in examples], np.int64)
-    from lmforge.chat import render_chat  # here, not above: Jinja's import costs plain text 0.1 s
-    from lmforge.tokenizer import flat_ids
-
-    columns = {}
-    for name in ("tokens",) if kind == "chat" else ("chosen", "rejected"):
-        rendered = [render_chat(tok, _conversation(ex, name), template=template) for ex in examples]
-        ids, offsets = flat_ids([r.ids for r in rendered])
-        mask = np.fromiter(chain.from_iterable(r.mask for r in rendered), np.uint8, len(ids))
-        columns[name] = (ids, offsets, mask)
-    return columns, None
-
-
-def _conversation(ex: Example, column: str) -> Sequence[dict]:
-    """The messages rendered into `column`: a chat's, or a preference prompt with its chosen or rejected reply."""
-    if column == "tokens":
-        return ex.messages  # type: ignore[return-value]
-    return [*ex.messages, {"role": "assistant", "content": getattr(ex, column)}]  # type: ignore[misc]
-
-
-def _framed(
-    ids: np.ndarray, offsets: np.ndarray, head: list[int], tail: list[int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every document of (ids, offsets) with `head` ids before it and `tail` ids after it, without a Python loop."""
-    if not head and not tail:
-        return ids, offsets
-    lengths = np.diff(offsets)
-    framed = np.zeros_like(offsets)
-    np.cumsum(lengths + len(head) + len(tail), out=framed[1:])
-    out = np.empty(int(framed[-1]), dtype=ids.dtype)
-    # token j of document i moves from offsets[i] + j to framed[i] + len(head) + j
-    out[np.arange(len(ids)) + np.repeat(framed[:-1] + len(head) - offsets[:-1], lengths)] = ids
-    for k, token in enumerate(head):
-        out[framed[:-1] + k] = token
-    for k, token in enumerate(tail):
-        out[framed[1:] - len(tail) + k] = token
-    return out, framed
-
-
-# --------------------------------------------------------------------------------------- governance
-
-
-def _texts(ex: Example) -> list[str]:
-    """The human-written strings of an example (what PII, dedup and contamination look at)."""
-    if ex.kind == "text":
-        return [ex.text]  # type: ignore[list-item]  # the common case, made cheap: one call per document
-    parts = [ex.text] if ex.text is not None else []
-    parts += [m["content"] for m in ex.messages or ()]
-    parts += [s for s in (ex.chosen, ex.rejected) if s is not None]
-    return parts
-
-
-def _map_texts(ex: Example, fn: Callable[[str], str]) -> Example:
-    """The example with `fn` applied to every string it holds."""
-    messages = tuple({**m, "content": fn(m["content"])} for m in ex.messages) if ex.messages else ex.messages
-    return replace(
-        ex,
-        text=fn(ex.text) if ex.text is not None else None,
-        messages=messages,
-        chosen=fn(ex.chosen) if ex.chosen is not None else None,
-        rejected=fn(ex.rejected) if ex.rejected is not None else None,
-    )
-
-
-def _in_val(text: str, fraction: float, seed: int) -> bool:
-    """Deterministic split by a hash of the content (duplicates land on the same side)."""
-    digest = hashlib.blake2b(text.encode(), digest_size=8, salt=seed.to_bytes(8, "little"))
-    return int.from_bytes(digest.digest(), "little") / 2**64 < fraction
+# --------------------------------------------------------------------------------------------- inputs
 
 
 def read_licence(path: Path) -> str | None:
@@ -403,11 +196,11 @@ def _prepare_into(
     in workers (or here), then deduplicate and write in input order: the output does not depend on the number of
     workers."""
     inputs = list(digests)
-    dtype = _token_dtype(tok)
+    dtype = token_dtype(tok)
     rejects: list[BadRecord] = []
     pii_counts: Counter[str] = Counter()
     totals = Counter()
-    dedup = None if cfg.dedup == "off" else _deduplicator(cfg)
+    dedup = None if cfg.dedup == "off" else deduplicator(cfg)
     dedup_dropped: Counter[str] = Counter()
     bad_records: Counter[str] = Counter()  # per input, of those the workers found
     input_reports: list[dict] = []
@@ -418,7 +211,7 @@ def _prepare_into(
     contamination_report = _contamination_report(cfg, inputs) if cfg.eval_sets else None
     drop_ids = set(contamination_report["drop_ids"]) if contamination_report and cfg.decontaminate else set()
 
-    def tasks() -> Iterator[tuple[_Task, dict]]:
+    def tasks() -> Iterator[tuple[Task, dict]]:
         for path in inputs:
             report = {"path": str(path), "bytes": _size(path), "sha256": digests[path], "records": 0,
                       "examples": 0, "licence": cfg.licence or read_licence(path)}  # fmt: skip
@@ -433,14 +226,14 @@ def _prepare_into(
             if text:
                 split = text_split(path, cfg.text_separator)
                 for chunk in text_chunks(path, split, TEXT_CHUNK_BYTES):
-                    yield _Task(str(path), fmt, label_map, [], chunk, split), report
+                    yield Task(str(path), fmt, label_map, [], chunk, split), report
                 continue
             records = read_records(path, on_bad=rejects.append if cfg.skip_bad else None,
                                    text_separator=cfg.text_separator)  # fmt: skip
             for batch in _chunks(records, CHUNK):
-                yield _Task(str(path), fmt, label_map, [(r.line, r.data, r.by_index) for r in batch]), report
+                yield Task(str(path), fmt, label_map, [(r.line, r.data, r.by_index) for r in batch]), report
 
-    def merge(chunk: _Chunk, report: dict) -> None:
+    def merge(chunk: Chunk, report: dict) -> None:
         report["records"] += chunk.records
         bad_records[report["path"]] += len(chunk.rejects)
         report["examples"] += chunk.examples
@@ -471,7 +264,7 @@ def _prepare_into(
         writers["val"].add(chunk.columns, chunk.labels, keep & chunk.in_val)
 
     init = (cfg, template, drop_ids, tok)
-    with _worker_pool(cfg.num_proc, init) if cfg.num_proc > 1 else _in_process(init) as submit:
+    with worker_pool(cfg.num_proc, init) if cfg.num_proc > 1 else in_process(init) as submit:
         # A bounded window of chunks in flight keeps memory flat whatever the input size.
         pending: deque = deque()
         for task, report in tasks():
@@ -529,49 +322,6 @@ def _prepare_into(
     }
 
 
-@contextmanager
-def _worker_pool(n: int, init: tuple) -> Iterator[Callable]:
-    """Worker processes; yields submit(task) -> result getter. Fork where it exists: it starts in milliseconds, needs
-    no `__main__` guard in the caller's script, and the children inherit this process's tokenizer with its tiktoken
-    encoding already built (80 ms each to load again). TOKENIZERS_PARALLELISM is pinned while forking so the Rust
-    thread pool neither warns nor deadlocks in the children."""
-    fork = "fork" in mp.get_all_start_methods() and sys.platform != "darwin"
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        if fork:
-            _init_worker(*init)
-            _worker["tok"].encode_many(["warm-up"])  # builds the fast encoding once, here, for every child
-            pool = mp.get_context("fork").Pool(n)
-        else:
-            pool = mp.get_context("spawn").Pool(n, _init_worker, init[:-1])  # each child loads the tokenizer
-    finally:
-        if previous is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
-    try:
-        with pool:
-            yield lambda task: pool.apply_async(_process, (task,)).get
-    finally:
-        _worker.clear()
-
-
-@contextmanager
-def _in_process(init: tuple) -> Iterator[Callable]:
-    """The same work in this process; yields submit(task) -> result getter (the task runs at once)."""
-    _init_worker(*init)
-
-    def submit(task: _Task) -> Callable[[], _Chunk]:
-        result = _process(task)
-        return lambda: result
-
-    try:
-        yield submit
-    finally:
-        _worker.clear()
-
-
 def _chunks(items: Iterator[T], n: int) -> Iterator[list[T]]:
     chunk: list[T] = []
     for item in items:
@@ -602,7 +352,7 @@ def iter_texts(
     for path in iter_files(paths):
         records = read_records(path, text_separator=text_separator)
         for ex in to_examples(records, fmt or detect_format(_peek_records(path, text_separator))):
-            yield from _texts(ex)
+            yield from example_texts(ex)
 
 
 def _label_map_beside(path: Path) -> dict[str, int] | None:
@@ -633,10 +383,14 @@ def _examples(cfg: PrepareConfig, path: Path, fmt: str | None) -> Iterator[Examp
 
 def _contamination_report(cfg: PrepareConfig, inputs: list[Path]) -> dict:
     """Word n-gram overlap of the training inputs with each evaluation set."""
-    train = ((ex.id, "\n".join(_texts(ex))) for path in inputs for ex in _examples(cfg, path, cfg.format))
+    train = (
+        (ex.id, "\n".join(example_texts(ex))) for path in inputs for ex in _examples(cfg, path, cfg.format)
+    )
     evals = {
         name: [
-            (ex.id, "\n".join(_texts(ex))) for path in iter_files(files) for ex in _examples(cfg, path, None)
+            (ex.id, "\n".join(example_texts(ex)))
+            for path in iter_files(files)
+            for ex in _examples(cfg, path, None)
         ]
         for name, files in cfg.eval_sets.items()
     }
