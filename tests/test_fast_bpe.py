@@ -47,6 +47,10 @@ def test_lmforge_bpe_fast_path_equals_tokenizers(tmp_path, shared_data):
     ids, offsets = tok.encode_many(plain)
     expected = [e.ids for e in tok.backend.encode_batch_fast(plain, add_special_tokens=False)]
     assert [ids[a:b].tolist() for a, b in itertools.pairwise(offsets)] == expected
+    # An end id after every text: EOS (a special token: the joined call's own separators) or any other id.
+    for end in (tok.eos_id, 100):
+        ids, offsets = tok.encode_many(plain, end_id=end)
+        assert [ids[a:b].tolist() for a, b in itertools.pairwise(offsets)] == [e + [end] for e in expected]
 
 
 def test_gpt2_style_byte_level_converts(shared_data):

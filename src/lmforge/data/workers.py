@@ -166,8 +166,9 @@ def _encode(examples: list[Example]) -> tuple[dict[str, Column], np.ndarray | No
     kind = examples[0].kind if examples else None
     if kind == "text":
         head = [tok.bos_id] if cfg.add_bos and tok.bos_id is not None else []
-        tail = [tok.eos_id] if cfg.append_eos and tok.eos_id is not None else []
-        return {"tokens": (*_framed(*tok.encode_many([ex.text for ex in examples]), head, tail), None)}, None
+        end = tok.eos_id if cfg.append_eos else None
+        ids, offsets = tok.encode_many([ex.text for ex in examples], end_id=end)  # EOS from the joined call
+        return {"tokens": (*_framed(ids, offsets, head, []), None)}, None
     if kind == "classification":
         ids, offsets = tok.encode_many([ex.text for ex in examples], add_special_tokens=True)
         return {"tokens": (ids, offsets, None)}, np.array([ex.label for ex in examples], np.int64)
