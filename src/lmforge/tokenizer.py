@@ -272,8 +272,8 @@ class Tokenizer:
     def encode_many(
         self, texts: Sequence[str], add_special_tokens: bool = False, end_id: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids of many texts as one int64 array and offsets: text i is ids[offsets[i]:offsets[i + 1]], with
-        `end_id` (e.g. EOS) appended to each when given.
+        """Token ids of many texts as one integer array (uint32 or int64) and int64 offsets: text i is
+        ids[offsets[i]:offsets[i + 1]], with `end_id` (e.g. EOS) appended to each when given.
 
         The hot path of `data prepare`: tiktoken's BPE when it is exactly equivalent, on all the texts joined by a
         special token in one call (tiktoken splits at special tokens before its regex, so each text is encoded
@@ -290,7 +290,7 @@ class Tokenizer:
             sep_id = end_id if end_id in specials else min(specials)
             sep = specials[sep_id]
             joined = sep.join(texts) + sep
-            ids = fast.encode_to_numpy(joined, allowed_special={sep}, disallowed_special=()).astype(np.int64)
+            ids = fast.encode_to_numpy(joined, allowed_special={sep}, disallowed_special=())  # uint32
             # One separator per text, as ordinary BPE never yields a special token's id; else (a text ending in a
             # part of `sep` that made another special token) the texts are encoded one by one below.
             ends = np.flatnonzero(ids == sep_id)
