@@ -50,7 +50,7 @@ def test_lmforge_bpe_fast_path_equals_tokenizers(tmp_path, shared_data):
     # An end id after every text: EOS (a special token: the joined call's own separators) or any other id.
     for end in (tok.eos_id, 100):
         ids, offsets = tok.encode_many(plain, end_id=end)
-        assert [ids[a:b].tolist() for a, b in itertools.pairwise(offsets)] == [e + [end] for e in expected]
+        assert [ids[a:b].tolist() for a, b in itertools.pairwise(offsets)] == [[*e, end] for e in expected]
 
 
 def test_gpt2_style_byte_level_converts(shared_data):
