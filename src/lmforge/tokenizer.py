@@ -296,12 +296,14 @@ class Tokenizer:
             ends = np.flatnonzero(ids == sep_id)
             if len(ends) == len(texts):
                 offsets = np.zeros(len(texts) + 1, dtype=np.int64)
-                if sep_id == end_id:
-                    offsets[1:] = ends + 1  # the separators are the appended ends
+                if end_id is not None:  # each separator becomes the end id, unless it already is
+                    if sep_id != end_id:
+                        ids = ids.copy()  # tiktoken's array is a read-only view
+                        ids[ends] = end_id
+                    offsets[1:] = ends + 1
                     return ids, offsets
                 offsets[1:] = ends - np.arange(len(texts))  # text i ends at ends[i], after i separators
-                if not tail:
-                    return np.delete(ids, ends), offsets
+                return np.delete(ids, ends), offsets
         # Texts that spell an added token are left to the backend, which matches added tokens before the BPE.
         lists = [
             self.encode(t) if special is not None and special.search(t) else fast.encode_ordinary(t)

@@ -160,15 +160,14 @@ def _scrub(
 
 
 def _encode(examples: list[Example]) -> tuple[dict[str, Column], np.ndarray | None]:
-    """Tokenise examples of one kind into columns (and labels): text in one batched call with the BOS/EOS frame
-    added by array operations, chats and preference pairs through the chat template."""
+    """Tokenise examples of one kind into columns (and labels): text in one batched call (EOS appended by it, BOS
+    inserted by one array operation), chats and preference pairs through the chat template."""
     tok, template, cfg = _worker["tok"], _worker["template"], _worker["cfg"]
     kind = examples[0].kind if examples else None
     if kind == "text":
-        head = [tok.bos_id] if cfg.add_bos and tok.bos_id is not None else []
         end = tok.eos_id if cfg.append_eos else None
         ids, offsets = tok.encode_many([ex.text for ex in examples], end_id=end)  # EOS from the joined call
-        return {"tokens": (*_framed(ids, offsets, head, []), None)}, None
+        return {"tokens": (*_with_bos(ids, offsets, tok.bos_id if cfg.add_bos else None), None)}, None
     if kind == "classification":
         ids, offsets = tok.encode_many([ex.text for ex in examples], add_special_tokens=True)
         return {"tokens": (ids, offsets, None)}, np.array([ex.label for ex in examples], np.int64)
@@ -191,23 +190,11 @@ def _conversation(ex: Example, column: str) -> Sequence[dict]:
     return [*ex.messages, {"role": "assistant", "content": getattr(ex, column)}]  # type: ignore[misc]
 
 
-def _framed(
-    ids: np.ndarray, offsets: np.ndarray, head: list[int], tail: list[int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every document of (ids, offsets) with `head` ids before it and `tail` ids after it, without a Python loop."""
-    if not head and not tail:
+def _with_bos(ids: np.ndarray, offsets: np.ndarray, bos: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Every document of (ids, offsets) with `bos` in front (None: as they are), without a Python loop."""
+    if bos is None:
         return ids, offsets
-    lengths = np.diff(offsets)
-    framed = np.zeros_like(offsets)
-    np.cumsum(lengths + len(head) + len(tail), out=framed[1:])
-    out = np.empty(int(framed[-1]), dtype=ids.dtype)
-    # token j of document i moves from offsets[i] + j to framed[i] + len(head) + j
-    out[np.arange(len(ids)) + np.repeat(framed[:-1] + len(head) - offsets[:-1], lengths)] = ids
-    for k, token in enumerate(head):
-        out[framed[:-1] + k] = token
-    for k, token in enumerate(tail):
-        out[framed[1:] - len(tail) + k] = token
-    return out, framed
+    return np.insert(ids, offsets[:-1], bos), offsets + np.arange(len(offsets))
 
 
 # --------------------------------------------------------------------------------------- governance
