@@ -131,6 +131,24 @@ def test_split_is_deterministic_and_worker_count_does_not_matter(tmp_path, token
     assert one["splits"] == two["splits"] and one["governance"] == two["governance"]
 
 
+def test_in_val_is_the_salted_hash_split_text_by_text():
+    """The batched split equals its definition: text i is in validation when blake2b(text, salt=seed) / 2**64 <
+    fraction (also at fractions 0 and 1, and at a fraction equal to one text's own hash value)."""
+    from lmforge.data.workers import in_val
+
+    texts = [f"doc {i} " + "é" * (i % 7) for i in range(500)] + ["", "same", "same"]
+
+    def definition(text: str, fraction: float, seed: int) -> bool:
+        digest = hashlib.blake2b(text.encode(), digest_size=8, salt=seed.to_bytes(8, "little")).digest()
+        return int.from_bytes(digest, "little") / 2**64 < fraction
+
+    edge = int.from_bytes(hashlib.blake2b(b"doc 7 ", digest_size=8, salt=bytes(8)).digest(), "little") / 2**64
+    for fraction, seed in [(0.0, 0), (1.0, 0), (0.1, 0), (0.37, 12345), (edge, 0)]:
+        got = in_val(texts, fraction, seed)
+        assert got.dtype == bool and got.tolist() == [definition(t, fraction, seed) for t in texts]
+    assert in_val([], 0.5, 0).shape == (0,)
+
+
 def test_chat_masks_cover_exactly_the_assistant_replies(tmp_path, tokenizer_dir):
     chats = [
         {

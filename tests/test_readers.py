@@ -163,9 +163,9 @@ def test_text_documents_match_the_line_by_line_definition(tmp_path, monkeypatch,
             # What `data prepare` does: whole-document byte chunks cut here, decoded and split in workers.
             split = readers.text_split(path, separator)
             from_chunks = [
-                (r.line, r.data)
+                document
                 for chunk in readers.text_chunks(path, split, size=block_bytes)
-                for r in readers.decode_chunk(str(path), chunk, split, on_bad=lambda bad: None)
+                for document in readers.decode_chunk(str(path), chunk, split, on_bad=lambda bad: None)
             ]
             assert from_chunks == docs, (data, separator)
 

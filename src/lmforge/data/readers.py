@@ -294,14 +294,16 @@ def _marker_line(text: str, marker: str) -> int | None:
 
 
 def _read_text(path: Path, on_bad: OnBad | None, separator: str | None) -> Iterator[Record]:
-    split = text_split(path, separator)
-    return text_records(str(path), _text_blocks(path, on_bad), split)
+    src = str(path)
+    documents = text_documents(_text_blocks(path, on_bad), text_split(path, separator))
+    return (Record(src, line, text) for line, text in documents)
 
 
-def text_records(source: str, blocks: Iterable[tuple[int, str]], split: TextSplit) -> Iterator[Record]:
-    """The documents in decoded blocks of whole lines ((first line number, text) pairs, as `_text_blocks` gives):
-    each block split at separator lines by one regex rather than a Python loop over lines; documents may span
-    blocks. A document's line is that of its first non-blank character."""
+def text_documents(blocks: Iterable[tuple[int, str]], split: TextSplit) -> Iterator[tuple[int, str]]:
+    """(line, cleaned text) of each document in decoded blocks of whole lines ((first line number, text) pairs, as
+    `_text_blocks` gives): each block split at separator lines by one regex rather than a Python loop over lines;
+    documents may span blocks. A document's line is that of its first non-blank character; its text is never
+    empty."""
     sep = re.compile(f"({pattern})") if (pattern := split.pattern()) else None
     carry: list[str] = []  # the open document's text from earlier blocks
     first = 0  # the line of the open document's first non-blank character (0: none yet)
@@ -316,7 +318,7 @@ def text_records(source: str, blocks: Iterable[tuple[int, str]], split: TextSpli
             if not first and (rest := piece.lstrip()):
                 first = line + piece.count("\n", 0, len(piece) - len(rest))
             if first:
-                yield Record(source, first, _cleaned("".join([*carry, piece]) if carry else piece))
+                yield first, _cleaned("".join([*carry, piece]) if carry else piece)
             carry, first = [], 0
             line += piece.count("\n") + 1
         piece = parts[-1]  # the block's end: the open document goes on in the next block
@@ -324,7 +326,7 @@ def text_records(source: str, blocks: Iterable[tuple[int, str]], split: TextSpli
             first = line + piece.count("\n", 0, len(piece) - len(rest))
         carry.append(piece[:-1] if piece.endswith("\n") else piece)  # the next block starts with this newline
     if first:
-        yield Record(source, first, _cleaned("".join(carry)))
+        yield first, _cleaned("".join(carry))
 
 
 def text_chunks(path: Path, split: TextSplit, size: int) -> Iterator[tuple[int, bytes]]:
@@ -353,10 +355,10 @@ def _last_end(sep: re.Pattern, buf: bytes, start: int) -> int:
 
 def decode_chunk(
     source: str, chunk: tuple[int, bytes], split: TextSplit, on_bad: OnBad | None
-) -> Iterator[Record]:
-    """The documents of one `text_chunks` chunk, as `read_records` gives them for the same lines."""
+) -> Iterator[tuple[int, str]]:
+    """(line, text) of each document of one `text_chunks` chunk: the records `read_records` gives for its lines."""
     lineno, raw = chunk
-    return text_records(source, _decoded(source, lineno, raw, on_bad), split)
+    return text_documents(_decoded(source, lineno, raw, on_bad), split)
 
 
 def _cleaned(text: str) -> str:
