@@ -70,3 +70,34 @@ def test_wordpiece_has_no_fast_path(tmp_path):
     )
     assert tok._fast_encoding() is None
     assert tok.encode_batch(["some words"]) == [tok.encode("some words")]
+
+
+def test_ranks_are_cached_by_content_and_a_bad_cache_is_rebuilt(tmp_path, monkeypatch):
+    from lmforge import fast_bpe
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    texts = [*TRICKY, "the quick brown fox jumps over the lazy dog " * 20]
+    tok_dir = train_tokenizer(texts * 5, "bpe", 400, tmp_path / "tok")
+    built = Tokenizer.from_dir(tok_dir)._fast_encoding()
+    (cached,) = (tmp_path / "cache" / "tiktoken").iterdir()
+    parts = fast_bpe._ranks(json.loads((tok_dir / "tokenizer.json").read_text()))
+    assert fast_bpe._unpack(cached.read_bytes()) == parts  # the exact ranks, regex and special tokens
+    loaded = Tokenizer.from_dir(tok_dir)._fast_encoding()  # from the cache this time
+    assert [loaded.encode_ordinary(t) for t in texts] == [built.encode_ordinary(t) for t in texts]
+    # Truncated, or not such a file: rebuilt and rewritten.
+    for bad in (cached.read_bytes()[:-3], b"not a cache", b"{}\n", b"[1]\n"):
+        cached.write_bytes(bad)
+        again = Tokenizer.from_dir(tok_dir)._fast_encoding()
+        assert again is not None and again.encode_ordinary(texts[-1]) == built.encode_ordinary(texts[-1])
+        assert fast_bpe._unpack(cached.read_bytes()) == parts
+    # "Not expressible" is cached too; a cache folder that cannot be made, or "off", is no error.
+    wordpiece = train_tokenizer(["some words here", "and more words"] * 50, "wordpiece", 200, tmp_path / "wp")
+    assert Tokenizer.from_dir(wordpiece)._fast_encoding() is None
+    assert len(list((tmp_path / "cache" / "tiktoken").iterdir())) == 2
+    assert Tokenizer.from_dir(wordpiece)._fast_encoding() is None
+    (tmp_path / "blocked").write_text("a file where the cache folder would be")
+    for setting in (str(tmp_path / "blocked"), "off"):
+        monkeypatch.setenv("LMFORGE_CACHE", setting)
+        assert Tokenizer.from_dir(tok_dir)._fast_encoding().encode_ordinary(
+            texts[-1]
+        ) == built.encode_ordinary(texts[-1])

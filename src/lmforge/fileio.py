@@ -29,6 +29,14 @@ def replace_atomically(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def cache_dir() -> Path | None:
+    """lmforge's cache folder (what is derived from input files and rebuilt when missing): $LMFORGE_CACHE, else
+    $XDG_CACHE_HOME/lmforge, else ~/.cache/lmforge; None when LMFORGE_CACHE is "off"."""
+    if (chosen := os.environ.get("LMFORGE_CACHE")) is not None and chosen.strip():
+        return None if chosen.strip().lower() == "off" else Path(chosen).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge"
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()

@@ -313,9 +313,9 @@ class Tokenizer:
 
     def _fast_encoding(self) -> Any:
         if self._fast is ...:
-            from lmforge.fast_bpe import tiktoken_encoding
+            from lmforge.fast_bpe import cached_tiktoken_encoding
 
-            self._fast = tiktoken_encoding(_read_json(self.path / "tokenizer.json"), self.backend)
+            self._fast = cached_tiktoken_encoding(self.path / "tokenizer.json", self.backend)
         return self._fast
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
