@@ -322,10 +322,13 @@ def test_dedup_and_contamination_golden_counts(shared_data):
 
 def test_pii_of_many_texts_and_ascii_normalisation_equal_the_plain_definitions():
     """find_pii_many (one scan of many texts) gives each text's find_pii; normalize's ASCII fast path gives what
-    the regex definition gives."""
+    the regex definition gives; a chunk's exact-dedup keys (its ASCII texts normalised together) are each text's
+    `key`."""
     import random
 
     from lmforge.data.governance import _PUNCT, find_pii, find_pii_many, normalize
+
+    exact = Deduplicator(near=False)
 
     pieces = ["alice@example.com", "+44 20 7946 0958", "(555) 123-4567", "192.168.0.1", "fe80::1", "4111 1111 1111 1111",
               "call 555-123-4567.", "x@y", "10:30:00", "1.2.3.4.5", "Don't STOP!", "ΑΣ", "Σοφία", "a_b", "\x1c\x1f",
@@ -339,5 +342,9 @@ def test_pii_of_many_texts_and_ascii_normalisation_equal_the_plain_definitions()
         assert find_pii_many(texts) == [find_pii(t) for t in texts], texts
         for t in texts:
             assert normalize(t) == " ".join(_PUNCT.sub("", t.lower()).split()), t
+        assert exact.keys(texts) == [exact.key(t) for t in texts], texts
     every_ascii = "".join(map(chr, range(128))) * 2
     assert normalize(every_ascii) == " ".join(_PUNCT.sub("", every_ascii.lower()).split())
+    assert exact.keys([every_ascii, "ΑΣ x", every_ascii[1:], ""]) == [
+        exact.key(t) for t in [every_ascii, "ΑΣ x", every_ascii[1:], ""]
+    ]

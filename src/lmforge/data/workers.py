@@ -126,7 +126,7 @@ def _process(task: Task) -> Chunk:
     chunk.in_val = in_val(joined, cfg.val_fraction, cfg.seed)
     if (dedup := _worker["dedup"]) is not None:
         chunk.ids = [ex.id for ex in kept]
-        chunk.keys = [dedup.key(text) for text in joined]
+        chunk.keys = dedup.keys(joined)
         chunk.snippets = [text[:200] for text in joined]
     chunk.columns, chunk.labels = _encode(kept)
     dtype = token_dtype(_worker["tok"])  # the shards' dtype already: a quarter of int64's bytes to send back
