@@ -308,25 +308,31 @@ def text_documents(blocks: Iterable[tuple[int, str]], split: TextSplit) -> Itera
     carry: list[str] = []  # the open document's text from earlier blocks
     first = 0  # the line of the open document's first non-blank character (0: none yet)
     for lineno, text in blocks:
+        if (
+            "\r" in text
+        ):  # CRs before a line end are not text; once per block, as no line end spans two blocks
+            text = _CR_LF.sub("\n", text)
         # [text, separator, text, ..., text]; each separator holds one newline, each later text starts with one
         parts = sep.split("\n" + text) if sep else ["\n" + text]
         if len(parts) > 2 and parts[-2] == "\n" and not parts[-1]:  # the empty "line" after a final newline
             del parts[-2:]
-        line = lineno - 1  # the line of parts[i][0], a newline before the first character of its line
-        for i in range(0, len(parts) - 1, 2):
-            piece = parts[i]
-            if not first and (rest := piece.lstrip()):
-                first = line + piece.count("\n", 0, len(piece) - len(rest))
-            if first:
-                yield first, _cleaned("".join([*carry, piece]) if carry else piece)
-            carry, first = [], 0
+        *closed, last = parts[::2]  # the texts between separators; the last goes on in the next block
+        line = lineno - 1  # the line of a piece's first character, a newline before its first line
+        for piece in closed:
+            if carry:  # the document open since an earlier block ends here
+                if not first and (rest := piece.lstrip()):
+                    first = line + piece.count("\n", 0, len(piece) - len(rest))
+                if first:
+                    yield first, "".join([*carry, piece]).strip()
+                carry, first = [], 0
+            elif document := piece.strip():  # its first character is the first of the piece's non-blank part
+                yield line + piece.count("\n", 0, piece.find(document[0])), document
             line += piece.count("\n") + 1
-        piece = parts[-1]  # the block's end: the open document goes on in the next block
-        if not first and (rest := piece.lstrip()):
-            first = line + piece.count("\n", 0, len(piece) - len(rest))
-        carry.append(piece[:-1] if piece.endswith("\n") else piece)  # the next block starts with this newline
+        if not first and (rest := last.lstrip()):
+            first = line + last.count("\n", 0, len(last) - len(rest))
+        carry.append(last[:-1] if last.endswith("\n") else last)  # the next block starts with this newline
     if first:
-        yield first, _cleaned("".join(carry))
+        yield first, "".join(carry).strip()
 
 
 def text_chunks(path: Path, split: TextSplit, size: int) -> Iterator[tuple[int, bytes]]:
@@ -359,11 +365,6 @@ def decode_chunk(
     """(line, text) of each document of one `text_chunks` chunk: the records `read_records` gives for its lines."""
     lineno, raw = chunk
     return text_documents(_decoded(source, lineno, raw, on_bad), split)
-
-
-def _cleaned(text: str) -> str:
-    """A document's text: its lines without their line ends (a CR before LF too), stripped."""
-    return (_CR_LF.sub("\n", text) if "\r" in text else text).strip()
 
 
 def _read_jsonl(lines: _Lines, on_bad: OnBad | None) -> Iterator[Record]:
