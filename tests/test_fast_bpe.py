@@ -88,7 +88,7 @@ def test_ranks_are_cached_by_content_and_a_bad_cache_is_rebuilt(tmp_path, monkey
     for bad in (cached.read_bytes()[:-3], b"not a cache", b"{}\n", b"[1]\n"):
         cached.write_bytes(bad)
         again = Tokenizer.from_dir(tok_dir)._fast_encoding()
-        assert again is not None and again.encode_ordinary(texts[-1]) == built.encode_ordinary(texts[-1])
+        assert again.encode_ordinary(texts[-1]) == built.encode_ordinary(texts[-1])
         assert fast_bpe._unpack(cached.read_bytes()) == parts
     # "Not expressible" is cached too; a cache folder that cannot be made, or "off", is no error.
     wordpiece = train_tokenizer(["some words here", "and more words"] * 50, "wordpiece", 200, tmp_path / "wp")
@@ -96,8 +96,7 @@ def test_ranks_are_cached_by_content_and_a_bad_cache_is_rebuilt(tmp_path, monkey
     assert len(list((tmp_path / "cache" / "tiktoken").iterdir())) == 2
     assert Tokenizer.from_dir(wordpiece)._fast_encoding() is None
     (tmp_path / "blocked").write_text("a file where the cache folder would be")
+    expected = built.encode_ordinary(texts[-1])
     for setting in (str(tmp_path / "blocked"), "off"):
         monkeypatch.setenv("LMFORGE_CACHE", setting)
-        assert Tokenizer.from_dir(tok_dir)._fast_encoding().encode_ordinary(
-            texts[-1]
-        ) == built.encode_ordinary(texts[-1])
+        assert Tokenizer.from_dir(tok_dir)._fast_encoding().encode_ordinary(texts[-1]) == expected

@@ -29,6 +29,13 @@ from lmforge.fileio import cache_dir, replace_atomically
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # of the cached ranks' layout, in their file names
+_NOT_RANKS = (
+    OSError,
+    ValueError,
+    LookupError,
+    TypeError,
+    AttributeError,
+)  # what reading a bad cache file raises
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 SELF_CHECK = (
@@ -81,9 +88,7 @@ def _pattern(spec: dict[str, Any]) -> str | None:
 
 def tiktoken_encoding(spec: dict[str, Any], backend: Any) -> Any | None:
     """A tiktoken Encoding giving exactly `backend`'s ids for ordinary text, or None when that is not possible."""
-    try:
-        import tiktoken  # noqa: F401
-    except ImportError:
+    if not _has_tiktoken():
         return None
     parts = _ranks(spec)
     return None if parts is None else _encoding(*parts, backend)
@@ -93,9 +98,7 @@ def cached_tiktoken_encoding(path: Path, backend: Any) -> Any | None:
     """`tiktoken_encoding` of the `tokenizer.json` at `path` (the same `backend`'s), its ranks cached by the file's
     sha256 (also the answer "not expressible"). A cache that is unreadable or cannot be written is rebuilt or
     skipped, never an error."""
-    try:
-        import tiktoken  # noqa: F401
-    except ImportError:
+    if not _has_tiktoken():
         return None
     raw = path.read_bytes()
     name = f"v{CACHE_VERSION}-{hashlib.sha256(raw).hexdigest()}"
@@ -103,13 +106,7 @@ def cached_tiktoken_encoding(path: Path, backend: Any) -> Any | None:
     if cached is not None and cached.is_file():
         try:
             parts = _unpack(cached.read_bytes())
-        except (
-            OSError,
-            ValueError,
-            LookupError,
-            TypeError,
-            AttributeError,
-        ) as e:  # truncated or foreign: rebuilt
+        except _NOT_RANKS as e:  # truncated, or not such a file: rebuilt below
             log.debug("ignoring the cached tiktoken ranks %s: %s", cached, e)
         else:
             return None if parts is None else _encoding(*parts, backend)
@@ -127,6 +124,14 @@ def cached_tiktoken_encoding(path: Path, backend: Any) -> Any | None:
         except OSError as e:
             log.debug("cannot cache the tiktoken ranks at %s: %s", cached, e)
     return enc
+
+
+def _has_tiktoken() -> bool:
+    try:
+        import tiktoken  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 Ranks = tuple[str, dict[bytes, int], dict[str, int]]
@@ -188,7 +193,7 @@ def _pack(parts: Ranks | None) -> bytes:
 
 
 def _unpack(data: bytes) -> Ranks | None:
-    """`_pack`'s ranks back; ValueError, LookupError, TypeError or AttributeError when `data` is not such a file."""
+    """`_pack`'s ranks back; one of _NOT_RANKS when `data` is not such a file."""
     end = data.index(b"\n")
     head = json.loads(data[:end])
     if head.get("expressible", True) is False:

@@ -227,7 +227,8 @@ class Tokenizer:
         added = [t.content for t in backend.get_added_tokens_decoder().values()]
         # Texts that spell an added token are left to the backend, which matches added tokens before the BPE.
         self._added_re = re.compile("|".join(map(re.escape, added))) if added else None
-        self._fast: Any = None if path is None else ...  # ... = not built yet (fast_bpe.tiktoken_encoding)
+        # The tiktoken encoding: ... = not built yet (fast_bpe.cached_tiktoken_encoding), None = none.
+        self._fast: Any = None if path is None else ...
 
     @classmethod
     def from_dir(cls, path: Path | str) -> Tokenizer:

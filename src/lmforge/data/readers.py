@@ -308,9 +308,8 @@ def text_documents(blocks: Iterable[tuple[int, str]], split: TextSplit) -> Itera
     carry: list[str] = []  # the open document's text from earlier blocks
     first = 0  # the line of the open document's first non-blank character (0: none yet)
     for lineno, text in blocks:
-        if (
-            "\r" in text
-        ):  # CRs before a line end are not text; once per block, as no line end spans two blocks
+        # CRs before a line end are not text: dropped once per block, as no line end spans two blocks
+        if "\r" in text:
             text = _CR_LF.sub("\n", text)
         # [text, separator, text, ..., text]; each separator holds one newline, each later text starts with one
         parts = sep.split("\n" + text) if sep else ["\n" + text]

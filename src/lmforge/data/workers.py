@@ -101,7 +101,8 @@ def _process(task: Task) -> Chunk:
             # ids: made here directly, without a Record and a converter each (a third of the Python per document).
             examples = [Example(f"{task.source}:{line}", "text", text) for line, text in documents]
             chunk.records = len(examples)
-        records = (Record(task.source, line, text) for line, text in documents)
+        else:
+            records = (Record(task.source, line, text) for line, text in documents)
     if examples is None:
         kwargs: dict[str, Any] = {"label_map": task.label_map, "on_bad": on_bad}
         if cfg.label_field:
@@ -235,12 +236,10 @@ def _map_texts(ex: Example, fn: Callable[[str], str]) -> Example:
 def in_val(texts: list[str], fraction: float, seed: int) -> np.ndarray:
     """Which texts go to validation: a deterministic split by a salted hash of each one's content (duplicates land
     on the same side). Text i is in when its 64-bit blake2b digest / 2**64 < `fraction`."""
-    salted = hashlib.blake2b(
-        digest_size=8, salt=seed.to_bytes(8, "little")
-    ).copy  # one hasher per text, copied
+    salted = hashlib.blake2b(digest_size=8, salt=seed.to_bytes(8, "little"))
     digests = []
     for text in texts:
-        h = salted()
+        h = salted.copy()  # cheaper than a new salted hasher per text
         h.update(text.encode())
         digests.append(h.digest())
     # float64 / 2**64 as Python's int / 2**64: the same correctly rounded value, so the same split
