@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from itertools import chain
+from itertools import chain, compress
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -111,25 +111,26 @@ def _process(task: Task) -> Chunk:
     chunk.examples, chunk.kinds = len(examples), {ex.kind for ex in examples}
     if len(chunk.kinds) > 1:
         raise LmforgeError(f"{task.source}: holds examples of kinds {sorted(chunk.kinds)}; expected one kind")
-    texts = [example_texts(ex) for ex in examples]
+    # The human-written strings of each example (what PII, dedup and contamination look at)
+    texts = (
+        [[ex.text] for ex in examples] if chunk.kinds == {"text"} else [example_texts(ex) for ex in examples]
+    )
     if task.text is None:
         chunk.text_bytes = sum(len(t.encode()) for ts in texts for t in ts)
     if cfg.pii != "off":
         examples, texts = _scrub(examples, texts, cfg.pii, chunk)
-    kept: list[Example] = []
-    joined: list[str] = []  # each kept example's texts as one string (what the split and dedup hash)
-    for ex, ts in zip(examples, texts, strict=True):
-        if ex.id in _worker["drop_ids"]:
-            chunk.decontaminated += 1
-            continue
-        kept.append(ex)
-        joined.append(ts[0] if len(ts) == 1 else "\n".join(ts))
+    if drop_ids := _worker["drop_ids"]:
+        keep = [ex.id not in drop_ids for ex in examples]
+        chunk.decontaminated = keep.count(False)
+        examples = list(compress(examples, keep))
+        texts = list(compress(texts, keep))
+    joined = [ts[0] if len(ts) == 1 else "\n".join(ts) for ts in texts]  # what the split and dedup hash
     chunk.in_val = in_val(joined, cfg.val_fraction, cfg.seed)
     if (dedup := _worker["dedup"]) is not None:
-        chunk.ids = [ex.id for ex in kept]
+        chunk.ids = [ex.id for ex in examples]
         chunk.keys = dedup.keys(joined)
         chunk.snippets = [text[:200] for text in joined]
-    chunk.columns, chunk.labels = _encode(kept)
+    chunk.columns, chunk.labels = _encode(examples)
     dtype = token_dtype(_worker["tok"])  # the shards' dtype already: a quarter of int64's bytes to send back
     chunk.columns = {name: (ids.astype(dtype), *rest) for name, (ids, *rest) in chunk.columns.items()}
     return chunk
