@@ -1,9 +1,10 @@
 """Bulk encoders that give exactly the `tokenizers` ids: the hot path of `data prepare`.
 
-`fastokens` (optional, `pip install lmforge[fast]`) loads any `tokenizer.json` and encodes a batch into one flat
-buffer 5-7x faster than tiktoken on one core (it caches the pieces it has merged); it is used when it is installed
-and agrees with `tokenizers` on a self-check at load, including added tokens and post-processor specials. Without
-it (no wheel for every platform), the tiktoken encoding below serves byte-level BPE.
+`fastokens` (optional, `pip install lmforge[fast]`) loads a BPE `tokenizer.json` (it refuses BERT's normaliser)
+and encodes a batch into one flat buffer 5-7x faster than tiktoken on one core (it caches the pieces it has
+merged); it is used when it is installed and agrees with `tokenizers` on a self-check at load, including added
+tokens and post-processor specials. Without it (no wheel for every platform), the tiktoken encoding below serves
+byte-level BPE.
 
 `tiktoken` applies the same byte-level BPE ~1.5-2x faster than `tokenizers` on one thread (measured on
 TinyShakespeare, see docs/benchmarks.md). It is optional: without it, or for a tokenizer it cannot express
