@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import os
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -113,14 +114,20 @@ def fastokens_encoder(path: Path, backend: Any) -> Any | None:
     added = " ".join(t.content for t in backend.get_added_tokens_decoder().values())
     sample = [SELF_CHECK, f"{added} {SELF_CHECK} {added}", ""]
     for specials in (False, True):
-        flat, offsets = encoder.encode_batch_flat(sample, add_special_tokens=specials)
-        ids = np.frombuffer(flat, np.uint32).tolist()
-        ends = np.frombuffer(offsets, np.uint64).tolist()
-        got = [ids[a:b] for a, b in itertools.pairwise(ends)]
+        ids, offsets = flat_batch(encoder, sample, specials)
+        got = [ids[a:b].tolist() for a, b in itertools.pairwise(offsets)]
         if got != [e.ids for e in backend.encode_batch_fast(sample, add_special_tokens=specials)]:
             log.debug("fastokens self-check differs from tokenizers for %s; not using it", path)
             return None
     return encoder
+
+
+def flat_batch(encoder: Any, texts: Sequence[str], add_special_tokens: bool) -> tuple[np.ndarray, np.ndarray]:
+    """fastokens' ids of many texts as one uint32 array and int64 offsets (text i is ids[offsets[i]:offsets[i + 1]])."""
+    flat, ends = encoder.encode_batch_flat(list(texts), add_special_tokens=add_special_tokens)
+    return np.frombuffer(flat, "<u4"), np.frombuffer(ends, "<u8").astype(
+        np.int64
+    )  # little-endian, as documented
 
 
 def tiktoken_encoding(spec: dict[str, Any], backend: Any) -> Any | None:

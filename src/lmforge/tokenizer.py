@@ -283,9 +283,9 @@ class Tokenizer:
         alone; one call instead of one per text saves a third of the time on short documents; joined by `end_id`'s
         own token, its output is the answer as it comes); else the Rust backend's batch."""
         if (bulk := self._bulk_encoder()) is not None:
-            flat, ends = bulk.encode_batch_flat(list(texts), add_special_tokens=add_special_tokens)
-            ids = np.frombuffer(flat, np.uint32)
-            offsets = np.frombuffer(ends, np.uint64).astype(np.int64)
+            from lmforge.fast_bpe import flat_batch
+
+            ids, offsets = flat_batch(bulk, texts, add_special_tokens)
             return (ids, offsets) if end_id is None else insert_each(ids, offsets, end_id, at_end=True)
         fast = None if add_special_tokens else self._fast_encoding()
         special = self._added_re
