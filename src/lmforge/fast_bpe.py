@@ -6,8 +6,8 @@ merged); it is used when it is installed and agrees with `tokenizers` on a self-
 tokens and post-processor specials. Without it (no wheel for every platform), the tiktoken encoding below serves
 byte-level BPE.
 
-`tiktoken` applies the same byte-level BPE ~1.5-2x faster than `tokenizers` on one thread (measured on
-TinyShakespeare, see docs/benchmarks.md). It is optional: without it, or for a tokenizer it cannot express
+`tiktoken` applies the same byte-level BPE faster than `tokenizers` on one thread (1.5-2x per text on
+TinyShakespeare; 8x on the 256 KiB chunks `data prepare` hands its workers: docs/benchmarks.md). It is optional: without it, or for a tokenizer it cannot express
 exactly, lmforge uses `tokenizers`. Equivalence holds when the pre-tokenizer is one regex split (GPT-2's
 ByteLevel regex, or a Split regex followed by ByteLevel without its own), there is no normaliser, and merge
 results have ids increasing in merge order with no token made by two merges: tiktoken ranks a merge by its
@@ -37,13 +37,8 @@ from lmforge.fileio import cache_dir, replace_atomically
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # of the cached ranks' layout, in their file names
-_NOT_RANKS = (
-    OSError,
-    ValueError,
-    LookupError,
-    TypeError,
-    AttributeError,
-)  # what reading a bad cache file raises
+# What reading a bad cache file raises
+_NOT_RANKS = (OSError, ValueError, LookupError, TypeError, AttributeError)
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 SELF_CHECK = (
@@ -125,9 +120,8 @@ def fastokens_encoder(path: Path, backend: Any) -> Any | None:
 def flat_batch(encoder: Any, texts: Sequence[str], add_special_tokens: bool) -> tuple[np.ndarray, np.ndarray]:
     """fastokens' ids of many texts as one uint32 array and int64 offsets (text i is ids[offsets[i]:offsets[i + 1]])."""
     flat, ends = encoder.encode_batch_flat(list(texts), add_special_tokens=add_special_tokens)
-    return np.frombuffer(flat, "<u4"), np.frombuffer(ends, "<u8").astype(
-        np.int64
-    )  # little-endian, as documented
+    # little-endian uint32 ids and uint64 offsets, as fastokens documents them
+    return np.frombuffer(flat, "<u4"), np.frombuffer(ends, "<u8").astype(np.int64)
 
 
 def tiktoken_encoding(spec: dict[str, Any], backend: Any) -> Any | None:
