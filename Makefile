@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(BIN)/lmforge demo --out $(DEMO_OUT)
+	HF_HUB_OFFLINE=1 $(BIN)/lmforge demo --out $(DEMO_OUT) --overwrite  # a rerun redoes the last demo
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -n 2

@@ -33,3 +33,32 @@ def save_random_hf_decoder(config_cls: str, config: dict, path: Path) -> Path:
     randomize_(model)
     model.save_pretrained(path)
     return path
+
+
+def invoke(*args: object):
+    """`lmforge ARGS...` in this process (typer's CliRunner), every argument as text."""
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under `root` (hidden ones included) with the sha256 of its bytes."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def error(result, code: int = 2) -> str:
+    """The one `error:` line of a command that exited `code`, last on stderr (a stage may log before it)."""
+    assert result.exit_code == code, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr
+    assert "Traceback" not in result.output
+    return errors[0]

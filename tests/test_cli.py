@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 import lmforge
 from lmforge.cli import add_stage_command, app, make_app
 from lmforge.config import Section, StageConfig, config_fields
+from lmforge.paths import check_run_dir, start_run
 
 LMFORGE = Path(sys.executable).parent / "lmforge"
 runner = CliRunner()
@@ -33,10 +34,13 @@ class ToyConfig(StageConfig):
     """Optimizer."""
 
 
-def toy_run(cfg: ToyConfig, out: Path) -> dict:
+def toy_run(cfg: ToyConfig, out: Path, overwrite: bool) -> dict:
     logging.getLogger("lmforge.toy").debug("toy: debug detail")
+    replace = check_run_dir(out, cfg, overwrite)  # what every stage does before it reads its inputs
     if cfg.train.seed == 13:
         raise RuntimeError("the work failed")
+    run_dir = start_run(out, cfg, replace)  # ... and once they are checked
+    run_dir.done()
     return {"loss": 0.5, "max_steps": cfg.train.max_steps, "lr": cfg.optim.lr, "out": out}
 
 
@@ -133,7 +137,10 @@ def test_run_directory_flags(toy, tmp_path):
 
     refused = runner.invoke(toy, ["toy", "--out", str(out)])
     assert refused.exit_code == 2
-    assert f"--out {out} is not empty: use --resume {out} to continue its run, --overwrite" in refused.stderr
+    assert (
+        f"--out {out} holds a run: use --resume {out} to continue it, --overwrite to replace"
+        in refused.stderr
+    )
 
     # --resume reads the run's config.yaml, sets train.resume and still takes --set.
     resumed = runner.invoke(toy, ["toy", "--resume", str(out), "--set", "optim.lr=0.5", "--json"])
@@ -220,3 +227,26 @@ def test_debug_turns_on_debug_logs(toy, tmp_path):
     args = ["toy", "--out", str(tmp_path)]
     assert "toy: debug detail" not in runner.invoke(toy, args).stderr
     assert "toy: debug detail" in runner.invoke(toy, ["--debug", *args]).stderr
+
+
+def _commands(group, prefix=()) -> list[tuple[str, ...]]:
+    """Every command path of a click group: ("pretrain",), ("data", "prepare"), ..."""
+    found = []
+    for name, command in group.commands.items():
+        path = (*prefix, name)
+        found += _commands(command, path) if hasattr(command, "commands") else [path]
+    return found
+
+
+def test_every_help_reads_in_80_columns():
+    import typer.main
+
+    commands = [(), ("data",), ("tokenizer",), *_commands(typer.main.get_command(app))]
+    assert ("data", "prepare") in commands and ("pretrain",) in commands
+    for path in commands:
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+        assert result.exit_code == 0, (path, result.output)
+        text = plain(result.stdout)
+        for line in text.splitlines():
+            assert len(line) <= 80, (path, line)
+        assert "…" not in text and "<bool>" not in text, (path, text)

@@ -27,7 +27,7 @@ def test_demo_end_to_end(tmp_path):
     assert 0 < sft["trainable_params"] < sft["total_params"] / 10  # LoRA
     assert set(sft["exact_match"]) == {"A", "B"} and sft["questions_per_group"] == 8
     assert sft["forgetting"]["reference"].endswith("pretrain") and "increase_pct" in sft["forgetting"]
-    again = run_demo(tmp_path / "demo", pretrain_steps=4, sft_steps=3, questions=8)
+    again = run_demo(tmp_path / "demo", pretrain_steps=4, sft_steps=3, questions=8, overwrite=True)
     assert all(d["cache_hit"] for d in again["datasets"].values())
     assert again["steering"] == steering  # seeded sampling
     assert {k: d["id"] for k, d in again["datasets"].items()} == {

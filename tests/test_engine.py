@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from helpers import save_random_hf_decoder  # noqa: E402
 
 from lmforge.errors import LmforgeError  # noqa: E402
-from lmforge.infer.engine import Engine  # noqa: E402
+from lmforge.infer.engine import Engine, TokenText, _unless_all_banned  # noqa: E402
 from lmforge.infer.sampling import GenerationConfig  # noqa: E402
 from lmforge.model.hf import load_model  # noqa: E402
 from lmforge.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
@@ -165,8 +165,65 @@ def test_length_and_context_limits(model_dir):
     (c,) = engine.generate([prompts(engine)[0]], GenerationConfig(temperature=0, max_new_tokens=3))
     assert c.finish_reason in ("length", "stop") and len(c.token_ids) <= 3
     assert len(c.logprobs) == len(c.token_ids) and all(lp <= 0 for lp in c.logprobs)
-    with pytest.raises(LmforgeError, match="exceeds the model's context of 96 tokens"):
-        engine.generate([[5] * 90], GenerationConfig(max_new_tokens=10))
+    # The message states the real limit, for the longest prompt of the batch, and that limit then works.
+    with pytest.raises(LmforgeError) as e:
+        engine.generate([[5] * 10, [5] * 90], GenerationConfig(max_new_tokens=10))
+    assert str(e.value) == (
+        "max_new_tokens 10: the model's context is 96 tokens and the prompt (prompt 1, 90 tokens) leaves room "
+        "for at most 6 new tokens; lower max_new_tokens, shorten the prompt"
+    )
+    assert all(
+        len(c.token_ids) <= 6
+        for c in engine.generate([[5] * 10, [5] * 90], GREEDY.model_copy(update={"max_new_tokens": 6}))
+    )
+    with pytest.raises(LmforgeError, match=r"prompt \(prompt 0, 96 tokens\) fills the model's context of 96"):
+        engine.generate([[5] * 96], GenerationConfig(max_new_tokens=1))
+
+
+def test_every_token_banned_is_an_error_not_a_nan_draw():
+    # no_repeat_ngram_size can ban every id (softmax would be NaN, argmax an arbitrary id): an error for a row
+    # still decoding, uniform scores for a finished one (its draw is dropped)
+    scores = torch.tensor([[0.5, -1.0, 2.0], [-torch.inf, -torch.inf, -torch.inf]])
+    with pytest.raises(LmforgeError, match="every token is banned at this step"):
+        _unless_all_banned(scores, [False, False])
+    assert _unless_all_banned(scores, [False, True]).tolist() == [[0.5, -1.0, 2.0], [0.0, 0.0, 0.0]]
+    assert _unless_all_banned(scores[:1], [False]) is not None
+
+
+def test_token_text_gives_each_tokens_bytes_and_escapes_partial_characters(tokenizer_dir):
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    text = TokenText(tokenizer)
+    for s in ("the cat sat", " héllo wörld ☃ snow", "日本 😀"):  # the last: characters never seen in training
+        ids = tokenizer.encode(s)
+        pieces = [text.bytes(i) for i in ids]
+        assert b"".join(pieces) == s.encode()  # the bytes of the tokens spell the text
+        whole = [(i, p) for i, p in zip(ids, pieces, strict=True) if p.decode(errors="ignore").encode() == p]
+        assert [TokenText.text(p) for _, p in whole] == [tokenizer.decode([i]) for i, _ in whole]
+    # "😀" is 4 bytes no merge covers: four tokens, each one byte, its text the escaped byte (no U+FFFD).
+    ids = tokenizer.encode("😀")
+    assert [text.bytes(i) for i in ids] == [b"\xf0", b"\x9f", b"\x98", b"\x80"]
+    assert [text.entry(i, -1.5)["token"] for i in ids] == ["\\xf0", "\\x9f", "\\x98", "\\x80"]
+    assert text.entry(ids[0], -1.5) == {"id": ids[0], "token": "\\xf0", "logprob": -1.5, "bytes": [0xF0]}
+    bos = tokenizer.bos_id
+    assert text.bytes(bos) == tokenizer.bos_token.encode() and text.bytes(10**6) == b""
+
+
+def test_token_text_of_a_sentencepiece_style_byte_fallback_tokenizer():
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers
+
+    # Llama 2's layout: "▁" for spaces, <0xNN> pieces for bytes no piece covers.
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    vocab |= {piece: 259 + i for i, piece in enumerate(["▁", "h", "i", "▁h", "▁hi", "é"])}
+    backend = Backend(models.BPE(vocab, [("▁", "h"), ("▁h", "i")], unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    text = TokenText(Tokenizer(backend, {}))
+    ids = backend.encode("hi hé☃").ids
+    assert [text.bytes(i) for i in ids] == [b" hi", b" h", "é".encode(), b"\xe2", b"\x98", b"\x83"]
+    assert [text.entry(i, 0.0)["token"] for i in ids] == [" hi", " h", "é", "\\xe2", "\\x98", "\\x83"]
 
 
 def test_bf16_generation_runs_for_every_family(model_dir):

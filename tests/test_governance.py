@@ -230,11 +230,33 @@ def test_dedup_is_deterministic_for_a_seed():
     assert len(Deduplicator(max_examples=1).report()["examples"]) == 0
 
 
+def test_short_documents_are_kept_and_their_repeats_counted():
+    """Below min_chars (of normalised text) a document is never a duplicate: its repeats are kept and counted."""
+    long = "All the world's a stage, and all the men and women merely players. " * 2
+    for near in (False, True):
+        dedup = Deduplicator(min_chars=20, near=near)
+        # "gloucester" is 10 characters normalised, "σοφία σοφία" 11 (21 bytes: short by characters only)
+        docs = ["GLOUCESTER:", "Gloucester", long, long.upper(), "Σοφία, Σοφία!", "σοφία σοφία", "GLOUCESTER:"]  # fmt: skip
+        if not near:  # a chunk's keys, computed together, are each text's key
+            assert dedup.keys(docs) == [dedup.key(t) for t in docs]
+        results = [dedup.add(str(i), text) for i, text in enumerate(docs)]
+        assert [r and (r.kind, r.duplicate_of) for r in results] == [None] * 3 + [("exact", "2")] + [None] * 3
+        report = dedup.report()
+        counts = {k: report[k] for k in ("documents", "kept", "exact", "near", "kept_short", "min_chars")}
+        assert counts == dict(documents=7, kept=6, exact=1, near=0, kept_short=3, min_chars=20)
+    # min_chars=0 (the default) dedups everything, as before
+    dedup = Deduplicator()
+    assert dedup.add("a", "GLOUCESTER:") is None and dedup.add("b", "gloucester").duplicate_of == "a"
+    assert dedup.report()["kept_short"] == 0
+
+
 def test_dedup_rejects_bad_settings():
     with pytest.raises(LmforgeError, match=r"threshold=1\.5"):
         Deduplicator(threshold=1.5)
     with pytest.raises(LmforgeError, match="shingle='byte'"):
         Deduplicator(shingle="byte")  # type: ignore[arg-type]
+    with pytest.raises(LmforgeError, match="min_chars=-1"):
+        Deduplicator(min_chars=-1)
 
 
 # ------------------------------------------------------------------------------------ contamination
@@ -329,6 +351,7 @@ def test_pii_of_many_texts_and_ascii_normalisation_equal_the_plain_definitions()
     from lmforge.data.governance import _PUNCT, find_pii, find_pii_many, normalize
 
     exact = Deduplicator(near=False)
+    short = Deduplicator(near=False, min_chars=6)  # "Σοφία" (5 characters, 10 bytes) is short
     pieces = ["alice@example.com", "+44 20 7946 0958", "(555) 123-4567", "192.168.0.1", "fe80::1", "4111 1111 1111 1111",
               "call 555-123-4567.", "x@y", "10:30:00", "1.2.3.4.5", "Don't STOP!", "ΑΣ", "Σοφία", "a_b", "\x1c\x1f",
               "", "  ", "\n", "\t", "word", "3.14", "-", "...", "a@b.co\n", "::", "+1 (555) 123 4567", "\x00\x7f"]  # fmt: skip
@@ -342,6 +365,7 @@ def test_pii_of_many_texts_and_ascii_normalisation_equal_the_plain_definitions()
         for t in texts:
             assert normalize(t) == " ".join(_PUNCT.sub("", t.lower()).split()), t
         assert exact.keys(texts) == [exact.key(t) for t in texts], texts
+        assert short.keys(texts) == [short.key(t) for t in texts], texts
     every_ascii = "".join(map(chr, range(128))) * 2
     assert normalize(every_ascii) == " ".join(_PUNCT.sub("", every_ascii.lower()).split())
     mixed = [every_ascii, "ΑΣ x", every_ascii[1:], ""]

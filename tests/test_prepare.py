@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from lmforge.data.dataset import PreparedDataset, inspect_dataset, mask_segments
+from lmforge.data.governance import normalize
 from lmforge.data.prepare import PrepareConfig, prepare
 from lmforge.data.readers import read_records
 from lmforge.errors import LmforgeError
@@ -41,7 +43,7 @@ def run(
     tmp_path: Path, tokenizer_dir: Path, inputs: list[Path], name: str = "out", **kw
 ) -> tuple[dict, Path]:
     cfg = PrepareConfig(inputs=inputs, tokenizer=tokenizer_dir, **{"num_proc": 1, **kw})
-    return prepare(cfg, tmp_path / name), tmp_path / name
+    return prepare(cfg, tmp_path / name, overwrite=True), tmp_path / name  # tests rebuild in place
 
 
 def decoded_docs(out: Path, tok: Tokenizer, column: str = "tokens") -> list[str]:
@@ -226,8 +228,9 @@ def test_governance_pii_dedup_and_contamination(tmp_path, tokenizer_dir):
         tmp_path / "eval.jsonl",
         [{"text": "Q: words that appear in the benchmark question about apples and pears today?"}],
     )
+    # dedup_min_chars=0: the duplicate here is a short one, which the default would keep
     manifest, out = run(
-        tmp_path, tokenizer_dir, [src], pii="mask", dedup="exact", val_fraction=0.0,
+        tmp_path, tokenizer_dir, [src], pii="mask", dedup="exact", val_fraction=0.0, dedup_min_chars=0,
         eval_sets={"bench": [evals]}, contamination_ngram=8, decontaminate=True,
     )  # fmt: skip
     gov = manifest["governance"]
@@ -238,6 +241,31 @@ def test_governance_pii_dedup_and_contamination(tmp_path, tokenizer_dir):
     assert manifest["splits"]["train"]["documents"] == 4 == len(texts)
     assert any("<EMAIL>" in t and "<PHONE>" in t for t in texts)
     assert not any("alice@example.com" in t or "apples" in t for t in texts)
+
+
+@pytest.mark.parametrize("dedup", ["exact", "near"])
+def test_short_duplicates_are_kept_and_counted(tmp_path, tokenizer_dir, dedup):
+    long = "A journey of a thousand miles begins with a single step, then another step, and another after it, all day."
+    assert len(normalize(long)) >= 100 > len(normalize("GLOUCESTER:"))  # the default dedup_min_chars
+    docs = ["GLOUCESTER:", long, *CORPUS[:3], "Gloucester", long.upper(), "GLOUCESTER:"]
+    src = write(tmp_path / "play.jsonl", [{"text": t} for t in docs])
+    manifest, out = run(tmp_path, tokenizer_dir, [src], dedup=dedup, val_fraction=0.0, pii="off")
+    report = manifest["governance"]["dedup"]
+    assert report["dropped"] == {"exact": 1} and report["kept_short"] == 2
+    assert report["report"]["min_chars"] == 100 and report["report"]["kept"] == 7
+    texts = decoded_docs(out, Tokenizer.from_dir(tokenizer_dir))
+    assert [t.removesuffix("<|end_of_text|>") for t in texts] == docs[:6] + docs[7:]
+    # 0 dedups every document, the short ones too
+    kw = {"dedup": dedup, "val_fraction": 0.0, "pii": "off", "dedup_min_chars": 0}
+    report = run(tmp_path, tokenizer_dir, [src], **kw)[0]["governance"]["dedup"]
+    assert report["dropped"] == {"exact": 3} and report["kept_short"] == 0
+
+
+def test_prepare_config_ranges():
+    PrepareConfig(seed=2**64 - 1, dedup_min_chars=0)
+    for field, value in [("seed", -1), ("seed", 2**64), ("dedup_min_chars", -1)]:
+        with pytest.raises(ValidationError, match=field):
+            PrepareConfig(**{field: value})
 
 
 def test_inspect_dataset_summary_and_samples(tmp_path, tokenizer_dir):
@@ -260,6 +288,9 @@ def test_every_shared_dataset_prepares(tmp_path, shared_data, tokenizer_dir):
     for rel, kind in cases.items():
         manifest, out = run(tmp_path, tokenizer_dir, [shared_data / rel], rel.split("/")[0], num_proc=2)
         assert manifest["kind"] == kind, rel
+        if kind == "text":  # TinyShakespeare's 69 repeated speeches ("GLOUCESTER:") are short: all kept
+            dedup = manifest["governance"]["dedup"]
+            assert dedup["dropped"] == {} and dedup["kept_short"] == 69
         assert manifest["inputs"][0]["licence"], rel
         ds = PreparedDataset(out)
         n_docs = sum(manifest["splits"][s]["documents"] for s in ("train", "val"))

@@ -235,6 +235,23 @@ def test_malformed_jsonl_line(tmp_path):
     assert [(b.where, b.raw, b.source) for b in bad] == [(f"{path}:2", '{"a": 2,,}', str(path))]
 
 
+def test_malformed_jsonl_names_the_column_on_its_line(tmp_path):
+    cut = '{"text": "' + "a" * 62 + '", "n": '  # cut off after 80 characters: a value expected at column 81
+    unterminated = '{"text": "' + "a" * 70  # the string opened at column 10 never closes
+    path = write(tmp_path / "d.jsonl", f'{{"a": 1}}\n{cut}\n{unterminated}\r\n')
+    assert len(cut) == 80
+    assert (
+        error(path)
+        == f"{path}:2: malformed JSON (Expecting value at column 81); expected one JSON object per line"
+    )
+    _, bad = read(path)
+    assert [b.reason.split(";")[0] for b in bad] == [
+        "malformed JSON (Expecting value at column 81)",
+        "malformed JSON (Unterminated string starting at column 10)",
+    ]
+    assert [b.raw for b in bad] == [cut, unterminated]
+
+
 def test_jsonl_line_that_is_not_an_object(tmp_path):
     path = write(tmp_path / "d.jsonl", '{"a": 1}\n[1, 2]\n"text"\n')
     assert error(path) == f"{path}:2: found a JSON list; expected one JSON object per line"
@@ -332,6 +349,56 @@ def test_iter_files_expands_directories(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LmforgeError, match="holds no data files"):
         iter_files([tmp_path / "empty"])
+
+
+def lmforge_outputs(root: Path) -> dict[str, str]:
+    """Fake lmforge outputs under `root`, each with the files that tell its kind: {dir: what the message says}."""
+    files = {
+        "data/manifest.json": json.dumps({"splits": {}}), "data/train/00000.tokens.bin": "", "data/rejects.jsonl": "{}",
+        "model/config.json": "{}", "model/model.safetensors": "", "tok/tokenizer.json": "{}",
+        "run/config.yaml": "", "run/metrics.jsonl": '{"step": 1}', "run/checkpoints/step-1/COMPLETE": "",
+        "step-2/train_state/state.json": "{}", "step-2/model/config.json": "{}",
+    }  # fmt: skip
+    for rel, content in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        write(root / rel, content)
+    return {
+        "data": "a prepared dataset (manifest.json)", "model": "a model (config.json + weights)",
+        "tok": "a tokenizer (tokenizer.json)", "run": "a run (config.yaml)", "step-2": "a checkpoint (train_state/)",
+    }  # fmt: skip
+
+
+def test_iter_files_skips_lmforge_outputs_inside_a_directory(tmp_path, caplog):
+    outputs = lmforge_outputs(tmp_path)
+    data = ["a.jsonl", "recipe/b.txt", "world/pretrain.jsonl"]
+    for rel in data:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        write(tmp_path / rel, '{"text": "x"}\n')
+    write(tmp_path / "x.bin", b"\0\1")  # binary files are never read as text
+    write(tmp_path / "x.npy", b"\x93NUMPY")
+    write(tmp_path / "recipe/config.yaml", "seed: 1\n")  # a recipe beside data, not a run
+    write(tmp_path / "world/world.json", json.dumps({"generator": "lmforge"}))  # `data synth`'s metadata
+    with caplog.at_level("WARNING", logger="lmforge"):
+        assert iter_files([tmp_path]) == [tmp_path / rel for rel in data]
+    warnings = sorted(r.getMessage() for r in caplog.records)
+    assert warnings == [
+        f"skipping {tmp_path / d}: it is {what}, not input data" for d, what in sorted(outputs.items())
+    ]
+    caplog.clear()
+    iter_files([tmp_path], warn=False)
+    assert not caplog.records
+
+
+def test_lmforge_output_given_as_input_is_refused(tmp_path):
+    lmforge_outputs(tmp_path)
+    with pytest.raises(LmforgeError) as e:
+        iter_files([tmp_path / "data"])
+    assert str(e.value).startswith(
+        f"{tmp_path / 'data'} is a prepared dataset (manifest.json), not input data; give the text/JSONL files it "
+        "was prepared from (.txt, .jsonl"
+    )
+    with pytest.raises(LmforgeError, match=r"is a model \(config.json \+ weights\), not input data"):
+        iter_files([tmp_path / "model"])
 
 
 # --- the shared datasets: counts from their SOURCE.md

@@ -21,12 +21,14 @@ from lmforge.train import reporting
 from lmforge.train.reporting import (
     ProgressBar,
     flops_per_token,
+    loss_figure,
     matmul_params,
     matmul_peak,
     open_sinks,
     peak_memory,
     plot_loss_curve,
     read_metrics,
+    rewind_logs,
     with_mfu,
 )
 
@@ -75,21 +77,77 @@ def test_attention_term_uses_query_heads_times_head_dim():
     )
 
 
-def test_with_mfu_by_hand():
+@pytest.fixture
+def peaks(tmp_path, monkeypatch) -> Path:
+    """A fresh peak cache: nothing measured in this process, an empty cache folder; its peaks file's path."""
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(reporting, "_PEAKS", {})
+    return tmp_path / "cache" / reporting.PEAKS_FILE
+
+
+CPU_F32 = reporting._peak_key(torch.device("cpu"), torch.float32)
+
+
+def test_with_mfu_by_hand(peaks):
     """1000 tok/s x 6e6 FLOP/token = 6e9 FLOP/s of a 1.2e10 peak: MFU 0.5."""
+    reporting._PEAKS[CPU_F32] = 1.2e10
     record = {"step": 3, "loss": 2.0, "tokens_per_s": 1000.0}
-    out = with_mfu(record, 6e6, 1.2e10, "cpu")
+    out = with_mfu(record, 6e6, "cpu", torch.float32)
     assert out["mfu"] == pytest.approx(0.5)
     assert out["peak_memory"] > 0 and out["loss"] == 2.0
-    final = with_mfu({"step": 4, "elapsed": 1.0, "val_loss": 1.5}, 6e6, 1.2e10, "cpu")
+    final = with_mfu({"step": 4, "elapsed": 1.0, "val_loss": 1.5}, 6e6, "cpu", torch.float32)
     assert "mfu" not in final and final["peak_memory"] > 0
 
 
-def test_matmul_peak_is_measured_once_per_device_and_dtype():
+def test_matmul_peak_is_measured_once_per_machine_and_dtype_and_stored(peaks):
     peak = matmul_peak("cpu", torch.float32, seconds=0.05)
     assert peak > 0
-    assert reporting._PEAKS[("cpu", torch.float32)] == peak
+    assert CPU_F32.startswith("cpu ") and CPU_F32.endswith(f" x{torch.get_num_threads()} threads float32")
+    assert reporting._PEAKS[CPU_F32] == peak
     assert matmul_peak(torch.device("cpu"), torch.float32) == peak  # cached: not measured again
+    assert json.loads(peaks.read_text()) == {CPU_F32: peak}
+
+
+def test_a_stored_peak_above_this_measurement_is_read_back(peaks, monkeypatch):
+    """A run started on a busy CPU measures a low peak; the best figure an earlier run stored still counts."""
+    peaks.parent.mkdir()
+    peaks.write_text(json.dumps({CPU_F32: 5e10, "cuda Other GPU bfloat16": 1e15}))
+    monkeypatch.setattr(reporting, "_measure", lambda device, dtype, seconds: 1e10)
+    assert matmul_peak("cpu", torch.float32) == 5e10
+    assert json.loads(peaks.read_text()) == {CPU_F32: 5e10, "cuda Other GPU bfloat16": 1e15}  # unchanged
+
+
+def test_a_step_faster_than_the_peak_raises_it_and_mfu_stays_at_most_one(peaks, monkeypatch):
+    """Measured at start on a busy CPU: 1e9 FLOP/s. A step then does 1000 tok/s x 3.169e6 FLOP/token = 3.169e9
+    FLOP/s: that is the machine's peak now (MFU 100%, not 316.9%), kept for later steps and later runs."""
+    monkeypatch.setattr(reporting, "_measure", lambda device, dtype, seconds: 1e9)
+    assert reporting.step_peak("cpu", bf16=False) == 1e9
+    fast = with_mfu({"step": 5, "loss": 2.0, "tokens_per_s": 1000.0}, 3.169e6, "cpu", torch.float32)
+    assert fast["mfu"] == 1.0
+    assert matmul_peak("cpu", torch.float32) == pytest.approx(3.169e9)
+    assert json.loads(peaks.read_text()) == {CPU_F32: pytest.approx(3.169e9)}
+    slower = with_mfu({"step": 6, "loss": 2.0, "tokens_per_s": 500.0}, 3.169e6, "cpu", torch.float32)
+    assert slower["mfu"] == pytest.approx(0.5)
+    monkeypatch.setattr(reporting, "_PEAKS", {})  # a later run reads it back
+    assert matmul_peak("cpu", torch.float32) == pytest.approx(3.169e9)
+
+
+@pytest.mark.parametrize("damage", ["{not json", "[1, 2]", '{"KEY": "fast"}', ""])
+def test_a_damaged_peak_cache_is_ignored_and_rebuilt(peaks, monkeypatch, damage):
+    peaks.parent.mkdir()
+    peaks.write_text(damage.replace("KEY", CPU_F32))
+    monkeypatch.setattr(reporting, "_measure", lambda device, dtype, seconds: 2e9)
+    assert matmul_peak("cpu", torch.float32) == 2e9
+    assert json.loads(peaks.read_text()) == {CPU_F32: 2e9}
+    assert [p.name for p in peaks.parent.iterdir()] == [peaks.name]  # no temporaries left
+
+
+def test_no_peak_cache_when_the_cache_is_off(peaks, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", "off")
+    monkeypatch.setattr(reporting, "_measure", lambda device, dtype, seconds: 2e9)
+    assert matmul_peak("cpu", torch.float32) == 2e9
+    assert reporting.raise_peak("cpu", torch.float32, 3e9) == 3e9
+    assert not peaks.parent.exists()
 
 
 def test_peak_memory_on_cpu_is_the_peak_rss_in_bytes():
@@ -156,6 +214,25 @@ def test_tensorboard_scalars_read_back_equal_the_records(tmp_path):
     assert "step" not in events.Tags()["scalars"]
 
 
+def test_tensorboard_of_a_resumed_run_shows_each_step_once(tmp_path):
+    """A run logged steps 10..19 and was resumed from its step-15 checkpoint: TensorBoard hides the first
+    attempt's 15..19, as metrics.jsonl is cut back."""
+    pytest.importorskip("tensorboard", reason="needs tensorboard (pip install 'lmforge[tensorboard]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with open_sinks(["tensorboard"], tmp_path, {}) as sinks:
+        for record in _records(10, 20):
+            sinks(record)
+    with open_sinks(["tensorboard"], tmp_path, {}, start_step=15) as sinks:
+        for record in _records(15, 20):
+            sinks({**record, "loss": 0.5})
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [step for step, _ in loss] == list(range(10, 20))
+    assert [value for step, value in loss if step >= 15] == [0.5] * 5
+
+
 @pytest.mark.parametrize("sink", ["wandb", "tensorboard"])
 def test_a_sink_whose_package_is_missing_says_what_to_install(sink, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, sink, None)  # `import sink` now raises ImportError
@@ -217,6 +294,32 @@ def test_read_metrics_lets_the_resumed_lines_win(tmp_path):
     assert read_metrics(tmp_path / "missing.jsonl") == []
 
 
+def test_rewind_logs_cuts_every_log_back_to_the_checkpoint_step(tmp_path):
+    """Resumed from the step-3 checkpoint (3 updates done): the records of steps 3 and 4 are logged again."""
+    metrics = [
+        {"run": "header"},
+        *({"step": s, "loss": 5.0 - s} for s in range(5)),
+        {"step": 5, "val_loss": 1.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in metrics) + '{"step": 5, "lo'
+    )
+    samples = [{"step": s, "prompt": "the", "text": f"the {s}"} for s in (0, 2, 4)]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
+    rewind_logs(tmp_path, 3)
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == metrics[:4]  # the header and steps 0, 1, 2; the torn last line is gone
+    assert [json.loads(x)["step"] for x in (tmp_path / "samples.jsonl").read_text().splitlines()] == [0, 2]
+    before = (tmp_path / "samples.jsonl").stat().st_mtime_ns
+    rewind_logs(tmp_path, 3)  # nothing to cut: the file is left as it is
+    assert (tmp_path / "samples.jsonl").stat().st_mtime_ns == before
+    rewind_logs(tmp_path, 0)  # a resume without a checkpoint starts afresh
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"run": "header"}\n'
+    assert (tmp_path / "samples.jsonl").read_text() == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "samples.jsonl"]  # no temporaries
+    rewind_logs(tmp_path / "missing", 3)  # no logs yet: nothing to do
+
+
 def _png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
@@ -237,3 +340,44 @@ def test_plot_loss_curve_of_an_empty_file_still_writes_a_png(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("")
     assert _png_size(plot_loss_curve(metrics, tmp_path / "loss.png", size=(4, 3))) == (400, 300)
+
+
+def test_loss_figure_has_a_title_train_and_val_on_one_step_axis_the_baseline_and_the_lr():
+    records = [{"step": s, "loss": 5.0 - s / 10, "lr": 1e-3 * min(1, (s + 1) / 4)} for s in range(10)]
+    records[0]["val_loss"], records[5]["val_loss"] = 5.2, 4.6
+    records.append({"step": 10, "elapsed": 3.0, "val_loss": 4.3})
+    fig = loss_figure(
+        records, title="run-7: pretrain clm of preset:llama-14m", baselines={"unigram baseline": 4.25}
+    )
+    loss_ax, lr_ax = fig.axes
+    assert loss_ax.get_title() == "run-7: pretrain clm of preset:llama-14m"
+    lines = {line.get_label(): line for line in loss_ax.get_lines()}
+    assert sorted(lines) == ["train loss", "unigram baseline (4.250)", "val loss"]
+    assert list(lines["train loss"].get_xdata()) == list(range(10))
+    assert list(lines["val loss"].get_xdata()) == [0, 5, 10] and list(lines["val loss"].get_ydata()) == [
+        5.2,
+        4.6,
+        4.3,
+    ]
+    assert list(lines["unigram baseline (4.250)"].get_ydata()) == [4.25, 4.25]
+    assert [t.get_text() for t in loss_ax.get_legend().get_texts()] == [
+        "train loss", "val loss", "unigram baseline (4.250)"
+    ]  # fmt: skip
+    assert lr_ax.get_ylabel() == "learning rate" and lr_ax.get_xlabel() == "step"
+    assert loss_ax.get_shared_x_axes().joined(loss_ax, lr_ax)  # one step axis for both panels
+    (lr,) = lr_ax.get_lines()
+    assert list(lr.get_ydata()) == [r["lr"] for r in records[:10]]
+
+
+def test_plot_loss_curve_titles_the_plot_with_the_run_by_default(tmp_path, monkeypatch):
+    run = tmp_path / "my-run"
+    run.mkdir()
+    _write_resumed_metrics(run / "metrics.jsonl")
+    titles = []
+    real = reporting.loss_figure
+    monkeypatch.setattr(
+        reporting, "loss_figure", lambda records, **kw: titles.append(kw["title"]) or real(records, **kw)
+    )
+    plot_loss_curve(run / "metrics.jsonl", run / "loss.png", baselines={"unigram baseline": 3.0})
+    plot_loss_curve(run / "metrics.jsonl", run / "loss.png", title="mine")
+    assert titles == ["my-run", "mine"]

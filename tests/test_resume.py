@@ -91,6 +91,11 @@ def losses(lines: list[str]) -> dict[int, str]:
     return found
 
 
+def steps(lines: list[str]) -> list[int]:
+    """The steps of the training records, in file order."""
+    return [record["step"] for record in map(json.loads, lines) if "loss" in record]
+
+
 def test_killed_run_resumes_bit_identically(tmp_path, dataset):
     whole = cli(args(tmp_path / "whole", dataset))  # the uninterrupted run, alongside the killed one
     killed = tmp_path / "killed"
@@ -111,12 +116,12 @@ def test_killed_run_resumes_bit_identically(tmp_path, dataset):
     finish(whole)
 
     after = (killed / "metrics.jsonl").read_text().splitlines()
-    assert after[: len(before)] == before  # appended, not truncated
-    resumed = losses(after[len(before) :])
+    kept = [line for line in before if json.loads(line)["step"] < KILL_AFTER]
+    assert after[: len(kept)] == kept  # what the checkpoint holds is kept; what came after it is logged again
+    assert steps(after) == list(range(STEPS))
     reference = losses((tmp_path / "whole" / "metrics.jsonl").read_text().splitlines())
     assert sorted(reference) == list(range(STEPS))
-    assert sorted(resumed) == list(range(KILL_AFTER, STEPS))
-    assert resumed == {s: reference[s] for s in range(KILL_AFTER, STEPS)}
+    assert losses(after) == reference
     results = json.loads((killed / "results.json").read_text())
     assert results["steps"] == STEPS and results["tokens"] == STEPS * 8 * 32
     names = sorted(p.name for p in (killed / "checkpoints").iterdir())
@@ -144,9 +149,10 @@ def test_run_killed_while_writing_a_checkpoint_resumes_from_the_one_before(tmp_p
     finish(cli(args(whole, dataset)))
     finish(cli(args(killed, dataset, resume=True)))  # from step-4: the torn step-8 is ignored
 
-    resumed = losses((killed / "metrics.jsonl").read_text().splitlines()[len(before) :])
-    reference = losses((whole / "metrics.jsonl").read_text().splitlines())
-    assert resumed == {s: reference[s] for s in range(EVERY, STEPS)}
+    after = (killed / "metrics.jsonl").read_text().splitlines()
+    assert after[:EVERY] == before[:EVERY]  # steps 4..7 are logged again after step-4
+    assert steps(after) == list(range(STEPS))
+    assert losses(after) == losses((whole / "metrics.jsonl").read_text().splitlines())
     assert sorted(p.name for p in root.iterdir()) == ["step-000004", "step-000008", "step-000012"]
 
 
@@ -163,4 +169,26 @@ def test_resume_without_checkpoints_starts_afresh_and_existing_runs_are_refused(
 
     again = runner.invoke(app, args(out, dataset, "train.max_steps=2"))
     assert again.exit_code == 2, again.output
-    assert f"--out {out} is not empty: use --resume {out}" in again.stderr
+    assert f"--out {out} holds a run: use --resume {out}" in again.stderr
+
+
+def test_resume_cuts_the_logs_back_to_the_checkpoint_step(tmp_path, dataset):
+    """A run logged steps 4 and 5 after its step-4 checkpoint and then died: resumed, metrics.jsonl and
+    samples.jsonl hold each step once, not 4 and 5 twice."""
+    runner = CliRunner()
+    out = tmp_path / "run"
+    sets = ("train.max_steps=6", "sample_every=1", "sample_prompt=the cat")
+    first = runner.invoke(app, args(out, dataset, *sets))
+    assert first.exit_code == 0, first.output
+    (out / "checkpoints" / "step-000006" / "COMPLETE").unlink()  # as if it had died before its last save
+    metrics = (out / "metrics.jsonl").read_text().splitlines()
+    assert steps(metrics) == list(range(6))
+
+    resumed = runner.invoke(app, args(out, dataset, *sets, resume=True))
+    assert resumed.exit_code == 0, resumed.output
+    after = (out / "metrics.jsonl").read_text().splitlines()
+    assert steps(after) == list(range(6))
+    assert after[:4] == metrics[:4]
+    assert losses(after) == losses(metrics)  # deterministic: the resumed steps log the same losses
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == list(range(6))

@@ -218,7 +218,7 @@ def test_same_seed_same_samples():
 
 def test_per_row_generators_do_not_depend_on_the_batch():
     # One generator per request: row 0's draw is the same alone or batched with other seeded requests.
-    x, cfg = _logits(9, scale=0.5), GenerationConfig()
+    x, cfg = _logits(9, scale=0.5), GenerationConfig(temperature=1.0)
     for seed in range(5):
         alone = sample_next(x[:1], cfg, [sampling_generator(seed, "cpu")])
         batch = sample_next(x, cfg, [sampling_generator(s, "cpu") for s in (seed, 100, 101)])
@@ -238,7 +238,7 @@ def test_temperature_zero_is_greedy():
 def test_sample_follows_the_distribution():
     # 4000 draws from p = (0.7, 0.2, 0.1): frequencies within 0.03.
     x = torch.tensor([0.7, 0.2, 0.1]).log().expand(4000, 3)
-    draws = sample_next(x, GenerationConfig(), sampling_generator(0, "cpu"))
+    draws = sample_next(x, GenerationConfig(temperature=1.0), sampling_generator(0, "cpu"))
     freq = torch.bincount(draws, minlength=3) / 4000
     torch.testing.assert_close(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.03, rtol=0)
 
@@ -272,8 +272,12 @@ def test_token_logprobs_from_the_raw_distribution():
         ({"presence_penalty": -3}, "presence_penalty: expected a value in [-2, 2], got -3"),
         ({"logit_bias": {"5": 101}}, "logit_bias: expected a value in [-100, 100], got 101"),
         ({"logit_bias": {"-1": 1}}, "logit_bias: expected a value in [0, inf), got '-1'"),
-        ({"logprobs": -1}, "logprobs: expected a value in [0, inf), got -1"),
-        ({"top_p": float("nan")}, "top_p: expected a value in (0, 1], got nan"),
+        ({"logprobs": -1}, "logprobs: expected a value in [0, 20], got -1"),
+        ({"logprobs": 21}, "logprobs: expected a value in [0, 20], got 21"),
+        ({"seed": -1}, "seed: expected a value in [0, 18446744073709551615], got -1"),
+        ({"seed": 2**64}, "seed: expected a value in [0, 18446744073709551615], got 18446744073709551616"),
+        ({"speculate": 65}, "speculate: expected a value in [0, 64], got 65"),
+        ({"top_p": float("nan")}, "top_p: expected a"),  # a value in (0, 1], or a finite number
         ({"top_k": "many"}, "top_k: expected an integer, got 'many'"),
         ({"topp": 0.5}, "unknown config key 'topp' (from the request); did you mean 'top_p'?"),
     ],
@@ -288,6 +292,36 @@ def test_good_values_and_json_keys():
     cfg = generation_config({"temperature": 0, "top_p": 1, "logit_bias": {"50256": -100}, "stop": ["\n\n"]})
     assert cfg.temperature == 0.0 and cfg.logit_bias == {50256: -100.0} and cfg.stop == ["\n\n"]
     assert generation_config() == GenerationConfig()
+
+
+def test_greedy_unless_asked_to_sample(tmp_path):
+    # transformers' rule: do_sample is false unless set, so the defaults decode greedily ...
+    assert GenerationConfig().temperature == 0.0 and generation_config().temperature == 0.0
+    assert generation_config({"seed": 2**64 - 1}).temperature == 0.0
+    # ... and a temperature above 0, or a sampling filter without one, asks to sample.
+    assert generation_config({"temperature": 0.7}).temperature == 0.7
+    for knob in ({"top_k": 5}, {"top_p": 0.9}, {"min_p": 0.1}):
+        assert GenerationConfig(**knob).temperature == generation_config(knob).temperature == 1.0
+    for off in ({"top_k": 0}, {"top_p": 1.0}, {"min_p": 0.0}, {"temperature": 0, "top_p": 0.9}):
+        assert generation_config(off).temperature == 0.0
+    # A model dir whose generation_config.json leaves do_sample out (lmforge writes token ids only) is greedy.
+    plain = tmp_path / "plain"
+    transformers.GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(plain)
+    assert GenerationConfig.from_model_dir(plain).temperature == 0.0
+    assert GenerationConfig.from_model_dir(plain, top_p=0.5).temperature == 1.0
+    # do_sample true: its settings, with transformers' defaults (top_k 50) for what it leaves out; a filter in
+    # the request keeps the file's temperature; --speculate alone decodes greedily, sampling flags or not.
+    sampling = tmp_path / "sampling"
+    transformers.GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9).save_pretrained(sampling)
+    cfg = GenerationConfig.from_model_dir(sampling)
+    assert (cfg.temperature, cfg.top_k, cfg.top_p) == (0.6, 50, 0.9)
+    assert GenerationConfig.from_model_dir(sampling, min_p=0.1).temperature == 0.6
+    assert GenerationConfig.from_model_dir(sampling, speculate=4).temperature == 0.0
+    (sampling / "generation_config.json").write_text('{"do_sample": true}')
+    cfg = GenerationConfig.from_model_dir(sampling)
+    assert (cfg.temperature, cfg.top_k, cfg.top_p) == (1.0, 50, 1.0)
+    with pytest.raises(LmforgeError, match="speculate=4 checks drafts against greedy decoding"):
+        GenerationConfig.from_model_dir(sampling, speculate=4, top_p=0.9)
 
 
 def test_from_model_dir_reads_hf_generation_config(tmp_path):
@@ -305,7 +339,9 @@ def test_from_model_dir_reads_hf_generation_config(tmp_path):
     (greedy / "generation_config.json").write_text(
         '{"do_sample": false, "temperature": 0.7}'
     )  # HF won't write it
-    assert GenerationConfig.from_model_dir(greedy, top_k=3).temperature == 0.0
+    assert GenerationConfig.from_model_dir(greedy, max_new_tokens=3).temperature == 0.0
+    # ... unless the request asks to sample: a filter turned on without a temperature samples at 1.0.
+    assert GenerationConfig.from_model_dir(greedy, top_k=3).temperature == 1.0
     assert GenerationConfig.from_model_dir(tmp_path / "missing", n=2) == GenerationConfig(n=2)
     # A bad value in the file names the file.
     bad = tmp_path / "bad"

@@ -352,14 +352,16 @@ def test_replaces_an_old_world_only_after_success(tmp_path: Path, monkeypatch: p
     real = synthetic.atomic_write
     monkeypatch.setattr(synthetic, "atomic_write", fail_late)
     with pytest.raises(OSError, match="disk full"):
-        synthesize(out, seed=1, sizes=WorldSizes.tiny())
+        synthesize(out, seed=1, sizes=WorldSizes.tiny(), overwrite=True)
     assert {p.name for p in tmp_path.iterdir()} == {"world"}  # no temporary directory left behind
     assert (
         hashlib.sha256((out / "world.json").read_bytes()).hexdigest() == old["files"]["world.json"]["sha256"]
     )
 
     monkeypatch.undo()
-    new = synthesize(out, seed=1, sizes=WorldSizes.tiny())
+    with pytest.raises(LmforgeError, match=r"already holds a synthetic world.*add --overwrite"):
+        synthesize(out, seed=1, sizes=WorldSizes.tiny())
+    new = synthesize(out, seed=1, sizes=WorldSizes.tiny(), overwrite=True)
     assert new["files"]["world.json"]["sha256"] != old["files"]["world.json"]["sha256"]
     assert {p.name for p in tmp_path.iterdir()} == {"world"}
 
@@ -368,8 +370,8 @@ def test_never_replaces_a_foreign_directory(tmp_path: Path) -> None:
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(LmforgeError, match="not a synthetic world"):
-        synthesize(mine, sizes=WorldSizes.tiny())
+    with pytest.raises(LmforgeError, match="does not hold a synthetic world"):
+        synthesize(mine, sizes=WorldSizes.tiny(), overwrite=True)
     assert (mine / "notes.txt").read_text() == "keep me"
     (tmp_path / "file").write_text("x")
     with pytest.raises(LmforgeError):

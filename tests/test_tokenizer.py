@@ -225,9 +225,18 @@ def test_transformers_saved_llama_and_qwen_dirs(tmp_path: Path) -> None:
 
 
 def test_from_dir_errors_and_hash(tmp_path: Path, bpe_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with pytest.raises(LmforgeError, match=r"nowhere: no tokenizer\.json"):
+    with pytest.raises(
+        LmforgeError, match=r"nowhere does not exist; expected a Hugging Face tokenizer directory"
+    ):
         Tokenizer.from_dir(tmp_path / "nowhere")
+    with pytest.raises(
+        LmforgeError, match=r"has no tokenizer\.json; expected a Hugging Face tokenizer directory"
+    ):
+        Tokenizer.from_dir(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
+    # the file given for its directory (`--tokenizer .../tokenizer.json`): the error points to the directory
+    with pytest.raises(LmforgeError, match=rf"tokenizer\.json is a file; .*; give its directory {tmp_path}$"):
+        Tokenizer.from_dir(tmp_path / "tokenizer.json")
     with pytest.raises(LmforgeError, match="not a valid tokenizers file"):
         Tokenizer.from_dir(tmp_path)
     copy = tmp_path / "copy"
@@ -243,3 +252,24 @@ def test_from_dir_errors_and_hash(tmp_path: Path, bpe_dir: Path, caplog: pytest.
         tok = Tokenizer.from_dir(copy)
     assert tok.pad_id == tok.eos_id and "pad is the eos token" in caplog.text
     assert tok.hash != Tokenizer.from_dir(bpe_dir).hash
+
+
+def test_short_vocabulary_warns_why(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A corpus that runs out of pairs gives fewer ids than asked for, with a warning naming the cause."""
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        out = train_tokenizer(CORPUS, "bpe", 8192, tmp_path / "a")
+    got = Tokenizer.from_dir(out).vocab_size
+    assert got < 8192
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"has {got} ids, fewer than the 8192 asked for" in warning
+    assert "at least 2 times (min_frequency)" in warning and "150 documents" in warning
+    assert "lower --min-frequency" in warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        train_tokenizer(CORPUS, "bpe", 8192, tmp_path / "b", min_frequency=1)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "every pair of adjacent tokens is merged" in warning and "too small for 8192 ids" in warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        train_tokenizer(CORPUS, "bpe", 300, tmp_path / "c")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]

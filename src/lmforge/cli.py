@@ -7,8 +7,9 @@ traceback (`lmforge --debug ...` shows it).
 
 import json
 import logging
-import shutil
+import os
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
-import typer.rich_utils
+import typer.core
 from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
@@ -30,7 +31,7 @@ from lmforge import __version__
 from lmforge.config import StageConfig, config_help, load_config, save_config, validation_message
 from lmforge.data.prepare import PrepareConfig
 from lmforge.errors import LmforgeError, RunFailed
-from lmforge.fileio import remove_tree
+from lmforge.paths import check_run_dir
 from lmforge.stages.configs import FinetuneConfig, PretrainConfig
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,30 @@ def _fail(exc: BaseException, code: int, debug: bool) -> NoReturn:
     raise typer.Exit(code)
 
 
+_METAVARS = {"int": "N", "float": "X", "Path": "PATH", "str": "TEXT"}
+
+
+def _click_metavars(command: Any) -> None:
+    """Click's plain metavars (N, X, PATH, TEXT, FILES...) on every value option and argument of `command` and
+    its subcommands, where Typer would print `<int>`, `<list[Path]>`, `{files}`."""
+    for param in command.params:
+        if param.metavar is not None or getattr(param, "is_flag", False):
+            continue
+        if isinstance(param, typer.core.TyperArgument):
+            param.metavar = param.name.upper()  # Typer adds "..." to one taking several
+        else:
+            bare = param.bare_type()  # "int", "list[str]", "Path"
+            param.metavar = _METAVARS.get(bare.removeprefix("list[").removesuffix("]"), bare.upper())
+    for sub in getattr(command, "commands", {}).values():
+        _click_metavars(sub)
+
+
 class _Group(TyperGroup):
     """The root command: turns exceptions out of any command into one error line and an exit status."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _click_metavars(self)
 
     def invoke(self, ctx: typer.Context) -> Any:
         try:
@@ -68,6 +91,12 @@ class _Group(TyperGroup):
             raise typer.Exit(1) from None
         except Exception as e:
             _fail(e, 1, ctx.params.get("debug", False))
+        except KeyboardInterrupt as e:  # Ctrl-C: a run's `Interrupted` says where it stopped and how to go on
+            if ctx.params.get("debug", False):
+                traceback.print_exception(e)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted: rank 0 speaks
+                print(str(e) or "interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def _reflow(fn: Callable) -> Callable:
@@ -102,7 +131,7 @@ def make_app() -> typer.Typer:
         no_args_is_help=True,
         pretty_exceptions_enable=False,
         add_completion=False,
-        rich_markup_mode="rich",
+        rich_markup_mode=None,
         context_settings={"help_option_names": ["-h", "--help"]},
     )
 
@@ -157,11 +186,11 @@ def add_stage_command(
     app: typer.Typer,
     name: str,
     config_cls: type[C],
-    run: Callable[[C, Path], dict],
+    run: Callable[[C, Path, bool], dict],
     help: str,
     shortcuts: dict[str, tuple[str, type, str]] | None = None,
 ) -> None:
-    """Register `lmforge NAME [--config RECIPE] [--set KEY=VALUE]... --out DIR [--json]` calling `run(cfg, out)`.
+    """Register `lmforge NAME [--config RECIPE] [--set KEY=VALUE]... --out DIR [--json]` calling `run(cfg, out, overwrite)`.
 
     `shortcuts` adds flags that set one config field each: {option name: (dotted key, type, help)}, e.g.
     {"max_forgetting": ("forgetting.max_increase_pct", float, ...)} gives `--max-forgetting PCT`.
@@ -192,7 +221,12 @@ def add_stage_command(
                 metavar="RUN_DIR",
             ),
         ] = None,
-        overwrite: Annotated[bool, typer.Option(help="Delete what --out holds and start afresh.")] = False,
+        overwrite: Annotated[
+            bool,
+            typer.Option(
+                help="Replace the run in --out: the new run starts empty, the old one is deleted when it ends."
+            ),
+        ] = False,
         init_from: Annotated[
             Path | None,
             typer.Option(help="Start from this HF model directory (continued training).", metavar="DIR"),
@@ -212,9 +246,7 @@ def add_stage_command(
     ) -> None:
         from lmforge.train.distributed import is_main_process, launch, under_torchrun
 
-        # Under torchrun only rank 0 checks, clears and writes the run directory (the ranks would race).
-        main_rank = is_main_process()
-        out = _run_dir(out, resume, overwrite) if main_rank else (resume or out)
+        out = _run_dir(out, resume)
         # Shortcut flags first: an explicit --set of the same key still wins.
         sets = [f"{shortcuts[k][0]}={v}" for k, v in flags.items() if v is not None] + list(overrides or [])
         if resume is not None:
@@ -225,17 +257,20 @@ def add_stage_command(
                 raise LmforgeError(f"{name} starts from no model: --init-from does not apply")
             sets.insert(0, f"{config_cls.init_from_key}={init_from}")  # a --set may still change it
         cfg = load_config(config_cls, config, sets)
-        if main_rank:
-            log.info("%s: config written to %s", name, save_config(cfg, out))
         if nproc > 1 and not under_torchrun():  # the workers rerun this command on the resolved config
-            where = "--resume" if resume is not None else "--out"
-            argv = [name, "--config", str(out / "config.yaml"), where, str(out), *(["--json"] * as_json)]
-            status = launch(nproc, argv)
+            check_run_dir(out, cfg, overwrite)  # refuse here, once, rather than in a worker
+            with tempfile.TemporaryDirectory(
+                prefix="lmforge-launch-"
+            ) as tmp:  # nothing in --out before rank 0
+                where = "--resume" if resume is not None else "--out"
+                argv = [name, "--config", str(save_config(cfg, Path(tmp))), where, str(out),
+                        *(["--overwrite"] * overwrite), *(["--json"] * as_json)]  # fmt: skip
+                status = launch(nproc, argv)
             if status:
                 raise typer.Exit(status)
             return
-        result = run(cfg, out)
-        if main_rank:  # under torchrun every rank's stdout is the terminal: one result
+        result = run(cfg, out, overwrite)  # checks `out` and writes config.yaml once its inputs are checked
+        if is_main_process():  # under torchrun every rank's stdout is the terminal: one result
             emit(result, as_json)
 
     base = signature(command)
@@ -248,11 +283,9 @@ def add_stage_command(
     app.command(name, help=help, epilog=_epilog(config_cls))(command)
 
 
-def _run_dir(out: Path | None, resume: Path | None, overwrite: bool) -> Path:
-    """The run directory: --out (refused when it holds something, unless --overwrite) or --resume's."""
+def _run_dir(out: Path | None, resume: Path | None) -> Path:
+    """The run directory named by --out or --resume (what it may hold is checked by the stage)."""
     if resume is not None:
-        if overwrite:
-            raise LmforgeError("--resume continues a run and --overwrite deletes it: give one of them")
         if out is not None and out.resolve() != resume.resolve():
             raise LmforgeError(f"--resume {resume} continues in its own directory; drop --out {out}")
         if not (resume / "config.yaml").is_file():
@@ -260,25 +293,12 @@ def _run_dir(out: Path | None, resume: Path | None, overwrite: bool) -> Path:
         return resume
     if out is None:
         raise LmforgeError("give --out DIR for a new run (or --resume RUN_DIR to continue one)")
-    # config.yaml alone is a run that failed before it started (bad input): rerunning it needs no flag.
-    if out.exists() and (not out.is_dir() or any(p.name != "config.yaml" for p in out.iterdir())):
-        if not overwrite:
-            raise LmforgeError(
-                f"--out {out} is not empty: use --resume {out} to continue its run, --overwrite to replace "
-                "it, or another --out"
-            )
-        remove_tree(out)
     return out
 
 
 def _epilog(config_cls: type[StageConfig]) -> str:
-    """The config listing as a `--help` epilog that Typer prints as laid out, fitted to the terminal."""
-    if not typer.core.HAS_RICH:  # plain click reflows paragraphs, except those marked with \b
-        return "\b\n" + config_help(config_cls, width=shutil.get_terminal_size().columns - 2)
-    # Typer's rich help: cleandoc() (a blank first line keeps the indent), markup (escape `list[int]`),
-    # then wrapping at the console width less a padding of 1 on each side.
-    width = (typer.rich_utils.MAX_WIDTH or Console().width) - 2
-    return "\n" + escape(config_help(config_cls, width=width))
+    """The config listing as a `--help` epilog, laid out as given (click's \\b): 80 columns, as click's help."""
+    return "\b\n" + config_help(config_cls, width=78)  # click indents an epilog by 2
 
 
 app = make_app()
@@ -286,6 +306,13 @@ app = make_app()
 # Commands. Each is a thin call into library code; stages are registered with `add_stage_command`, other
 # commands with `@app.command()` and print their result with `emit`.
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")]
+OverwriteFlag = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace what --out holds (an output of this command's kind; kept until the new one is whole).",
+    ),
+]
 AdapterFlag = Annotated[
     Path | None,
     typer.Option(
@@ -298,18 +325,25 @@ AdapterFlag = Annotated[
 @_reflow
 def inspect(
     model: Annotated[
-        Path, typer.Argument(help="A Hugging Face model directory (lmforge's or transformers').")
+        Path,
+        typer.Argument(
+            help="A Hugging Face model directory (any with safetensors weights), an adapter directory, or an "
+            "lmforge run or checkpoint directory."
+        ),
     ],
     as_json: JsonFlag = False,
 ) -> None:
-    """Show what a model directory holds.
+    """Show what a model, adapter or run directory holds.
 
-    Architecture, parameters (embedding / rest), dtype, vocabulary, context length, tokenizer and chat
-    template, and lineage. Reads headers only: instant even for large models.
+    A model directory: architecture, parameters (from the safetensors headers; embedding / rest for the
+    families lmforge runs), dtype, vocabulary, context length, tokenizer and chat template, lineage, and
+    whether lmforge can run it (`supported`, with the reason when not). An adapter directory: its kind, base
+    model, rank and trainable parameters. A run directory: its model (RUN/model) or adapter, inspected.
+    Reads headers only: instant even for large models.
     """
-    from lmforge.inspect import inspect_model
+    from lmforge.inspect import inspect_path
 
-    emit(inspect_model(model), as_json)
+    emit(inspect_path(model), as_json)
 
 
 @app.command()
@@ -321,6 +355,9 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     pretrain_steps: Annotated[int, typer.Option(help="Pretraining steps on the synthetic world.")] = 200,
     sft_steps: Annotated[int, typer.Option(help="LoRA fine-tuning steps on group A's Q&A.")] = 300,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Redo an earlier demo in --out (unchanged data is reused).")
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Run the built-in demo end to end (no downloads).
@@ -335,7 +372,7 @@ def demo(
     """
     from lmforge.pipeline import run_demo
 
-    result = run_demo(out, seed, pretrain_steps, sft_steps)
+    result = run_demo(out, seed, pretrain_steps, sft_steps, overwrite=overwrite)
     if as_json:
         emit(result, as_json=True)
         return
@@ -413,7 +450,8 @@ def generate(
     prompts_file: Annotated[
         Path | None,
         typer.Option(
-            help="Prompts, one per line; .jsonl: records with 'prompt' or 'messages'.", show_default=False
+            help="A UTF-8 file of prompts, one per line; .jsonl: records with 'prompt' or 'messages'.",
+            show_default=False,
         ),
     ] = None,
     system: Annotated[
@@ -423,15 +461,20 @@ def generate(
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Tokens to generate at most.", show_default=False)
     ] = None,
-    temperature: Annotated[float | None, typer.Option(help="0 = greedy.", show_default=False)] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Sample at this temperature; 0 = greedy.", show_default=False)
+    ] = None,
     top_k: Annotated[
-        int | None, typer.Option(help="Keep the k most likely tokens (0 = off).", show_default=False)
+        int | None, typer.Option(help="Sample among the k most likely tokens (0 = off).", show_default=False)
     ] = None,
     top_p: Annotated[
-        float | None, typer.Option(help="Nucleus sampling mass in (0, 1].", show_default=False)
+        float | None, typer.Option(help="Nucleus sampling mass in (0, 1] (1 = off).", show_default=False)
     ] = None,
     min_p: Annotated[
-        float | None, typer.Option(help="Drop tokens below min_p x the top probability.", show_default=False)
+        float | None,
+        typer.Option(
+            help="Sample among tokens above min_p x the top probability (0 = off).", show_default=False
+        ),
     ] = None,
     repetition_penalty: Annotated[
         float | None, typer.Option(help="HF's repetition penalty (1 = off).", show_default=False)
@@ -453,13 +496,17 @@ def generate(
     ] = None,
     n: Annotated[int | None, typer.Option("-n", help="Samples per prompt.", show_default=False)] = None,
     logprobs: Annotated[
-        int | None, typer.Option(help="Top alternatives to report per token (--json).", show_default=False)
+        int | None,
+        typer.Option(
+            help="Most likely alternatives to report per token, in [0, 20] (--json).", show_default=False
+        ),
     ] = None,
     speculate: Annotated[
         int | None,
         typer.Option(
             help="Greedy, one prompt: draft up to this many tokens from earlier text and check them in one "
-            "forward (same output; faster when it repeats its context). 0 = off.",
+            "forward (same output; faster when it repeats its context); decodes greedily unless a sampling flag "
+            "is given. 0 = off.",
             show_default=False,
         ),
     ] = None,
@@ -474,26 +521,29 @@ def generate(
 ) -> None:
     """Generate text from a model: plain completion, or chat-templated with --chat / --system.
 
-    Sampling defaults come from the model's generation_config.json; flags override them. A single prompt
-    streams to the terminal; --json prints one document with each prompt's samples: text, token ids,
-    log-probs, finish reason, time to first token and tokens/s.
+    Greedy by default, as transformers: the model's generation_config.json samples only if it says do_sample
+    true (with its temperature, top_k, top_p; transformers' 1.0, 50, 1.0 where it leaves them out). Flags
+    override it: --temperature above 0 samples, 0 is greedy; --top-k, --top-p or --min-p without --temperature
+    sample at the file's temperature, else 1.0; --speculate alone decodes greedily. A single prompt streams to
+    the terminal; --json prints one document with each prompt's samples: text, token ids, log-probs, each
+    token's text and bytes with its top alternatives (OpenAI's logprobs.content), finish reason, time to first
+    token and tokens/s.
     """
-    from lmforge.infer.engine import Engine, prompt_ids, read_prompts
+    from lmforge.infer.engine import Engine, TokenText, fit_prompts, prompt_ids, read_prompts
     from lmforge.infer.sampling import generation_config
 
     given = {k: v for k, v in locals().items() if k in GENERATION_FLAGS and v is not None}
     texts: list = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
     if not texts:
         raise LmforgeError("give --prompt TEXT or --prompts-file FILE")
-    engine = Engine.from_dir(model, device=device, adapter=adapter)
     cfg = generation_config(given, model_dir=model)  # flags over the model's generation_config.json
-    room = engine.config.max_position_embeddings - cfg.max_new_tokens
-    if room < 1:
-        raise LmforgeError(
-            f"max_new_tokens: expected a value in [1, {engine.config.max_position_embeddings - 1}] (the model's "
-            f"context of {engine.config.max_position_embeddings} tokens less one prompt token), got {cfg.max_new_tokens}"
-        )
-    ids = [prompt_ids(engine, t, chat=chat, system=system, room=room, truncate=truncate) for t in texts]
+    engine = Engine.from_dir(model, device=device, adapter=adapter)
+    ids = [prompt_ids(engine, t, chat=chat, system=system) for t in texts]
+    if "max_new_tokens" not in cfg.model_fields_set:  # lmforge's default, asked for by no one: what fits
+        room = engine.context - max(map(len, ids))
+        if 1 <= room < cfg.max_new_tokens:
+            cfg = cfg.model_copy(update={"max_new_tokens": room})
+    ids = fit_prompts(ids, engine.context, cfg.max_new_tokens, truncate=truncate)
     if not as_json and len(ids) * cfg.n == 1:  # one sample: stream it
         for delta in engine.stream(ids, cfg):
             print(delta.text, end="", flush=True)
@@ -504,10 +554,13 @@ def generate(
         results = [
             {"prompt": t, "prompt_tokens": len(i), "samples": []} for t, i in zip(texts, ids, strict=True)
         ]
+        token_text = TokenText(engine.tokenizer)
         for c in completions:
             results[c.prompt_index]["samples"].append({
                 "text": c.text, "token_ids": c.token_ids, "logprobs": c.logprobs,
-                "top_logprobs": c.top_logprobs if cfg.logprobs else None, "finish_reason": c.finish_reason,
+                "top_logprobs": c.top_logprobs if cfg.logprobs else None,
+                "tokens": token_text.logprobs(c),  # OpenAI's logprobs.content: token text, bytes, alternatives
+                "finish_reason": c.finish_reason,
                 "time_to_first_token": c.time_to_first_token, "tokens_per_s": c.tokens_per_s,
             })  # fmt: skip
         emit({"model": str(model), "config": cfg.model_dump(), "results": results}, as_json=True)
@@ -526,9 +579,11 @@ def chat(
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Tokens per answer at most.", show_default=False)
     ] = None,
-    temperature: Annotated[float | None, typer.Option(help="0 = greedy.", show_default=False)] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Sample at this temperature; 0 = greedy.", show_default=False)
+    ] = None,
     top_p: Annotated[
-        float | None, typer.Option(help="Nucleus sampling mass in (0, 1].", show_default=False)
+        float | None, typer.Option(help="Nucleus sampling mass in (0, 1] (1 = off).", show_default=False)
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the sampling.", show_default=False)] = None,
     device: Annotated[
@@ -540,18 +595,25 @@ def chat(
 
     The history goes through the model's chat template (the one training used). Type /reset to clear it,
     /system TEXT to change the system prompt, /set temperature 0.7 (any sampling setting), /exit to leave.
+    Greedy by default unless the model's generation_config.json says do_sample true, as `generate`.
     """
     from lmforge.infer.engine import Engine
     from lmforge.infer.sampling import generation_config
     from lmforge.infer.session import ChatSession, run_chat
 
     given = {k: v for k, v in locals().items() if k in GENERATION_FLAGS and v is not None}
+    cfg = generation_config(given, model_dir=model)
     engine = Engine.from_dir(model, device=device, adapter=adapter)
     if engine.tokenizer.chat_template is None:
         raise LmforgeError(
             f"{model}: its tokenizer has no chat template; use `lmforge generate` for plain text"
         )
-    run_chat(ChatSession(engine, generation_config(given, model_dir=model), system))
+    if cfg.max_new_tokens >= engine.context:
+        raise LmforgeError(
+            f"max_new_tokens {cfg.max_new_tokens}: the model's context is {engine.context} tokens, so at most "
+            f"{engine.context - 1} new tokens fit, fewer the longer the conversation; lower --max-new-tokens"
+        )
+    run_chat(ChatSession(engine, cfg, system))
 
 
 GENERATION_FLAGS = (
@@ -563,10 +625,10 @@ GENERATION_FLAGS = (
 # ------------------------------------------------------------------------------------------- stages
 
 
-def _pretrain(cfg: PretrainConfig, out: Path) -> dict:
+def _pretrain(cfg: PretrainConfig, out: Path, overwrite: bool) -> dict:
     from lmforge.stages.pretrain import run_pretrain
 
-    return run_pretrain(cfg, out)
+    return run_pretrain(cfg, out, overwrite=overwrite)
 
 
 add_stage_command(
@@ -578,10 +640,10 @@ add_stage_command(
 )
 
 
-def _finetune(cfg: FinetuneConfig, out: Path) -> dict:
+def _finetune(cfg: FinetuneConfig, out: Path, overwrite: bool) -> dict:
     from lmforge.stages.finetune import run_finetune
 
-    return run_finetune(cfg, out)
+    return run_finetune(cfg, out, overwrite=overwrite)
 
 
 add_stage_command(
@@ -607,6 +669,7 @@ def merge(
     base: Annotated[Path, typer.Argument(help="The base model directory the adapter was trained on.")],
     adapter: Annotated[Path, typer.Argument(help="A LoRA adapter directory (lmforge's or PEFT's).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the merged model.", metavar="DIR")],
+    overwrite: OverwriteFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Fold a LoRA adapter into its base's weights: a plain Hugging Face model directory.
@@ -616,13 +679,17 @@ def merge(
     """
     from lmforge.adapters.merge import merge_adapter
 
-    emit(merge_adapter(base, adapter, out), as_json)
+    emit(merge_adapter(base, adapter, out, overwrite=overwrite), as_json)
 
 
 # ------------------------------------------------------------------------------------- tokenizer, data
 
-tokenizer_app = typer.Typer(help="Train tokenizers and measure them.", no_args_is_help=True)
-data_app = typer.Typer(help="Synthesise, prepare and inspect datasets.", no_args_is_help=True)
+tokenizer_app = typer.Typer(
+    help="Train tokenizers and measure them.", no_args_is_help=True, rich_markup_mode=None
+)
+data_app = typer.Typer(
+    help="Synthesise, prepare and inspect datasets.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(data_app, name="data")
 FormatOption = Annotated[
@@ -644,6 +711,7 @@ def tokenizer_train(
     vocab_size: Annotated[int, typer.Option(help="Vocabulary size, special tokens included.")] = 8192,
     min_frequency: Annotated[int, typer.Option(help="Minimum pair frequency for a merge.")] = 2,
     fmt: FormatOption = None,
+    overwrite: OverwriteFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Train a tokenizer that transformers.AutoTokenizer loads unchanged.
@@ -656,13 +724,20 @@ def tokenizer_train(
 
     if kind not in ("bpe", "wordpiece"):
         raise LmforgeError(f"--kind {kind!r}: expected bpe or wordpiece")
-    path = train_tokenizer(iter_texts(files, fmt), kind, vocab_size, out, min_frequency=min_frequency)
+    path = train_tokenizer(
+        iter_texts(files, fmt),
+        kind,
+        vocab_size,
+        out,
+        min_frequency=min_frequency,
+        inputs=files,
+        overwrite=overwrite,
+    )
     tok = Tokenizer.from_dir(path)
     specials = {"bos": tok.bos_token, "eos": tok.eos_token, "pad_id": tok.pad_id, "eos_id": tok.eos_id}
-    emit(
-        {"out": str(path), "kind": kind, "vocab_size": tok.vocab_size, "special": specials, "hash": tok.hash},
-        as_json,
-    )
+    # the trainer may stop short of --vocab-size (it warns why): both are shown
+    sizes = {"requested_vocab_size": vocab_size, "vocab_size": tok.vocab_size}
+    emit({"out": str(path), "kind": kind, **sizes, "special": specials, "hash": tok.hash}, as_json)
 
 
 @tokenizer_app.command("stats")
@@ -686,12 +761,13 @@ def tokenizer_stats(
 def data_synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the world's files.")],
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives byte-identical files.")] = 0,
+    overwrite: OverwriteFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Generate the synthetic world: people (groups A/B/C), biographies, Q&A, a medical domain, preferences."""
     from lmforge.data.synthetic import synthesize
 
-    emit(synthesize(out, seed=seed), as_json)
+    emit(synthesize(out, seed=seed, overwrite=overwrite), as_json)
 
 
 @data_app.command("prepare", epilog=_epilog(PrepareConfig))
@@ -707,6 +783,7 @@ def data_prepare(
     decontaminate: Annotated[
         bool, typer.Option("--decontaminate", help="Drop training documents that overlap eval_sets.")
     ] = False,
+    overwrite: OverwriteFlag = False,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="YAML recipe.", metavar="RECIPE")
     ] = None,
@@ -735,12 +812,16 @@ def data_prepare(
         "decontaminate": decontaminate,
     }
     cfg = PrepareConfig.model_validate({**cfg.model_dump(), **{k: v for k, v in given.items() if v}})
-    total = sum(p.stat().st_size for p in iter_files(cfg.inputs) if p.is_file()) if cfg.inputs else 0
+    # warn=False: prepare() expands the inputs again and warns of what it skips
+    inputs = iter_files(cfg.inputs, warn=False) if cfg.inputs else []
+    total = sum(p.stat().st_size for p in inputs if p.is_file())
     columns = (TextColumn("prepare"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     started = time.perf_counter()
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    console = Console(stderr=True)
+    # a bar only on a terminal: elsewhere rich's Progress prints an empty line when it stops, even on an error
+    with Progress(*columns, console=console, transient=True, disable=not console.is_interactive) as bar:
         task = bar.add_task("prepare", total=total or None)
-        manifest = prepare(cfg, out, progress=lambda n: bar.advance(task, n))
+        manifest = prepare(cfg, out, progress=lambda n: bar.advance(task, n), overwrite=overwrite)
     seconds = time.perf_counter() - started
     splits = {s: {k: v for k, v in info.items() if k != "shards"} for s, info in manifest["splits"].items()}
     result = {"out": str(out), "id": manifest["id"], "kind": manifest["kind"], "cache_hit": manifest["cache_hit"],

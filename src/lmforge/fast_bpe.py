@@ -48,7 +48,7 @@ SELF_CHECK = (
 
 
 @cache
-def _bytes_of_char() -> dict[str, int]:
+def byte_level_bytes() -> dict[str, int]:
     """GPT-2's byte ↔ printable-character table, inverted: ByteLevel vocab entries back to bytes."""
     printable = [
         *range(ord("!"), ord("~") + 1),
@@ -192,10 +192,10 @@ def _ranks(spec: dict[str, Any]) -> Ranks | None:
     if None in merged or any(a >= b for a, b in itertools.pairwise(merged)):
         return None  # merge order and id order disagree: tiktoken would merge in another order
     tokens = {token: i for token, i in vocab.items() if token not in added}
-    if not set("".join(tokens)) <= _bytes_of_char().keys():
+    if not set("".join(tokens)) <= byte_level_bytes().keys():
         return None  # a vocab entry outside the byte-level alphabet
     # Each alphabet character → the character of its byte, then Latin-1: bytes without a loop per character.
-    table = str.maketrans({c: chr(b) for c, b in _bytes_of_char().items()})
+    table = str.maketrans({c: chr(b) for c, b in byte_level_bytes().items()})
     ranks = {token.translate(table).encode("latin-1"): i for token, i in tokens.items()}
     if len(ranks) != len(vocab) - len(added & vocab.keys()) or any(
         bytes([b]) not in ranks for b in range(256)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -63,12 +64,33 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     return replace_atomically(path, write)
 
 
+def _leftovers(out: Path, kind: str) -> list[Path]:
+    """`staging_dir`'s hidden siblings of `out` of one kind ("tmp", "old" or "del.tmp"), as a kill left them."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.[0-9a-f]{{12}}\.{re.escape(kind)}")
+    if not out.parent.is_dir():
+        return []
+    return [p for p in out.parent.iterdir() if pattern.fullmatch(p.name)]
+
+
+def recover_output(out: str | Path) -> None:
+    """Undo what a process killed inside `staging_dir` left: the previous `out` put back when the kill came between
+    its two renames, unfinished and displaced copies deleted."""
+    out = Path(out)
+    displaced = _leftovers(out, "old")
+    if displaced and not out.exists() and not out.is_symlink():
+        os.replace(displaced.pop(), out)  # the previous complete output, set aside just before the kill
+    for path in displaced + _leftovers(out, "tmp") + _leftovers(out, "del.tmp"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @contextmanager
 def staging_dir(out: str | Path) -> Iterator[Path]:
     """A fresh directory beside `out` to fill; on success it replaces `out` (an old `out` is removed last), on
-    error it is deleted, so `out` is always either the old complete version or the new complete one."""
+    error it is deleted, so `out` is always either the old complete version or the new complete one (after a
+    SIGKILL between the two renames, `recover_output` puts the old one back)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    recover_output(out)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
     tmp.mkdir()  # respects the umask, unlike tempfile.mkdtemp's 0700
     try:

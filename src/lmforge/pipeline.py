@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lmforge import __version__
 from lmforge.errors import LmforgeError
+from lmforge.fileio import atomic_write
 from lmforge.inspect import inspect_model
 from lmforge.model.configs import preset
 from lmforge.model.encoder import mean_pool
 from lmforge.model.hf import build_model, load_model, save_model
+from lmforge.paths import check_output
 
 if TYPE_CHECKING:
     from lmforge.data.synthetic import WorldSizes
@@ -70,14 +73,22 @@ def run_demo(
     sft_steps: int = 300,
     questions: int = 150,
     sizes: WorldSizes | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """The demo so far: synthesise the world, train its tokenizer, prepare its datasets, pretrain on it, steer
-    it by sampling, LoRA-fine-tune it on group A's Q&A and measure what each stage taught."""
+    it by sampling, LoRA-fine-tune it on group A's Q&A and measure what each stage taught.
+
+    `out` must be new or empty, or hold an earlier demo that `overwrite` replaces step by step (prepared data
+    whose inputs did not change is reused)."""
     from lmforge.data.prepare import PrepareConfig, iter_texts, prepare
     from lmforge.data.synthetic import synthesize
     from lmforge.tokenizer import Tokenizer, tokenizer_stats, train_tokenizer
 
+    check_output(out, "demo", overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write(
+        out / "demo.json", json.dumps({"lmforge_demo": __version__, "seed": seed}) + "\n"
+    )  # its kind
     timings: dict[str, float] = {}
 
     def timed(name: str, fn, *args, **kwargs):
@@ -86,17 +97,19 @@ def run_demo(
         timings[name] = round(time.perf_counter() - t0, 2)
         return result
 
-    world = timed("synthesize", synthesize, out / "world", seed=seed, sizes=sizes)
+    world = timed("synthesize", synthesize, out / "world", seed=seed, sizes=sizes, overwrite=True)
     w = Path(world["out"])
     corpus = [w / "pretrain.jsonl", w / "medical_corpus.jsonl", w / "sft_a.jsonl"]
-    tok_dir = timed("tokenizer", train_tokenizer, iter_texts(corpus), "bpe", 4096, out / "tokenizer")
+    tok_dir = timed(
+        "tokenizer", train_tokenizer, iter_texts(corpus), "bpe", 4096, out / "tokenizer", overwrite=True
+    )
     tok = Tokenizer.from_dir(tok_dir)
     stats = tokenizer_stats(tok, iter_texts([w / "pretrain.jsonl"]))
 
     datasets = {}
     for name, file in DEMO_DATASETS.items():
         cfg = PrepareConfig(inputs=[w / file], tokenizer=tok_dir, seed=seed)
-        manifest = timed(f"prepare {name}", prepare, cfg, out / "data" / name)
+        manifest = timed(f"prepare {name}", prepare, cfg, out / "data" / name, overwrite=True)
         datasets[name] = {
             "id": manifest["id"][:16],
             "kind": manifest["kind"],
@@ -118,8 +131,7 @@ def run_demo(
         "optim": {"lr": 3e-3, "warmup_steps": min(20, pretrain_steps // 10)},
         "sample_prompt": "Peregrine Oakley was born in",
     })  # fmt: skip
-    shutil.rmtree(out / "pretrain", ignore_errors=True)  # a demo rerun trains afresh (no stale run to refuse)
-    pretrained = timed("pretrain", run_pretrain, pretrain_cfg, out / "pretrain")
+    pretrained = timed("pretrain", run_pretrain, pretrain_cfg, out / "pretrain", overwrite=True)
 
     steering = timed("generate", temperature_contrast, Path(pretrained["model_dir"]), seed)
     sft = timed("finetune", finetune_on_a, Path(pretrained["model_dir"]), out, w, seed, sft_steps, questions)
@@ -190,8 +202,7 @@ def finetune_on_a(
                   "seed": seed},
         "optim": {"lr": 5e-4, "warmup_steps": 20},
     })  # fmt: skip
-    shutil.rmtree(out / "sft", ignore_errors=True)  # a demo rerun fine-tunes afresh
-    res = run_finetune(cfg, out / "sft")
+    res = run_finetune(cfg, out / "sft", overwrite=True)
     qa = res["qa"]
     return {
         "trainable_params": res["trainable_params"],

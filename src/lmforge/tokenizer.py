@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +23,8 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as Backend
 
 from lmforge.errors import LmforgeError
-from lmforge.fileio import atomic_write
+from lmforge.fileio import atomic_write, staging_dir
+from lmforge.paths import check_output, require_dir
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +113,18 @@ def train_tokenizer(
     min_frequency: int = 2,
     model_max_length: int | None = None,
     show_progress: bool = False,
+    inputs: Sequence[Path | str] = (),
+    overwrite: bool = False,
 ) -> Path:
-    """Train a byte-level BPE (decoders) or WordPiece (BERT) tokenizer on `texts` and save an HF directory."""
+    """Train a byte-level BPE (decoders) or WordPiece (BERT) tokenizer on `texts` and save an HF directory.
+
+    `inputs` are the files `texts` come from (`out` must lie apart from them); a tokenizer already in `out` is
+    replaced only with `overwrite`, once the new one is written whole.
+    """
     from lmforge.chat import DEFAULT_CHAT_TEMPLATE  # chat.py imports this module
+
+    out = Path(out)
+    check_output(out, "tokenizer", inputs=inputs, overwrite=overwrite)  # before reading a single text
 
     common = {"vocab_size": vocab_size, "min_frequency": min_frequency, "show_progress": show_progress}
     if kind == "bpe":
@@ -134,11 +145,12 @@ def train_tokenizer(
     first = next((text for text in texts if text), None)  # fail before training, not after
     if first is None:
         raise LmforgeError("tokenizer training text is empty: expected at least one non-empty document")
-    tok.train_from_iterator(itertools.chain([first], texts), trainer=trainer)
+    corpus: Counter[str] = Counter()  # documents and characters, for the warning of a short vocabulary
+    tok.train_from_iterator(_counted(itertools.chain([first], texts), corpus), trainer=trainer)
     assert tok.token_to_id(named["pad_token"]) != tok.token_to_id(named.get("eos_token", "")), "pad is eos"
+    if tok.get_vocab_size() < vocab_size:
+        log.warning(_short_vocabulary(tok.get_vocab_size(), vocab_size, min_frequency, corpus))
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **named,
@@ -149,11 +161,35 @@ def train_tokenizer(
         config["chat_template"] = DEFAULT_CHAT_TEMPLATE
     else:  # BERT's segment ids, which transformers returns only for the inputs a config names
         config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
-    atomic_write(out / "tokenizer.json", tok.to_str(pretty=True))
-    atomic_write(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    atomic_write(out / "special_tokens_map.json", json.dumps(named, indent=2) + "\n")
+    with staging_dir(out) as tmp:
+        atomic_write(tmp / "tokenizer.json", tok.to_str(pretty=True))
+        atomic_write(tmp / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write(tmp / "special_tokens_map.json", json.dumps(named, indent=2) + "\n")
     log.info("trained %s tokenizer: %d ids -> %s", kind, tok.get_vocab_size(), out)
     return out
+
+
+def _counted(texts: Iterator[str], corpus: Counter[str]) -> Iterator[str]:
+    for text in texts:
+        corpus["documents"] += 1
+        corpus["characters"] += len(text)
+        yield text
+
+
+def _short_vocabulary(got: int, asked: int, min_frequency: int, corpus: Counter[str]) -> str:
+    """Why training stopped short of `asked` ids: no pair of adjacent tokens left that occurs `min_frequency` times
+    (with 1, none left at all: every word of the corpus is a single token)."""
+    size = f"{corpus['documents']:,} documents, {corpus['characters']:,} characters"
+    if min_frequency <= 1:
+        cause = f"every pair of adjacent tokens is merged: the corpus ({size}) is too small for {asked} ids"
+        advice = "give more text or ask for a smaller --vocab-size"
+    else:
+        cause = (
+            f"no pair of adjacent tokens is left that occurs at least {min_frequency} times (min_frequency) "
+            f"in the corpus ({size}): it is too small for {asked} ids at this min_frequency"
+        )
+        advice = "give more text, ask for a smaller --vocab-size, or lower --min-frequency"
+    return f"the tokenizer has {got} ids, fewer than the {asked} asked for: {cause}; {advice}"
 
 
 def read_lines(files: Sequence[Path | str]) -> Iterator[str]:
@@ -234,9 +270,7 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: Path | str) -> Tokenizer:
         """Load `tokenizer.json` (+ `tokenizer_config.json`, `special_tokens_map.json`, `chat_template.jinja`)."""
-        path = Path(path)
-        if not (path / "tokenizer.json").is_file():
-            raise LmforgeError(f"{path}: no tokenizer.json (expected a Hugging Face tokenizer directory)")
+        path = require_dir(path, "a Hugging Face tokenizer directory (with tokenizer.json)", "tokenizer.json")
         try:
             backend = Backend.from_file(str(path / "tokenizer.json"))
         except Exception as e:  # the Rust loader raises a bare Exception

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write, replace_atomically, staging_dir
+from lmforge.model.hf import open_safetensors
 
 CONFIG_FILE = "adapter_config.json"  # PEFT's names, for every kind
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -121,7 +121,7 @@ def load_adapter_tensors(params: dict[str, Tensor], adapter_dir: Path) -> None:
     """Copy each tensor of `adapter_dir`'s weights file into `params` {name: parameter}: every name must be
     there with the parameter's shape, and the file may hold nothing else."""
     file = weights_file(adapter_dir)
-    with safe_open(file, framework="pt", device="cpu") as f:
+    with open_safetensors(file) as f:
         stored = set(f.keys())
         for name, p in params.items():
             if name not in stored:

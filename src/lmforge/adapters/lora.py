@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from lmforge.adapters.base import (
@@ -29,6 +28,7 @@ from lmforge.adapters.base import (
     write_adapter_dir,
 )
 from lmforge.errors import LmforgeError
+from lmforge.model.hf import open_safetensors
 from lmforge.model.linear import Linear
 from lmforge.stages.configs import LoraSection
 
@@ -304,7 +304,7 @@ def load_lora(model: nn.Module, adapter_dir: Path) -> nn.Module:
         expected[f"{name}.lora_B.weight"] = (layer.out_features, r)
         if dora:
             expected[f"{name}.lora_magnitude_vector"] = (layer.out_features,)
-    with safe_open(weights, framework="pt") as f:
+    with open_safetensors(weights) as f:
         keys = list(f.keys())
         for key in keys:
             name = key.removeprefix(PEFT_PREFIX)

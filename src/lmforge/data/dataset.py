@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import numpy as np
 
 from lmforge.errors import LmforgeError
 from lmforge.fileio import sha256_file
+from lmforge.paths import require_dir
 
 Column = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 """Many documents of one column: (ids, offsets, mask or None); document i is ids[offsets[i]:offsets[i + 1]]."""
@@ -114,18 +116,87 @@ class Document:
     label: int | None
 
 
+VERIFY_BYTES = 1 << 30
+"""Datasets up to this size have every shard's sha256 checked when opened (about 2 s here); larger ones their
+lengths only (`lmforge data inspect` verifies any size)."""
+MANIFEST_KEYS = ("id", "kind", "dtype", "splits", "tokenizer")
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """A manifest.json: valid JSON with the keys lmforge reads, whose `id` is the hash of the rest."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise LmforgeError(f"{path}: not a readable manifest ({e}); prepare the dataset again") from None
+    if not isinstance(manifest, dict) or (missing := [k for k in MANIFEST_KEYS if k not in manifest]):
+        raise LmforgeError(
+            f"{path}: missing {', '.join(missing) if isinstance(manifest, dict) else 'every key'}"
+        )
+    rest = {k: v for k, v in manifest.items() if k != "id"}
+    if hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest() != manifest["id"]:
+        raise LmforgeError(
+            f"{path}: its content does not match its id (the manifest was edited or damaged); prepare the dataset "
+            "again"
+        )
+    return manifest
+
+
 class PreparedDataset:
     """A `data prepare` output directory: its manifest and memory-mapped shards."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        manifest = self.path / "manifest.json"
-        if not manifest.exists():
-            raise LmforgeError(
-                f"{self.path}: not a prepared dataset (manifest.json not found; run `lmforge data prepare`)"
-            )
-        self.manifest: dict[str, Any] = json.loads(manifest.read_text())
+    def __init__(self, path: str | Path, verify: bool | None = None):
+        """Open a dataset, checking its manifest and every shard's presence and length; `verify` also compares
+        each file's sha256 with the manifest (None: when the shards total at most VERIFY_BYTES)."""
+        self.path = require_dir(
+            path,
+            "a prepared dataset directory (with manifest.json; made by `lmforge data prepare`)",
+            "manifest.json",
+        )
+        self.manifest: dict[str, Any] = _read_manifest(self.path / "manifest.json")
         self.dtype = np.dtype(self.manifest["dtype"])
+        files = self._check_shards()
+        if verify or (verify is None and sum(f.stat().st_size for f in files) <= VERIFY_BYTES):
+            self.verify()
+
+    def _check_shards(self) -> list[Path]:
+        """Every shard file present, each token column as long as its document offsets say; the file paths."""
+        files = []
+        for split, info in self.manifest["splits"].items():
+            for shard in info["shards"]:
+                for name in shard["files"]:
+                    file = self.path / split / name
+                    if not file.is_file():
+                        raise LmforgeError(f"{file}: missing (listed in {self.path / 'manifest.json'})")
+                    files.append(file)
+                    if not name.endswith(".docs.npy"):
+                        continue
+                    try:
+                        ends = np.load(file, mmap_mode="r")
+                    except (ValueError, OSError, EOFError) as e:
+                        raise LmforgeError(f"{file}: not a readable .npy file ({e})") from None
+                    stem = name.removesuffix(".docs.npy")
+                    expected = {f"{stem}.bin": self.dtype.itemsize, f"{stem}_mask.bin": 1}
+                    for other, itemsize in expected.items():
+                        sized = self.path / split / other
+                        want = int(ends[-1]) * itemsize if len(ends) else 0
+                        if other in shard["files"] and sized.stat().st_size != want:
+                            raise LmforgeError(
+                                f"{sized}: {sized.stat().st_size:,} bytes, expected {want:,} ({int(ends[-1]):,} "
+                                "tokens by its document offsets): the file is truncated or was changed; prepare "
+                                "the dataset again"
+                            )
+        return files
+
+    def verify(self) -> None:
+        """Compare every shard file's sha256 with the manifest's (reads all the data)."""
+        for split, info in self.manifest["splits"].items():
+            for shard in info["shards"]:
+                for name, digest in shard["files"].items():
+                    if sha256_file(self.path / split / name) != digest:
+                        raise LmforgeError(
+                            f"{self.path / split / name}: its sha256 differs from the one in "
+                            f"{self.path / 'manifest.json'}: the file was changed; prepare the dataset again"
+                        )
 
     @property
     def id(self) -> str:
@@ -179,7 +250,7 @@ def inspect_dataset(path: str | Path, samples: int = 3, bins: int = 10) -> dict[
     """Manifest summary, document-length histogram and a few decoded samples with their loss masks."""
     from lmforge.tokenizer import Tokenizer
 
-    ds = PreparedDataset(path)
+    ds = PreparedDataset(path, verify=True)  # every sha256: a look at a dataset is also its check
     m = ds.manifest
     column = ds.columns()[0]
     lengths = ds.lengths("train", column)

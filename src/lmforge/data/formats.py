@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from lmforge.data.readers import LABEL_MAP_NAMES, BadRecord, OnBad, Record, clip, reject
+from lmforge.data.readers import LABEL_MAP_NAMES, BadRecord, OnBad, Record, clip, field_names, reject
 from lmforge.errors import LmforgeError
 
 Message = dict[str, str]
@@ -188,7 +188,7 @@ def _sharegpt(record: Record, opts: _Options) -> list[Example]:
     messages = []
     for k, turn in enumerate(turns):
         speaker = turn.get("from") if isinstance(turn, dict) else None
-        if speaker not in _SHAREGPT_ROLES:
+        if not isinstance(speaker, str) or speaker not in _SHAREGPT_ROLES:  # a list or dict is not hashable
             expected = ", ".join(_SHAREGPT_ROLES)
             raise _Invalid(f"conversations[{k}].from is {speaker!r}; expected one of {expected}")
         messages.append({"role": _SHAREGPT_ROLES[speaker], "content": turn.get("value")})
@@ -260,7 +260,7 @@ def _classification(record: Record, opts: _Options) -> list[Example]:
     if key not in d and key == LABEL_FIELDS[0]:
         key = next((k for k in LABEL_FIELDS if k in d), key)
     if d.get(key) is None:
-        raise _Invalid(f"missing label field {key!r} (fields: {', '.join(d)}); pass label_field to name it")
+        raise _Invalid(f"missing label field {key!r} (fields: {field_names(d)}); pass label_field to name it")
     raw, label_map = d[key], opts.label_map_for(record.source) or {}
     if isinstance(raw, str) and raw not in label_map and raw.strip().isdigit():
         raw = int(raw)  # CSV cells are strings
@@ -333,7 +333,7 @@ def detect_format(records: Sequence[Record]) -> str:
     known = "; ".join(f"{name} ({fmt.keys})" for name, fmt in FORMATS.items())
     raise LmforgeError(
         f"{sample[0].source}: cannot detect the format of the first {len(sample)} records "
-        f"(keys seen: {', '.join(keys) or 'none'}); expected one of: {known}. Name one with --format"
+        f"(keys seen: {field_names(keys) or 'none'}); expected one of: {known}. Name one with --format"
     )
 
 
@@ -366,7 +366,11 @@ def load_label_map(path: Path) -> dict[str, int]:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LmforgeError(f"{path}: no such label map; expected a JSON list or mapping of labels") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        RecursionError,
+    ) as e:  # RecursionError: nested too deeply
         raise LmforgeError(f"{path}: not valid JSON ({e}); expected a list or mapping of labels") from None
     if isinstance(doc, list) and all(isinstance(n, str) for n in doc) and len(set(doc)) == len(doc):
         return {name: i for i, name in enumerate(doc)}

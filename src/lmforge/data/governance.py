@@ -221,9 +221,10 @@ def _ngram_hashes(tok: np.ndarray, n: int) -> np.ndarray:
     return _mix(h + _U64(n))
 
 
-DedupKey = tuple[bytes, np.ndarray | None]
-"""A document's dedup key: sha256 of its normalised text, and its MinHash signature (None: exact only). A plain
-tuple: workers send one per document, and a NamedTuple pickles 15x slower."""
+DedupKey = tuple[bytes, np.ndarray | None, bool]
+"""A document's dedup key: sha256 of its normalised text, its MinHash signature (None: exact only, or short) and
+whether it is short (kept, never dropped as a duplicate). A plain tuple: workers send one per document, and a
+NamedTuple pickles 15x slower."""
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,9 @@ class Deduplicator:
     n is one shingle), MinHash is num_perm hashes (a*x + b) mod 2^64 keeping the top 32 bits of each minimum,
     and LSH candidates are accepted when their estimated Jaccard >= threshold (the highest wins, then the
     earliest). Only kept documents are indexed, so `duplicate_of` always names one that stays in the data.
+
+    A document whose normalised text has fewer than `min_chars` characters is kept and not indexed: short texts
+    repeat legitimately (a speaker's cue in a play); the report counts the repeats kept so (`kept_short`).
     """
 
     def __init__(
@@ -263,12 +267,16 @@ class Deduplicator:
         shingle: Literal["word", "char"] = "word",
         max_examples: int = 10,
         near: bool = True,
+        min_chars: int = 0,
     ) -> None:
-        if not 0 < threshold <= 1 or num_perm < 1 or ngram < 1 or shingle not in ("word", "char"):
+        bad = not 0 < threshold <= 1 or num_perm < 1 or ngram < 1 or min_chars < 0
+        if bad or shingle not in ("word", "char"):
             raise LmforgeError(
-                "dedup needs 0 < threshold <= 1, num_perm >= 1, ngram >= 1, shingle word|char; got "
-                f"threshold={threshold}, num_perm={num_perm}, ngram={ngram}, shingle={shingle!r}"
+                "dedup needs 0 < threshold <= 1, num_perm >= 1, ngram >= 1, min_chars >= 0, shingle word|char; "
+                f"got threshold={threshold}, num_perm={num_perm}, ngram={ngram}, min_chars={min_chars}, "
+                f"shingle={shingle!r}"
             )
+        self.min_chars = min_chars
         self.threshold, self.num_perm, self.ngram, self.seed = threshold, num_perm, ngram, seed
         self.shingle, self.near = shingle, near  # near=False: exact duplicates only, no MinHash cost
         self.bands, self.rows = lsh_params(threshold, num_perm)
@@ -280,7 +288,8 @@ class Deduplicator:
         self._exact: dict[bytes, int] = {}
         self._sigs = np.zeros((1024, num_perm), dtype=np.uint32)  # (capacity, num_perm); grows by doubling
         self._tables: list[dict[bytes, list[int]]] = [{} for _ in range(self.bands)]
-        self._counts = {"documents": 0, "exact": 0, "near": 0}
+        self._counts = {"documents": 0, "exact": 0, "near": 0, "kept_short": 0}
+        self._short: set[bytes] = set()  # digests of the short documents seen
         self._max_examples = max_examples
         self._examples: list[dict] = []
         self._snippets: dict[int, str] = {}  # kept documents' snippets, only until the examples are full
@@ -307,21 +316,30 @@ class Deduplicator:
         return self.add_key(doc_id, self.key(text), text)
 
     def key(self, text: str) -> DedupKey:
-        """What `add` compares: the exact digest and, for near dedup, the MinHash signature. Pure, so worker
-        processes can compute keys (with a Deduplicator of the same settings) while one process adds them."""
+        """What `add` compares: the exact digest, for near dedup the MinHash signature, and whether the text is
+        short. Pure, so worker processes can compute keys (with a Deduplicator of the same settings) while one
+        process adds them."""
         norm = normalize(text)
-        return hashlib.sha256(norm.encode()).digest(), self._signature(norm) if self.near else None
+        short = len(norm) < self.min_chars
+        sig = self._signature(norm) if self.near and not short else None
+        return hashlib.sha256(norm.encode()).digest(), sig, short
 
     def keys(self, texts: Sequence[str]) -> list[DedupKey]:
         """`key` of each text (a chunk's, in a worker): for exact dedup, ASCII texts are normalised together."""
         if self.near:
             return [self.key(text) for text in texts]
-        return [(hashlib.sha256(norm).digest(), None) for norm in _normalized_bytes(texts)]
+        n = self.min_chars
+        return [(hashlib.sha256(norm).digest(), None, _shorter(norm, n)) for norm in _normalized_bytes(texts)]
 
     def add_key(self, doc_id: str, key: DedupKey, text: str = "") -> DupResult | None:
         """`add` with a precomputed key; `text` (or its first 200 characters) only feeds the report's examples."""
         self._counts["documents"] += 1
-        digest, sig = key
+        digest, sig, short = key
+        if short:  # kept whatever it repeats; a repeat is counted, and nothing is indexed
+            if digest in self._short:
+                self._counts["kept_short"] += 1
+            self._short.add(digest)
+            return None
         if (j := self._exact.get(digest)) is not None:
             return self._found(doc_id, text, DupResult("exact", self._ids[j], 1.0), j)
         keys: list[bytes] = []
@@ -363,12 +381,19 @@ class Deduplicator:
         return dup
 
     def report(self) -> dict:
-        """Counts (documents, kept, exact, near), the settings that produced them, and up to max_examples pairs."""
+        """Counts (documents, kept, exact, near; kept_short: repeats kept for being short, among the kept), the
+        settings that produced them, and up to max_examples pairs."""
+        kept = len(self._ids) + len(self._short) + self._counts["kept_short"]
         return {
-            **self._counts, "kept": len(self._ids), "threshold": self.threshold, "num_perm": self.num_perm,
+            **self._counts, "kept": kept, "threshold": self.threshold, "num_perm": self.num_perm,
             "shingle": self.shingle, "ngram": self.ngram, "bands": self.bands, "rows": self.rows, "seed": self.seed,
-            "examples": list(self._examples),
+            "min_chars": self.min_chars, "examples": list(self._examples),
         }  # fmt: skip
+
+
+def _shorter(norm: bytes, n: int) -> bool:
+    """Whether UTF-8 `norm` holds fewer than `n` characters (decoded only where its byte count cannot tell)."""
+    return len(norm) < n or (len(norm) < 4 * n and len(norm.decode()) < n)
 
 
 def _snippet(text: str, width: int = 80) -> str:

@@ -53,6 +53,7 @@ from lmforge.data.workers import (
 )
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write, sha256_file, staging_dir
+from lmforge.paths import already_holds, check_output, config_paths
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,8 @@ class PrepareConfig(Section):
     """Licence of the inputs; default: read from a SOURCE.md or LICENSE beside each input."""
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     """Fraction of documents in the validation split (chosen by a hash of each document's content)."""
-    seed: int = 0
-    """Salt of the split hash: another seed gives another split."""
+    seed: int = Field(0, ge=0, lt=2**64)
+    """Salt of the split hash (8 bytes, so 0 <= seed < 2**64): another seed gives another split."""
     add_bos: bool = False
     """Prepend the BOS token to every text document."""
     append_eos: bool = True
@@ -99,6 +100,11 @@ class PrepareConfig(Section):
     """Drop exact duplicates (normalised hash), or also near duplicates (MinHash-LSH)."""
     dedup_threshold: float = Field(0.8, gt=0.0, le=1.0)
     """Jaccard similarity above which two documents are near duplicates."""
+    dedup_min_chars: int = Field(100, ge=0)
+    """Documents whose normalised text (lowercase, no punctuation) is shorter are never dropped as duplicates
+    (0: dedup all). Short texts repeat legitimately: TinyShakespeare's 69 repeated speeches ("GLOUCESTER:",
+    "CATESBY: My lord.") are all under 45 characters, while the duplicates worth removing (boilerplate, a
+    repeated story or article) run to paragraphs."""
     eval_sets: dict[str, list[Path]] = Field(default_factory=dict)
     """Evaluation sets to check for contamination: {name: [files]}."""
     contamination_ngram: int = Field(13, ge=1)
@@ -154,26 +160,34 @@ def _tree_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def prepare(cfg: PrepareConfig, out: Path, progress: Callable[[int], None] | None = None) -> dict:
-    """Run `data prepare`; returns the manifest (with `cache_hit`). Re-running on unchanged inputs reuses `out`."""
+def prepare(
+    cfg: PrepareConfig, out: Path, progress: Callable[[int], None] | None = None, *, overwrite: bool = False
+) -> dict:
+    """Run `data prepare`; returns the manifest (with `cache_hit`). Re-running on unchanged inputs reuses `out`;
+    another dataset there is replaced only with `overwrite` (see `lmforge.paths`)."""
     from lmforge.tokenizer import Tokenizer
 
     if not cfg.inputs:
         raise LmforgeError("data prepare: no input files given")
     if cfg.tokenizer is None:
         raise LmforgeError("data prepare: --tokenizer DIR is required")
+    out = Path(out)
+    holds_dataset = check_output(out, "dataset", inputs=config_paths(cfg), overwrite=True)
     inputs = iter_files(cfg.inputs)
     tok = Tokenizer.from_dir(cfg.tokenizer)
     digests = {
         path: _tree_sha256(path) for path in inputs
     }  # read once: the cache key and the manifest use them
     key = fingerprint(cfg, digests, tok.hash)
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
+    if holds_dataset:
+        old = json.loads((out / "manifest.json").read_text())
         if old.get("fingerprint") == key:
             log.info("data prepare: cache hit, %s is up to date", out)
             return {**old, "cache_hit": True}
+        if not overwrite:
+            raise LmforgeError(
+                already_holds(out, "dataset", detail=" prepared from other inputs or settings")
+            )
     template = cfg.chat_template.read_text(encoding="utf-8") if cfg.chat_template else None
 
     with staging_dir(out) as tmp:
@@ -285,12 +299,14 @@ def _prepare_into(
             for b in rejects
         ]
         atomic_write(root / "rejects.jsonl", "\n".join(lines) + "\n")
+    dedup_report = dedup.report() if dedup else None
     governance: dict[str, Any] = {
         "pii": {"mode": cfg.pii, "found": dict(pii_counts), "documents_dropped": totals["pii_dropped"]},
         "dedup": {
             "mode": cfg.dedup,
             "dropped": dict(dedup_dropped),
-            **({"report": dedup.report()} if dedup else {}),
+            # repeats of a document shorter than dedup_min_chars, kept
+            **({"kept_short": dedup_report["kept_short"], "report": dedup_report} if dedup_report else {}),
         },
     }
     if contamination_report is not None:

@@ -10,6 +10,7 @@ import csv
 import gzip
 import importlib
 import json
+import logging
 import os
 import re
 import zlib
@@ -20,6 +21,9 @@ from types import ModuleType
 from typing import IO
 
 from lmforge.errors import LmforgeError
+from lmforge.paths import KINDS, output_kind
+
+log = logging.getLogger(__name__)
 
 EXTENSIONS = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 SUPPORTED = ".txt, .jsonl, .json, .csv or .parquet (each maybe .gz), or a datasets.save_to_disk directory"
@@ -67,6 +71,11 @@ def reject(on_bad: OnBad | None, bad: BadRecord) -> None:
     on_bad(bad)
 
 
+def field_names(keys: Iterable[object]) -> str:
+    """Field names for a one-line message: "a, b"; a name with a line break or other control character quoted."""
+    return ", ".join(k if isinstance(k, str) and k.isprintable() else repr(k) for k in keys)
+
+
 def clip(text: str, n: int = _RAW_CHARS) -> str:
     """`text` cut to `n` characters (with an ellipsis), for BadRecord.raw."""
     return text if len(text) <= n else text[: n - 1] + "…"
@@ -85,14 +94,40 @@ def _kind(path: Path) -> tuple[str, bool] | None:
     return (ext, gz) if ext in EXTENSIONS else None
 
 
-def iter_files(paths: Sequence[Path]) -> list[Path]:
-    """Expand inputs: directories recursively into their data files (sorted); a `datasets` dir is one input."""
+_OUTPUT_KINDS = ("dataset", "model", "adapter", "run", "demo", "tokenizer")  # a synthetic world is input data
+_RUN_FILES = ("metrics.jsonl", "results.json", "checkpoints", "model")
+
+
+def lmforge_output(path: Path) -> str | None:
+    """What lmforge wrote `path` as, in words with the files that show it (a prepared dataset, a model, adapter,
+    run, demo, tokenizer or checkpoint directory), else None: their .json/.jsonl files are not training data."""
+    kind = output_kind(path)
+    if kind == "run" and not any((path / name).exists() for name in _RUN_FILES):
+        return None  # a config.yaml beside data files may be the user's recipe: only a started run is skipped
+    if kind == "demo" and not (path / "demo.json").is_file():
+        return None  # a folder holding a synthetic world (`data synth`) holds input data
+    if kind in _OUTPUT_KINDS:
+        return KINDS[kind][0]
+    if (path / "train_state").is_dir():  # its state.json would pass for a `datasets` dir
+        return "a checkpoint (train_state/)"
+    return None
+
+
+def iter_files(paths: Sequence[Path], *, warn: bool = True) -> list[Path]:
+    """Expand inputs: directories recursively into their data files (sorted); a `datasets` dir is one input.
+    lmforge's own outputs are refused when given, and skipped inside a given directory (a warning unless not
+    `warn`: for a caller that expands the same inputs again)."""
     out: list[Path] = []
     for path in map(Path, paths):
         if not path.exists():
             raise LmforgeError(f"{path}: no such file or directory; expected {SUPPORTED}")
+        if path.is_dir() and (what := lmforge_output(path)):
+            which = "it was prepared from" if output_kind(path) == "dataset" else "themselves"
+            raise LmforgeError(
+                f"{path} is {what}, not input data; give the text/JSONL files {which} ({SUPPORTED})"
+            )
         if path.is_dir() and not is_datasets_dir(path):
-            found = _walk(path)
+            found = _walk(path, warn)
             if not found:
                 raise LmforgeError(f"{path}: the directory holds no data files; expected {SUPPORTED}")
             out.extend(found)
@@ -103,14 +138,19 @@ def iter_files(paths: Sequence[Path]) -> list[Path]:
     return out
 
 
-def _walk(root: Path) -> list[Path]:
+def _walk(root: Path, warn: bool) -> list[Path]:
     found = []
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
-        datasets_dirs = [d for d in dirs if is_datasets_dir(here / d)]
+        # e.g. `tokenizer train runs/`: a prepared dataset's manifest.json, a model's config.json are not data
+        outputs = {d: what for d in dirs if not d.startswith(".") and (what := lmforge_output(here / d))}
+        for d, what in outputs.items() if warn else ():
+            log.warning("skipping %s: it is %s, not input data", here / d, what)
+        datasets_dirs = [d for d in dirs if d not in outputs and is_datasets_dir(here / d)]
         found += [here / d for d in datasets_dirs]  # their .json/.arrow files are not separate inputs
-        dirs[:] = [d for d in dirs if d not in datasets_dirs and not d.startswith(".")]
-        data = [f for f in files if f not in LABEL_MAP_NAMES and not f.startswith(".") and _kind(here / f)]
+        dirs[:] = [d for d in dirs if d not in outputs and d not in datasets_dirs and not d.startswith(".")]
+        meta = {*LABEL_MAP_NAMES, *(("world.json",) if output_kind(here) == "world" else ())}  # not records
+        data = [f for f in files if f not in meta and not f.startswith(".") and _kind(here / f)]
         found += [here / f for f in data]
     return sorted(found)
 
@@ -369,18 +409,27 @@ def decode_chunk(
 def _read_jsonl(lines: _Lines, on_bad: OnBad | None) -> Iterator[Record]:
     src = str(lines.path)
     for text in lines:
+        # without its line end: at the end of a cut-off line, json would report line 2, column 1 of the text
+        text = text.rstrip("\r\n")
         if not text.strip():
             continue
         try:
             data = json.loads(text)
             found = "" if isinstance(data, dict) else f"found a JSON {type(data).__name__}"
         except json.JSONDecodeError as e:
-            found = f"malformed JSON ({e.msg} at column {e.colno})"
+            found = _malformed(e, e.pos + 1)  # the line holds no newline: pos + 1 is the column
+        except RecursionError:  # json's parser recurses once per level: ~1000 nested [ or { exhaust the stack
+            found = "JSON nested too deeply to read"
         if found:
             reason = f"{found}; expected one JSON object per line"
-            reject(on_bad, BadRecord(src, f"{src}:{lines.lineno}", reason, clip(text.rstrip("\r\n"))))
+            reject(on_bad, BadRecord(src, f"{src}:{lines.lineno}", reason, clip(text)))
         else:
             yield Record(src, lines.lineno, data)
+
+
+def _malformed(e: json.JSONDecodeError, column: int) -> str:
+    # some messages end in " at" ("Invalid control character at"), which the column completes
+    return f"malformed JSON ({e.msg.removesuffix(' at')} at column {column})"
 
 
 def _read_json(path: Path, gz: bool, on_bad: OnBad | None) -> Iterator[Record]:
@@ -398,7 +447,9 @@ def _read_json(path: Path, gz: bool, on_bad: OnBad | None) -> Iterator[Record]:
         if e.msg == "Extra data":  # JSON Lines named .json, as `Dataset.to_json` writes them
             yield from _read_jsonl(_Lines(path, gz, on_bad), on_bad)
             return
-        line, found = e.lineno, f"malformed JSON ({e.msg} at column {e.colno})"
+        line, found = e.lineno, _malformed(e, e.colno)
+    except RecursionError:  # json's parser recurses once per level: ~1000 nested [ or { exhaust the stack
+        line, found = 1, "JSON nested too deeply to read"
     else:
         lists = (
             [key for key, value in doc.items() if isinstance(value, list)] if isinstance(doc, dict) else []
@@ -427,7 +478,7 @@ def _read_csv(lines: _Lines, on_bad: OnBad | None) -> Iterator[Record]:
         start = lines.lineno + 1  # a quoted field may span lines: a row is numbered by its first line
         for row in rows:
             if row and len(row) != len(header):  # type: ignore[arg-type]  # rows is empty when header is None
-                reason = f"found {len(row)} fields; expected {len(header)} ({', '.join(header)})"
+                reason = f"found {len(row)} fields; expected {len(header)} ({field_names(header)})"
                 reject(on_bad, BadRecord(src, f"{src}:{start}", reason, clip(",".join(row))))
             elif row:
                 yield Record(src, start, dict(zip(header, row, strict=True)))  # type: ignore[arg-type]
@@ -461,7 +512,15 @@ def _read_parquet(path: Path, gz: bool) -> Iterator[Record]:
 
 def _read_datasets(path: Path) -> Iterator[Record]:
     datasets = _optional("datasets", path)
-    loaded = datasets.load_from_disk(str(path))  # memory-mapped Arrow: rows are read as iterated
+    try:
+        loaded = datasets.load_from_disk(str(path))  # memory-mapped Arrow: rows are read as iterated
+    except (
+        Exception
+    ) as e:  # a stray state.json, or a damaged save: KeyError, JSON, Arrow, missing-file errors
+        raise LmforgeError(
+            f"{path}: cannot load it as a `datasets` directory ({type(e).__name__}: {e}); expected a directory "
+            "written by Dataset.save_to_disk or DatasetDict.save_to_disk"
+        ) from e
     splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
     for split, dataset in splits:
         src = str(path / split) if split else str(path)

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from lmforge.data import world_phrases as wp
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write, staging_dir
+from lmforge.paths import check_output
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -626,27 +627,6 @@ def _source(seed: int) -> str:
 """
 
 
-def _is_world_dir(path: Path) -> bool:
-    """True for an empty directory or one that `synthesize` wrote (safe to replace)."""
-    if not any(path.iterdir()):
-        return True
-    try:
-        return json.loads((path / "world.json").read_text()).get("generator") == GENERATOR
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _publish(out: Path, files: dict[str, bytes]) -> None:
-    """Write `files` into a new directory beside `out`, then rename it to `out`; an old `out` goes last."""
-    if out.exists() and not (out.is_dir() and _is_world_dir(out)):
-        raise LmforgeError(
-            f"{out} exists and is not a synthetic world written by lmforge; give another --out"
-        )
-    with staging_dir(out) as tmp:
-        for name, data in files.items():
-            atomic_write(tmp / name, data)
-
-
 def _build(seed: int, sizes: WorldSizes) -> tuple[dict[str, bytes], dict[str, int]]:
     """Every file of the world as bytes, and the record count of each JSONL file."""
     people = _make_people(_rng(seed, "people"), sizes)
@@ -726,15 +706,21 @@ def _build(seed: int, sizes: WorldSizes) -> tuple[dict[str, bytes], dict[str, in
     return files, counts
 
 
-def synthesize(out: str | Path, *, seed: int = 0, sizes: WorldSizes | None = None) -> dict[str, Any]:
-    """Write the synthetic world into directory `out` (replacing an earlier one); return a summary.
+def synthesize(
+    out: str | Path, *, seed: int = 0, sizes: WorldSizes | None = None, overwrite: bool = False
+) -> dict[str, Any]:
+    """Write the synthetic world into directory `out` (an earlier world there only with `overwrite`); return a
+    summary.
 
     The summary has `out`, `seed`, `sizes`, and per file its `bytes`, `records` (None for non-JSONL files)
     and `sha256`.
     """
     out, sizes = Path(out), sizes or WorldSizes()
+    check_output(out, "world", overwrite=overwrite)
     files, counts = _build(seed, sizes)
-    _publish(out, files)
+    with staging_dir(out) as tmp:  # the world appears whole; an old one is removed last
+        for name, data in files.items():
+            atomic_write(tmp / name, data)
     summary = {
         "out": str(out),
         "seed": seed,

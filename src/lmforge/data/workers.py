@@ -80,8 +80,10 @@ def _init_worker(cfg: PrepareConfig, template: str | None, drop_ids: set[str], t
 
 
 def deduplicator(cfg: PrepareConfig) -> Deduplicator:
-    """The Deduplicator `cfg` asks for (exact, or exact + near at its threshold)."""
-    return Deduplicator(threshold=cfg.dedup_threshold, near=cfg.dedup == "near")
+    """The Deduplicator `cfg` asks for (exact, or exact + near at its threshold; short documents kept)."""
+    return Deduplicator(
+        threshold=cfg.dedup_threshold, near=cfg.dedup == "near", min_chars=cfg.dedup_min_chars
+    )
 
 
 def _process(task: Task) -> Chunk:

@@ -14,10 +14,16 @@ string is released.
 With `speculate=K` (greedy, one sample) a step may add several tokens: `NgramIndex` drafts up to K ids that
 followed an earlier occurrence of the last few ids, `_verify` checks them in one forward and keeps the prefix
 greedy decoding agrees with, and the KV cache is rolled back over the rest.
+
+Each generated token is reported with its bytes and text alone (`TokenText`), as OpenAI's logprobs are: a
+token may hold part of a character, so its text alone escapes the bytes it cannot decode.
 """
 
 from __future__ import annotations
 
+import codecs
+import json
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -93,6 +99,12 @@ class Engine:
         self.defaults = defaults or GenerationConfig()
         self.device = next(model.parameters()).device
 
+    @property
+    def context(self) -> int:
+        """Tokens the prompt and the generated ones share: the model's positions less prompt tuning's virtual
+        tokens, which sit in the cache too."""
+        return self.config.max_position_embeddings - getattr(self.model, "extra_positions", 0)
+
     @classmethod
     def from_dir(
         cls,
@@ -142,19 +154,12 @@ class Engine:
         start = time.perf_counter()
         if not prompts:
             raise LmforgeError("no prompts to generate from")
+        if any(len(p) == 0 for p in prompts):
+            raise LmforgeError("a prompt is empty: give at least one token")
+        check_room([len(p) for p in prompts], self.context, cfg.max_new_tokens)
         rows_ids = [list(p) for p in prompts for _ in range(cfg.n)]
         longest = max(len(p) for p in rows_ids)
-        if min(len(p) for p in rows_ids) == 0:
-            raise LmforgeError("a prompt is empty: give at least one token")
-        extra = getattr(
-            self.model, "extra_positions", 0
-        )  # prompt tuning's virtual tokens sit in the cache too
-        context = self.config.max_position_embeddings - extra
-        if longest + cfg.max_new_tokens > context:
-            raise LmforgeError(
-                f"a prompt of {longest} tokens plus max_new_tokens={cfg.max_new_tokens} exceeds the model's "
-                f"context of {context} tokens: shorten the prompt or lower max_new_tokens"
-            )
+        extra = getattr(self.model, "extra_positions", 0)  # prompt tuning's virtual tokens, in the cache
         B, P, N = len(rows_ids), longest, cfg.max_new_tokens
         dev = self.device
         # tokens (B, P + N): left-padded prompts, then the generated ids; valid marks real tokens.
@@ -182,6 +187,7 @@ class Engine:
         while True:
             pos = P + t
             scores = process_logits(logits, tokens[:, :pos], valid[:, :pos], generated[:, :pos], cfg)
+            scores = _unless_all_banned(scores, [row.done for row in rows])
             next_ids = sample_next(scores, cfg, generator)  # (B,)
             chosen, top_logp, top_ids = token_logprobs(logits, next_ids, cfg.logprobs)  # raw log-probs
             tokens[:, pos], valid[:, pos], generated[:, pos] = next_ids, True, True
@@ -330,12 +336,94 @@ class NgramIndex:
         return []
 
 
-def read_prompts(path: Path) -> list[str | list[dict]]:
-    """Prompts from a file: one per line, or JSONL records with "prompt" (text) or "messages" (a chat)."""
-    import json
+class TokenText:
+    """Each token id's bytes and its text alone, as OpenAI's logprobs report them: byte-level BPE pieces map back
+    to their bytes, byte-fallback pieces (`<0xE2>`) to their byte, added tokens to their text."""
 
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.backend = tokenizer.backend
+        decoder = json.loads(self.backend.to_str()).get("decoder") or {}
+        steps, stack = [], [decoder]
+        while stack:  # the decoder and, inside a Sequence, its steps
+            step = stack.pop()
+            steps.append(step)
+            stack.extend(step.get("decoders") or [])
+        kinds = {step.get("type") for step in steps}
+        self.byte_level, self.byte_fallback = "ByteLevel" in kinds, "ByteFallback" in kinds
+        # SentencePiece-style pieces spell a space "▁": Metaspace, or Replace("▁", " ") (Llama 2)
+        self.spaces = [
+            (step.get("replacement", "▁"), " ") for step in steps if step.get("type") == "Metaspace"
+        ]
+        self.spaces += [
+            (step["pattern"]["String"], step.get("content", ""))
+            for step in steps
+            if step.get("type") == "Replace" and "String" in (step.get("pattern") or {})
+        ]
+        self.added = {i: t.content for i, t in self.backend.get_added_tokens_decoder().items()}
+
+    def bytes(self, token: int) -> bytes:
+        """The bytes `token` stands for (b"" for an id past the tokenizer's vocabulary)."""
+        if token in self.added:
+            return self.added[token].encode()
+        piece = self.backend.id_to_token(token)
+        if piece is None:
+            return b""
+        if self.byte_level:
+            from lmforge.fast_bpe import byte_level_bytes
+
+            table = byte_level_bytes()
+            return b"".join(bytes([table[ch]]) if ch in table else ch.encode() for ch in piece)
+        if self.byte_fallback and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            return bytes([int(piece[3:5], 16)])
+        if self.spaces:
+            for old, new in self.spaces:
+                piece = piece.replace(old, new)
+            return piece.encode()
+        return self.backend.decode([token]).encode()
+
+    @staticmethod
+    def text(data: bytes) -> str:
+        """`data` as text, each byte of an incomplete character escaped as `\\xNN` (DeepSeek's API does so; vLLM
+        gives U+FFFD); the bytes field carries them exactly."""
+        return data.decode("utf-8", errors="backslashreplace")
+
+    def entry(self, token: int, logprob: float) -> dict:
+        """OpenAI's {"token", "logprob", "bytes"} of one token, with its "id"."""
+        data = self.bytes(token)
+        return {"id": token, "token": self.text(data), "logprob": logprob, "bytes": list(data)}
+
+    def logprobs(self, c: Completion) -> list[dict]:
+        """OpenAI's `logprobs.content` of one sample: each token's entry and its `top_logprobs` entries."""
+        tops = c.top_logprobs or [{} for _ in c.token_ids]  # empty when no alternatives were asked for
+        return [
+            {**self.entry(token, logprob), "top_logprobs": [self.entry(t, lp) for t, lp in top.items()]}
+            for token, logprob, top in zip(c.token_ids, c.logprobs, tops, strict=True)
+        ]
+
+
+def read_prompts(path: Path) -> list[str | list[dict]]:
+    """Prompts from a UTF-8 file: one per line, or JSONL records with "prompt" (text) or "messages" (a chat)."""
+    path = Path(path)
+    expected = "expected a file of prompts (one per line, or JSONL records with 'prompt' or 'messages')"
+    if path.is_dir():
+        raise LmforgeError(f"{path}: is a directory; {expected}")
+    try:
+        data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    except FileNotFoundError:
+        raise LmforgeError(f"{path}: no such file; {expected}") from None
+    except OSError as e:
+        raise LmforgeError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise LmforgeError(
+            f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8"
+        ) from None
     found: list[str | list[dict]] = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    # Lines end at "\n" only: str.splitlines would also cut at U+2028 and the like, which JSON strings may hold.
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         if path.suffix != ".jsonl":
@@ -343,14 +431,74 @@ def read_prompts(path: Path) -> list[str | list[dict]]:
             continue
         try:
             record = json.loads(line)
-            found.append(record["messages"] if "messages" in record else record["prompt"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+            prompt = record["messages"] if "messages" in record else record["prompt"]
+        # RecursionError: a record nested too deeply for the JSON parser
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
+            prompt = None
+        chat = isinstance(prompt, list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in prompt
+        )
+        if not (isinstance(prompt, str) or (chat and prompt)):
             raise LmforgeError(
-                f"{path}:{number}: expected a JSON object with 'prompt' (text) or 'messages' (a chat)"
-            ) from None
+                f"{path}:{number}: expected a JSON object with 'prompt' (text) or 'messages' (a list of "
+                "{'role': ..., 'content': ...})"
+            )
+        found.append(prompt)
     if not found:
         raise LmforgeError(f"{path}: no prompts in it")
     return found
+
+
+def _unless_all_banned(scores: Tensor, done: Sequence[bool]) -> Tensor:
+    """`scores` (B, V), unless processors banned every token of an unfinished row (an error: softmax would be
+    NaN, argmax an arbitrary id); a finished row's all-banned scores become uniform (its draw is dropped)."""
+    banned = torch.isneginf(scores).all(-1)  # (B,)
+    if not banned.any():
+        return scores
+    if any(b and not d for b, d in zip(banned.tolist(), done, strict=True)):
+        raise LmforgeError(
+            "every token is banned at this step (no_repeat_ngram_size, logit_bias -100 or top-k/top-p/min-p "
+            "leave none): lower no_repeat_ngram_size or lift a ban"
+        )
+    return scores.masked_fill(banned[:, None], 0.0)
+
+
+def check_room(lengths: Sequence[int], context: int, max_new_tokens: int, *, flags: bool = False) -> None:
+    """Raise an LmforgeError that states the real limit when the longest prompt and `max_new_tokens` do not fit
+    the `context`; `flags` names the command-line flags in its advice."""
+    index = max(range(len(lengths)), key=lengths.__getitem__)  # the first of the longest
+    length = lengths[index]
+    if length + max_new_tokens <= context:
+        return
+    name, truncate = ("--max-new-tokens", ", or pass --truncate") if flags else ("max_new_tokens", "")
+    if length >= context:
+        raise LmforgeError(
+            f"the prompt (prompt {index}, {length} tokens) fills the model's context of {context} tokens, "
+            f"leaving no room for a new token; shorten it{truncate}"
+        )
+    raise LmforgeError(
+        f"max_new_tokens {max_new_tokens}: the model's context is {context} tokens and the prompt (prompt "
+        f"{index}, {length} tokens) leaves room for at most {context - length} new tokens; lower {name}, "
+        f"shorten the prompt{truncate}"
+    )
+
+
+def fit_prompts(
+    prompts: Sequence[Sequence[int]], context: int, max_new_tokens: int, *, truncate: bool
+) -> list[list[int]]:
+    """The prompts, each with room for `max_new_tokens` in `context`: with `truncate`, each cut to its last
+    tokens; else an error (naming --max-new-tokens and --truncate) when the longest does not fit."""
+    if not truncate:
+        check_room([len(p) for p in prompts], context, max_new_tokens, flags=True)
+        return [list(p) for p in prompts]
+    room = context - max_new_tokens
+    if room < 1:
+        raise LmforgeError(
+            f"max_new_tokens {max_new_tokens}: the model's context is {context} tokens, so even a prompt cut to "
+            f"its last token (--truncate) leaves room for at most {context - 1} new tokens; lower --max-new-tokens"
+        )
+    return [list(p[-room:]) for p in prompts]
 
 
 def prompt_ids(
@@ -359,11 +507,12 @@ def prompt_ids(
     *,
     chat: bool,
     system: str | None,
-    room: int,
-    truncate: bool,
+    room: int | None = None,
+    truncate: bool = False,
 ) -> list[int]:
     """A prompt's ids: plain text, or messages rendered by the chat template (as in training) with the
-    assistant turn opened; with `truncate`, only its last `room` tokens (else a longer prompt is an error)."""
+    assistant turn opened; given a `room`, with `truncate` only its last `room` tokens (else a longer prompt is
+    an error)."""
     from lmforge.chat import render_chat
 
     if chat or system is not None or not isinstance(prompt, str):
@@ -373,7 +522,11 @@ def prompt_ids(
         ids = render_chat(engine.tokenizer, messages, add_generation_prompt=True).ids
     else:
         ids = engine.encode(prompt)
-    if len(ids) > room:
+    if room is not None and len(ids) > room:
+        if room < 1:
+            raise LmforgeError(
+                f"max_new_tokens fills the model's context: no room for a prompt ({room} tokens)"
+            )
         if not truncate:
             raise LmforgeError(
                 f"a prompt of {len(ids)} tokens leaves no room for max_new_tokens in the model's context "

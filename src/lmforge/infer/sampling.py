@@ -19,6 +19,12 @@ left-padded), `valid` (B, L) bool, False at padding, and `generated` (B, L) bool
                        HF's warper order, after temperature: top-p and min-p see the tempered distribution
                        (HF and llama.cpp apply min-p after temperature).
 
+Greedy or sampled, transformers' rule: decoding is greedy (temperature 0) unless the model's
+`generation_config.json` says `do_sample: true` (then its temperature, top_k, top_p, with transformers' 1.0,
+50, 1.0 for those it leaves out), or the request asks to sample: a temperature above 0, or top_k, top_p or
+min_p turned on without a temperature (sampling at the file's temperature, else 1.0). `speculate` without any
+of those decodes greedily, whatever the file says, since speculation checks drafts against greedy decoding.
+
 Reported log-probs (`token_logprobs`) come from the model's raw log-softmax, before any processor: they say
 what the model believes, independent of the sampling knobs (vLLM's default `raw_logprobs`; OpenAI does not
 document which distribution it reports).
@@ -41,7 +47,8 @@ from lmforge.errors import LmforgeError
 
 def _within(interval: str) -> AfterValidator:
     """A validator of a number in `interval` ('(0, 1]', '[1, inf)') whose error names the whole interval."""
-    lo, hi = (float(s) for s in interval[1:-1].split(","))
+    # Integer bounds stay ints: a float 2**64 - 1 would round and let 2**64 through.
+    lo, hi = (int(s) if s.strip().lstrip("-").isdigit() else float(s) for s in interval[1:-1].split(","))
 
     def check(v: float) -> float:
         above = v > lo if interval[0] == "(" else v >= lo
@@ -53,21 +60,38 @@ def _within(interval: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+# Logits divided by less (a temperature, a repetition penalty) can pass fp32's range: inf, then NaN probabilities.
+_MIN_DIVISOR = 1e-5
+
+
+def _at_least(floor: float, zero: str = "") -> AfterValidator:
+    """A validator of a number >= `floor`, or of 0 too when `zero` says what 0 means ('0 (greedy)')."""
+
+    def check(v: float) -> float:
+        if v < floor and not (zero and v == 0):
+            raise ValueError(f"expected {zero + ' or ' if zero else ''}a value >= {floor:g}")
+        return v
+
+    return AfterValidator(check)
+
+
 class GenerationConfig(Section):
     """How to pick each next token and when to stop; the model dir's `generation_config.json` gives defaults."""
 
     max_new_tokens: Annotated[int, _within("[1, inf)")] = 256
     """Generate at most this many tokens per sample (>= 1)."""
-    temperature: Annotated[float, _within("[0, inf)")] = 1.0
-    """Divide the logits by this before sampling (>= 0); 0 = greedy (always the most likely token)."""
+    temperature: Annotated[float, _within("[0, inf)"), _at_least(_MIN_DIVISOR, "0 (greedy)")] = 0.0
+    """Divide the logits by this before sampling (0, or >= 1e-5); 0 = greedy (always the most likely token), the default
+    as in transformers (`do_sample=False`). Left out while top_k, top_p or min_p is on, it is 1.0: those only act
+    when sampling, so turning one on asks to sample."""
     top_k: Annotated[int, _within("[0, inf)")] = 0
     """Sample only among the k most likely tokens (>= 0); 0 = off."""
     top_p: Annotated[float, _within("(0, 1]")] = 1.0
     """Nucleus sampling: only the most likely tokens whose probabilities sum to top_p, in (0, 1]; 1 = off."""
     min_p: Annotated[float, _within("[0, 1)")] = 0.0
     """Drop tokens less likely than min_p x the top token's probability, in [0, 1); 0 = off."""
-    repetition_penalty: Annotated[float, _within("(0, inf)")] = 1.0
-    """HF/CTRL penalty (> 0) on every token of prompt + output: positive logits / p, negative x p; 1 = off."""
+    repetition_penalty: Annotated[float, _within("(0, inf)"), _at_least(_MIN_DIVISOR)] = 1.0
+    """HF/CTRL penalty (>= 1e-5) on every token of prompt + output: positive logits / p, negative x p; 1 = off."""
     frequency_penalty: Annotated[float, _within("[-2, 2]")] = 0.0
     """OpenAI's: subtract this x (times the token was generated) from its logit, in [-2, 2]; 0 = off."""
     presence_penalty: Annotated[float, _within("[-2, 2]")] = 0.0
@@ -80,17 +104,26 @@ class GenerationConfig(Section):
     """Never repeat an n-gram of this size of prompt + output (>= 0); 0 = off."""
     stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     """Stop a sample when its text contains one of these strings (the stop string is not returned)."""
-    seed: int | None = None
-    """Seed of this request's sampling generator (same seed, same samples); null = unseeded."""
+    seed: Annotated[int, _within(f"[0, {2**64 - 1}]")] | None = None
+    """Seed of this request's sampling generator, in [0, 2^64) (torch's range; same seed, same samples);
+    null = unseeded."""
     n: Annotated[int, _within("[1, inf)")] = 1
     """Samples to generate per prompt (>= 1)."""
-    logprobs: Annotated[int, _within("[0, inf)")] = 0
-    """Report each token's log-prob and this many most likely alternatives (>= 0); 0 = the token's only."""
+    logprobs: Annotated[int, _within("[0, 20]")] = 0
+    """Report each token's log-prob and this many most likely alternatives, in [0, 20] (OpenAI's
+    `top_logprobs` range); 0 = the token's only."""
     speculate: Annotated[int, _within("[0, 64]")] = 0
     """Prompt-lookup speculative decoding, in [0, 64]: per step, draft up to this many tokens that followed the
     latest earlier occurrence of the last 1-3 tokens (in the prompt or the output) and check them in one forward.
     Greedy decoding of one sample only (temperature 0, one prompt, n = 1); the tokens are greedy's, up to
     floating-point ties. Pays where the output repeats its context (RAG, edits, extraction); 0 = off."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _filters_ask_to_sample(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "temperature" not in data and asks_to_sample(data):
+            return {**data, "temperature": 1.0}
+        return data
 
     @model_validator(mode="after")
     def _speculation_is_greedy(self) -> GenerationConfig:
@@ -109,6 +142,9 @@ class GenerationConfig(Section):
 # HF `generation_config.json` keys lmforge has a field for; the rest (token ids, max_length, ...) are ignored.
 _HF_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
             "repetition_penalty", "no_repeat_ngram_size")  # fmt: skip
+# What transformers uses for the sampling settings a file with `do_sample: true` leaves out
+# (`GenerationConfig._get_default_generation_params`): its top_k 50 filters though the file does not say so.
+_HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
 
 def hf_generation_defaults(model_dir: str | Path) -> dict[str, Any]:
@@ -118,14 +154,27 @@ def hf_generation_defaults(model_dir: str | Path) -> dict[str, Any]:
         return {}
     try:
         hf = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deeply
         raise LmforgeError(f"cannot read {path}: {e}") from e
     if not isinstance(hf, dict):
         raise LmforgeError(f"{path}: expected a JSON object, got {type(hf).__name__}")
     out = {k: hf[k] for k in _HF_KEYS if hf.get(k) is not None}  # HF writes null for unset fields
-    if hf.get("do_sample") is False:
-        out["temperature"] = 0.0  # HF decodes greedily whatever the temperature says
+    if hf.get("do_sample") is True:
+        return {**_HF_SAMPLING_DEFAULTS, **out}
+    out["temperature"] = 0.0  # do_sample false or left out (HF's default): greedy whatever the temperature
     return out
+
+
+def asks_to_sample(settings: Mapping[str, Any]) -> bool:
+    """Whether `settings` turn on a filter that only acts when sampling: top_k > 0, top_p < 1 or min_p > 0."""
+    on = {"top_k": lambda v: v > 0, "top_p": lambda v: v < 1, "min_p": lambda v: v > 0}
+    for key, test in on.items():
+        try:
+            if settings.get(key) is not None and test(float(settings[key])):
+                return True
+        except (TypeError, ValueError):
+            pass  # not a number: validation names it
+    return False
 
 
 def generation_config(
@@ -135,14 +184,24 @@ def generation_config(
 ) -> GenerationConfig:
     """Validate lmforge defaults < `model_dir`'s generation_config.json < `overrides`; errors are LmforgeError.
 
-    `origin` names where the overrides came from in error messages ("from --set", "from the request").
+    Greedy unless the file or the overrides ask to sample (the module docstring's rule): overrides that turn on
+    top_k, top_p or min_p without a temperature sample at the file's temperature, else 1.0; overrides with
+    `speculate` and none of those decode greedily. `origin` names where the overrides came from in error
+    messages ("from --set", "from the request").
     """
     overrides = dict(overrides or {})
     defaults = hf_generation_defaults(model_dir) if model_dir is not None else {}
     file = Path(model_dir or ".") / "generation_config.json"
     source = lambda key: f"from {file}" if key in defaults and key not in overrides else origin  # noqa: E731
+    settings = {**defaults, **overrides}
+    if "temperature" not in overrides:
+        if asks_to_sample(overrides):
+            if settings.get("temperature") == 0:
+                settings["temperature"] = 1.0  # a greedy file's temperature: sampling needs one
+        elif overrides.get("speculate"):
+            settings["temperature"] = 0.0  # speculation is greedy, whatever the file says
     try:
-        return GenerationConfig.model_validate({**defaults, **overrides})
+        return GenerationConfig.model_validate(settings)
     except ValidationError as e:
         raise LmforgeError(validation_message(e, GenerationConfig, source)) from e
 

@@ -2,8 +2,9 @@
 
 The history is a list of messages rendered by the same `render_chat` as training data, so the model sees
 at inference exactly the format it was trained on. Commands: /reset, /system TEXT, /set NAME VALUE (any
-`GenerationConfig` field, validated), /exit. When the history no longer fits the context, the oldest turns
-are dropped (the system prompt is kept) and a note says so.
+`GenerationConfig` field, validated; turning on top_k, top_p or min_p while greedy samples at temperature 1),
+/exit. When the history no longer fits the context, the oldest turns are dropped (the system prompt is kept)
+and a note says so.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import yaml
 from lmforge.chat import render_chat
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import Engine
-from lmforge.infer.sampling import GenerationConfig, generation_config
+from lmforge.infer.sampling import GenerationConfig, asks_to_sample, generation_config
 
 HELP = "commands: /reset, /system TEXT, /set NAME VALUE (e.g. /set temperature 0.7), /exit"
 
@@ -37,15 +38,24 @@ class ChatSession:
     def reply(self, text: str) -> Iterator[str]:
         """Stream the assistant's answer to `text`; the exchange joins the history once it is complete."""
         self.turns.append({"role": "user", "content": text})
-        room = self.engine.config.max_position_embeddings - self.cfg.max_new_tokens
+        context, new = self.engine.context, self.cfg.max_new_tokens
         ids = render_chat(self.engine.tokenizer, self.messages(), add_generation_prompt=True).ids
-        while len(ids) > room and len(self.turns) > 1:
+        while len(ids) + new > context and len(self.turns) > 1:
             self.turns = self.turns[2:] if len(self.turns) > 2 else self.turns[1:]  # oldest exchange first
             ids = render_chat(self.engine.tokenizer, self.messages(), add_generation_prompt=True).ids
             yield "[older turns dropped to fit the context]\n"
-        if len(ids) > room:
+        if len(ids) + new > context:
             self.turns.pop()
-            raise LmforgeError(f"the message needs {len(ids)} tokens; {room} fit with max_new_tokens")
+            if len(ids) >= context:
+                raise LmforgeError(
+                    f"the message takes {len(ids)} tokens with the chat template, the model's whole context of "
+                    f"{context} tokens; send a shorter one"
+                )
+            raise LmforgeError(
+                f"max_new_tokens {new}: the model's context is {context} tokens and the message takes "
+                f"{len(ids)} with the chat template, leaving room for at most {context - len(ids)} new tokens; "
+                f"/set max_new_tokens {context - len(ids)} or less, or send a shorter message"
+            )
         answer = []
         for delta in self.engine.stream([ids], self.cfg.model_copy(update={"n": 1})):
             answer.append(delta.text)
@@ -69,15 +79,20 @@ class ChatSession:
                 raise LmforgeError(
                     f"/set: unknown setting {key!r}; one of {', '.join(GenerationConfig.model_fields)}"
                 )
-            self.cfg = generation_config(
-                {**self.cfg.model_dump(), key: yaml.safe_load(value)}, origin="from /set"
-            )
-            return f"{key} = {getattr(self.cfg, key)!r}"
+            setting = {key: yaml.safe_load(value)}
+            settings = {**self.cfg.model_dump(), **setting}
+            if key != "temperature" and self.cfg.temperature == 0 and asks_to_sample(setting):
+                del settings["temperature"]  # turning on a sampling filter asks to sample (at 1.0)
+            self.cfg = generation_config(settings, origin="from /set")
+            note = " (sampling at temperature 1.0)" if "temperature" not in settings else ""
+            return f"{key} = {getattr(self.cfg, key)!r}{note}"
         raise LmforgeError(f"unknown command /{name}; {HELP}")
 
 
-def run_chat(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
-    """Read lines from `stdin` until EOF or /exit; answer each message, streaming to `stdout`."""
+def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
+    """Read lines from `stdin` until EOF or /exit; answer each message, streaming to `stdout` (default: the
+    process's streams at call time, not at import, which a test runner swaps)."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     interactive = stdin.isatty()
     print(f"lmforge chat — {HELP}", file=stdout)
     while True:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lmforge.config import validation_message
 from lmforge.errors import LmforgeError
 
 DecoderType = Literal["llama", "mistral", "qwen2", "qwen3"]
@@ -19,25 +20,25 @@ class DecoderConfig(BaseModel):
 
     model_type: DecoderType = "llama"
     """Family, as in HF's `config.json`; decides the `architectures` entry on save."""
-    vocab_size: int = 8192
+    vocab_size: int = Field(8192, ge=1)
     """Number of token ids the embedding and output layers cover."""
-    hidden_size: int = 384
+    hidden_size: int = Field(384, ge=1)
     """Width of the residual stream (d_model)."""
-    intermediate_size: int = 1024
+    intermediate_size: int = Field(1024, ge=1)
     """Width of the SwiGLU MLP's hidden layer."""
-    num_hidden_layers: int = 6
+    num_hidden_layers: int = Field(6, ge=1)
     """Number of transformer blocks."""
-    num_attention_heads: int = 6
+    num_attention_heads: int = Field(6, ge=1)
     """Number of query heads."""
-    num_key_value_heads: int | None = None
+    num_key_value_heads: int | None = Field(None, ge=1)
     """Number of key/value heads (grouped-query attention); defaults to num_attention_heads."""
-    head_dim: int | None = None
+    head_dim: int | None = Field(None, ge=1)
     """Width of one head; defaults to hidden_size // num_attention_heads (Qwen3 sets it explicitly)."""
-    max_position_embeddings: int = 2048
+    max_position_embeddings: int = Field(2048, ge=1)
     """Context length the model was trained for."""
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = Field(1e-6, gt=0)
     """Epsilon of every RMSNorm."""
-    rope_theta: float = 10000.0
+    rope_theta: float = Field(10000.0, gt=0)
     """Base of the rotary position embedding frequencies."""
     rope_scaling: dict | None = None
     """RoPE frequency scaling, HF's format; supported: {'rope_type': 'llama3', 'factor', 'low_freq_factor',
@@ -50,13 +51,13 @@ class DecoderConfig(BaseModel):
     """Bias on the MLP projections."""
     qk_norm: bool = False
     """RMSNorm on each query and key head before RoPE (Qwen3)."""
-    sliding_window: int | None = None
+    sliding_window: int | None = Field(None, ge=1)
     """Attention window (keys older than this many positions are not seen) on 'sliding_attention' layers."""
     layer_types: list[LayerType] | None = None
     """Per-layer attention kind; defaults to all sliding when sliding_window is set (Mistral), else all full."""
     tie_word_embeddings: bool = False
     """Share the input embedding matrix with the output layer (SmolLM, small Qwen)."""
-    initializer_range: float = 0.02
+    initializer_range: float = Field(0.02, ge=0)
     """Standard deviation of the normal init of linear and embedding weights."""
     bos_token_id: int | None = None
     """Beginning-of-sequence token id."""
@@ -112,33 +113,33 @@ class EncoderConfig(BaseModel):
 
     model_type: Literal["bert"] = "bert"
     """Family, as in HF's `config.json`."""
-    vocab_size: int = 30522
+    vocab_size: int = Field(30522, ge=1)
     """Number of token ids."""
-    hidden_size: int = 256
+    hidden_size: int = Field(256, ge=1)
     """Width of the residual stream."""
-    num_hidden_layers: int = 4
+    num_hidden_layers: int = Field(4, ge=1)
     """Number of transformer blocks."""
-    num_attention_heads: int = 4
+    num_attention_heads: int = Field(4, ge=1)
     """Number of attention heads."""
-    intermediate_size: int = 1024
+    intermediate_size: int = Field(1024, ge=1)
     """Width of the GELU MLP's hidden layer."""
     hidden_act: Literal["gelu"] = "gelu"
     """MLP activation (exact erf GELU, as BERT)."""
-    hidden_dropout_prob: float = 0.1
+    hidden_dropout_prob: float = Field(0.1, ge=0, le=1)
     """Dropout on embeddings and block outputs during training."""
-    attention_probs_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = Field(0.1, ge=0, le=1)
     """Dropout on attention probabilities during training."""
-    max_position_embeddings: int = 512
+    max_position_embeddings: int = Field(512, ge=1)
     """Number of learned positions (the context length)."""
-    type_vocab_size: int = 2
+    type_vocab_size: int = Field(2, ge=1)
     """Number of token types (segments A/B)."""
-    layer_norm_eps: float = 1e-12
+    layer_norm_eps: float = Field(1e-12, gt=0)
     """Epsilon of every LayerNorm."""
-    initializer_range: float = 0.02
+    initializer_range: float = Field(0.02, ge=0)
     """Standard deviation of the normal init of linear and embedding weights."""
     pad_token_id: int | None = 0
     """Padding token id."""
-    classifier_dropout: float | None = None
+    classifier_dropout: float | None = Field(None, ge=0, le=1)
     """Dropout before the classification head; defaults to hidden_dropout_prob."""
     id2label: dict[int, str] | None = None
     """Class names of a sequence-classification head, by index."""
@@ -212,4 +213,9 @@ def preset(name: str, **overrides: object) -> ModelConfig:
         raise LmforgeError(f"unknown model preset {name!r}; available: {', '.join(sorted(PRESETS))}")
     base = PRESETS[name]
     # exclude_unset: derived fields (head_dim, layer_types) are derived again from the overridden values.
-    return type(base).model_validate({**base.model_dump(exclude_unset=True), **overrides})
+    try:
+        return type(base).model_validate({**base.model_dump(exclude_unset=True), **overrides})
+    except ValidationError as e:  # a bad override: name the field, the allowed values and a close key
+        raise LmforgeError(
+            validation_message(e, type(base), lambda key: f"overriding preset {name}")
+        ) from None

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lmforge.config import validation_message
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write, replace_atomically
 from lmforge.model.configs import DecoderConfig, EncoderConfig, ModelConfig
@@ -200,7 +202,9 @@ def read_config(path: str | Path) -> tuple[ModelConfig, str]:
         config = encoder_config_from_hf(d) if model_type == "bert" else decoder_config_from_hf(d)
     except KeyError as e:
         raise LmforgeError(f"{path}/config.json: required field {e.args[0]!r} is missing") from None
-    except ValueError as e:  # pydantic's ValidationError is a ValueError
+    except ValidationError as e:
+        raise LmforgeError(f"{path}/config.json: {validation_message(e)}") from None
+    except ValueError as e:
         raise LmforgeError(f"{path}/config.json: {e}".replace("\n", " ")) from None
     architecture = next(iter(d.get("architectures") or []), None) or DEFAULT_ARCHITECTURE[model_type]
     if architecture not in FAMILY_ARCHITECTURES[model_type]:
@@ -273,7 +277,7 @@ def load_model(
     key_map = _key_map(_checkpoint_keys(path), set(expected), model.base_model_prefix)
     loaded: set[str] = set()
     for file in weight_files(path):
-        with safe_open(file, framework="pt", device=str(device)) as f:
+        with open_safetensors(file, device=str(device)) as f:
             state = {}
             for ckpt_key in f.keys():  # noqa: SIM118  (safe_open is not a dict)
                 key = key_map.get(ckpt_key)
@@ -395,9 +399,19 @@ def _key_map(ckpt_keys: list[str], model_keys: set[str], prefix: str) -> dict[st
 def _checkpoint_keys(path: Path) -> list[str]:
     keys = []
     for file in weight_files(path):
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             keys.extend(f.keys())
     return keys
+
+
+def open_safetensors(file: str | Path, device: str = "cpu") -> Any:
+    """`safetensors.safe_open` whose failure on a truncated or damaged file is an error naming the file."""
+    try:
+        return safe_open(file, framework="pt", device=device)
+    except (SafetensorError, OSError) as e:
+        raise LmforgeError(
+            f"{file}: not a readable safetensors file ({e}); it is truncated or damaged"
+        ) from None
 
 
 def weight_files(path: Path) -> list[Path]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -17,7 +17,8 @@ class ModelSection(Section):
     preset: str = "llama-14m"
     """Preset to build (vocabulary and special ids are taken from the dataset's tokenizer)."""
     overrides: dict[str, Any] = Field(default_factory=dict)
-    """Preset fields to change, e.g. {num_hidden_layers: 4, hidden_size: 256}."""
+    """Preset fields to change, e.g. {num_hidden_layers: 4, hidden_size: 256}; `--set
+    model.overrides.hidden_size=256` changes one and keeps the recipe's others."""
     init_from: Path | None = None
     """Continue pretraining this HF model directory instead of building the preset."""
 
@@ -29,7 +30,7 @@ class DataSection(Section):
     """Prepared dataset directory (manifest.json and token shards)."""
     datasets: dict[str, Path] = Field(default_factory=dict)
     """Several named prepared datasets instead, mixed by `mix`, e.g. {domain: runs/med, general: runs/web}."""
-    mix: dict[str, float] = Field(default_factory=dict)
+    mix: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
     """Share of micro-batches from each of `datasets`, e.g. {domain: 0.8, general: 0.2} (replay against
     forgetting); normalised to sum to 1; empty: equal shares."""
 
@@ -41,6 +42,8 @@ class DataSection(Section):
             raise ValueError(
                 f"data.mix names {sorted(self.mix)} must be the data.datasets names {sorted(self.datasets)}"
             )
+        if self.mix and not sum(self.mix.values()):
+            raise ValueError(f"data.mix shares are all 0 ({self.mix}): give at least one a share > 0")
         return self
 
     def sources(self) -> dict[str, Path]:
@@ -160,7 +163,7 @@ class FinetuneEval(Section):
 class FinetuneLoop(LoopSection):
     """The training loop, with fine-tuning's defaults (short runs, regular validation)."""
 
-    max_steps: int = 100
+    max_steps: int = Field(100, ge=1)
     """Optimizer steps."""
     eval_every: int = Field(50, ge=0)
     """Validate every this many steps (at steps 0, N, 2N, ... and after the last); 0 = never."""

@@ -26,12 +26,13 @@ from lmforge.adapters.io import base_fingerprint, save_adapter
 from lmforge.data.batches import classification_rows, sft_rows
 from lmforge.data.dataset import PreparedDataset
 from lmforge.data.samplers import EpochSampler, PaddedRows, Rows, Windows, fixed
-from lmforge.errors import LmforgeError, RunFailed
+from lmforge.errors import Interrupted, LmforgeError, RunFailed
 from lmforge.eval.qa import exact_match, read_qa
 from lmforge.fileio import atomic_write
 from lmforge.model.configs import DecoderConfig
 from lmforge.model.decoder import CausalLM
 from lmforge.model.hf import load_model, read_config, save_model
+from lmforge.paths import check_run_dir, start_run
 from lmforge.stages.configs import FinetuneConfig
 from lmforge.tokenizer import Tokenizer, copy_tokenizer
 from lmforge.train.loop import evaluate, train
@@ -49,8 +50,10 @@ DATA_KINDS = {
 }
 
 
-def run_finetune(cfg: FinetuneConfig, out: Path) -> dict[str, Any]:
-    """Fine-tune `cfg.model` on `cfg.data.dataset`; write `out/model` (full) or `out/adapter`, metrics, results."""
+def run_finetune(cfg: FinetuneConfig, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Fine-tune `cfg.model` on `cfg.data.dataset`; write `out/model` (full) or `out/adapter`, metrics, results.
+
+    `out` must be new or empty, or hold a run that `overwrite` replaces (kept until this one ends)."""
     if cfg.model is None:
         raise LmforgeError(
             "finetune: model is required (--init-from DIR or --set model=DIR): the base HF dir"
@@ -63,8 +66,7 @@ def run_finetune(cfg: FinetuneConfig, out: Path) -> dict[str, Any]:
         raise LmforgeError("finetune runs in one process for now: drop --nproc / torchrun")
     if cfg.train.resume:
         raise LmforgeError("finetune runs are short and not resumable yet: start it again with --overwrite")
-    if (out / "model").exists() or (out / "adapter").exists():
-        raise LmforgeError(f"{out} holds a finished run; use --overwrite or another --out")
+    replace = check_run_dir(out, cfg, overwrite)
     base_dir = Path(cfg.model)
     ds = PreparedDataset(cfg.data.dataset)
     kind = ds.manifest["kind"]
@@ -112,7 +114,7 @@ def run_finetune(cfg: FinetuneConfig, out: Path) -> dict[str, Any]:
     val = _fixed_batches(val_examples, cfg.train.micro_batch_size, cfg.train.eval_batches)
     val_before = evaluate(model, objective, val) if val else {}
     optimizer = build_optimizer(model, cfg.optim, device.type)
-    out.mkdir(parents=True, exist_ok=True)
+    run_dir = start_run(out, cfg, replace)  # the inputs are checked: only now is anything written
     run_config = json.loads(cfg.model_dump_json())
 
     with ExitStack() as stack:
@@ -123,9 +125,13 @@ def run_finetune(cfg: FinetuneConfig, out: Path) -> dict[str, Any]:
             bar(record)
             sinks(record)
 
-        summary = train(model, batches, objective, optimizer, cfg.optim, cfg.train,
-                        eval_batches=(lambda: val) if val else None, metrics_path=out / "metrics.jsonl",
-                        progress=report)  # fmt: skip
+        try:
+            summary = train(model, batches, objective, optimizer, cfg.optim, cfg.train,
+                            eval_batches=(lambda: val) if val else None, metrics_path=out / "metrics.jsonl",
+                            progress=report)  # fmt: skip
+        except Interrupted as stop:  # no checkpoints: the only way on is a new run
+            raise Interrupted(f"{stop}; a finetune run is not resumable: run the same command again with "
+                              f"--overwrite to start {out} afresh", stop.step) from stop  # fmt: skip
     model.eval()
     after = _perplexity(model, ref_batches) if ref_batches else None
     forgetting = _forgetting(before, after, reference, ref_batches, cfg)
@@ -176,8 +182,10 @@ def run_finetune(cfg: FinetuneConfig, out: Path) -> dict[str, Any]:
     copy_tokenizer(base_dir, target)
     results["output"] = str(target)
     atomic_write(target / "lmforge.json", json.dumps(lineage, indent=2) + "\n")
-    plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
+    title = f"{out.name}: finetune {cfg.kind}/{cfg.method} of {base_dir}"
+    plot_loss_curve(out / "metrics.jsonl", out / "loss.png", title=title)
     atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
+    run_dir.done()
     limit = cfg.forgetting.max_increase_pct
     if limit is not None and "increase_pct" in forgetting and forgetting["increase_pct"] > limit:
         raise RunFailed(

@@ -27,16 +27,18 @@ from lmforge.data.samplers import (
     sentence_pairs,
     split_sentences,
 )
-from lmforge.errors import LmforgeError
+from lmforge.errors import Interrupted, LmforgeError
 from lmforge.fileio import atomic_write
 from lmforge.model.configs import DecoderConfig, EncoderConfig, preset
 from lmforge.model.decoder import CausalLM
 from lmforge.model.hf import build_model, load_model, read_config, save_model
+from lmforge.paths import check_run_dir, start_run
 from lmforge.stages.configs import PretrainConfig
 from lmforge.tokenizer import Tokenizer, copy_tokenizer
 from lmforge.train.activations import checkpoint_activations
 from lmforge.train.checkpoint import (
     CHECKPOINTS,
+    STEP_DIR,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -46,6 +48,7 @@ from lmforge.train.distributed import (
     close_distributed,
     consolidate,
     init_distributed,
+    is_main_process,
     is_sharded,
     wrap_model,
 )
@@ -58,6 +61,9 @@ from lmforge.train.reporting import (
     open_sinks,
     peak_memory,
     plot_loss_curve,
+    raise_peak,
+    rewind_logs,
+    step_dtype,
     step_peak,
     with_mfu,
 )
@@ -204,6 +210,17 @@ def _baselines(objective: str, counts: np.ndarray) -> dict[str, float]:
     return out
 
 
+def _interrupted(stop: Interrupted, out: Path, dist: Dist) -> Interrupted:
+    """Ctrl-C's report: the step reached, the newest checkpoint and the command that resumes."""
+    newest = latest_checkpoint(out)
+    nproc = f" --nproc {dist.world_size}" if dist.world_size > 1 else ""
+    resume = f"lmforge pretrain --resume {out}{nproc}"
+    if newest is None:
+        return Interrupted(f"{stop}; no checkpoint yet: {resume} starts it again from step 0", stop.step)
+    step = int(STEP_DIR.fullmatch(newest.name).group(1))
+    return Interrupted(f"{stop}; newest checkpoint: {newest} (step {step}); resume with: {resume}", stop.step)
+
+
 @torch.no_grad()
 def greedy_sample(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> str:
     """A greedy continuation of `prompt` (a quick look at what the model learned; `generate` is the engine)."""
@@ -217,26 +234,29 @@ def greedy_sample(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_t
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def run_pretrain(cfg: PretrainConfig, out: Path) -> dict[str, Any]:
+def run_pretrain(cfg: PretrainConfig, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
     """Pretrain (or continue pretraining) and write `out/model` (HF dir), `out/metrics.jsonl`, `out/results.json`.
 
-    Under torchrun (or `--nproc`) every process runs this; rank 0 writes the files and returns the results.
+    `out` must be new or empty, or hold a run that `cfg.train.resume` continues or `overwrite` replaces (kept
+    until this one ends). Under torchrun (or `--nproc`) every process runs this; rank 0 writes the files and
+    returns the results.
     """
     sources = cfg.data.sources()
     if not sources:
         raise LmforgeError(
             "pretrain: data.dataset (or data.datasets) is required: a directory written by `lmforge data prepare`"
         )
+    replace = check_run_dir(out, cfg, overwrite) if is_main_process() else False
     dist = init_distributed(None if cfg.train.device == "auto" else cfg.train.device)
     try:
-        return _pretrain(cfg, out, sources, dist)
+        return _pretrain(cfg, out, sources, dist, replace)
     finally:
         close_distributed()
 
 
-def _pretrain(cfg: PretrainConfig, out: Path, sources: dict[str, Path], dist: Dist) -> dict[str, Any]:
-    if not cfg.train.resume and any((out / name).exists() for name in (CHECKPOINTS, "model")):
-        raise LmforgeError(f"{out} holds a run; use --resume {out} to continue it or --overwrite")
+def _pretrain(
+    cfg: PretrainConfig, out: Path, sources: dict[str, Path], dist: Dist, replace: bool
+) -> dict[str, Any]:
     datasets = {name: PreparedDataset(path) for name, path in sources.items()}
     first = next(iter(datasets.values()))
     tok = first.manifest["tokenizer"]
@@ -281,7 +301,6 @@ def _pretrain(cfg: PretrainConfig, out: Path, sources: dict[str, Path], dist: Di
     if dist.is_main:
         log.info("pretrain %s: %s (%.1fM params) on %s, %d steps, %d process(es)", cfg.objective, parent,
                  n_params / 1e6, ", ".join(i[:12] for i in data_ids), cfg.train.max_steps, dist.world_size)  # fmt: skip
-        out.mkdir(parents=True, exist_ok=True)
 
     run_config = json.loads(cfg.model_dump_json())
     start_step, start_tokens = 0, 0
@@ -293,6 +312,8 @@ def _pretrain(cfg: PretrainConfig, out: Path, sources: dict[str, Path], dist: Di
         log.info("resuming from %s (step %d)", checkpoint, start_step)
     elif cfg.train.resume:
         log.info("resume: no checkpoint in %s, starting from scratch", out / CHECKPOINTS)
+    # The inputs are checked: only now is anything written (a replaced run is kept aside until the end).
+    run_dir = start_run(out, cfg, replace) if dist.is_main else None
 
     def lineage(**extra: Any) -> dict[str, Any]:
         return {"parent": parent, "data": data_ids, "stage": "pretrain", "objective": cfg.objective,
@@ -307,16 +328,18 @@ def _pretrain(cfg: PretrainConfig, out: Path, sources: dict[str, Path], dist: Di
     sampler_model = None if is_sharded(model) else consolidate(model, dist)
     if cfg.sample_every and is_sharded(model) and dist.is_main:
         log.warning("sample_every: no mid-run samples under FSDP (the final sample is still taken)")
-    flops = flops_per_token(config, cfg.train.seq_len)
-    peak = step_peak(dist.device, bf16) if dist.is_main else 0.0
+    flops, gemm_dtype = flops_per_token(config, cfg.train.seq_len), step_dtype(dist.device, bf16)
+    if dist.is_main:
+        step_peak(dist.device, bf16)  # the MFU denominator, measured now rather than inside the first step
+        rewind_logs(out, start_step)  # a resumed run logs again from its checkpoint's step
     with ExitStack() as stack:
         bar = sinks = None
         if dist.is_main:
             bar = stack.enter_context(ProgressBar(cfg.train.max_steps, start_step))
-            sinks = stack.enter_context(open_sinks(cfg.train.report_to, out, run_config))
+            sinks = stack.enter_context(open_sinks(cfg.train.report_to, out, run_config, start_step))
 
         def report(record: dict[str, Any]) -> None:  # rank 0 only: enrich the metrics line, show it, send it
-            record.update(with_mfu(record, flops / dist.world_size, peak, dist.device))  # MFU of one device
+            record.update(with_mfu(record, flops / dist.world_size, dist.device, gemm_dtype))  # of one device
             bar(record)
             sinks(record)
             step = record["step"]
@@ -328,9 +351,12 @@ def _pretrain(cfg: PretrainConfig, out: Path, sources: dict[str, Path], dist: Di
                 with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": step, "prompt": cfg.sample_prompt, "text": text}) + "\n")
 
-        summary = train(model, batches, objective, optimizer, cfg.optim, cfg.train,
-                        eval_batches=eval_batches, metrics_path=out / "metrics.jsonl", progress=report,
-                        start_step=start_step, start_tokens=start_tokens, save=save, dist=dist)  # fmt: skip
+        try:
+            summary = train(model, batches, objective, optimizer, cfg.optim, cfg.train,
+                            eval_batches=eval_batches, metrics_path=out / "metrics.jsonl", progress=report,
+                            start_step=start_step, start_tokens=start_tokens, save=save, dist=dist)  # fmt: skip
+        except Interrupted as stop:
+            raise _interrupted(stop, out, dist) from stop
     by_source = {}
     if len(val_sets) > 1:  # continued pretraining: how each source fares (the general one shows forgetting)
         by_source = {name: evaluate(model, objective, b, dist=dist) for name, b in val_sets.items()}
@@ -340,9 +366,14 @@ def _pretrain(cfg: PretrainConfig, out: Path, sources: dict[str, Path], dist: Di
 
     model_dir = save_model(full.eval(), out / "model")
     copy_tokenizer(Path(tok["path"]), model_dir)
-    plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
+    baselines = _baselines(cfg.objective, examples.train_counts)
+    # The unigram entropy bounds the loss of clm and mlm from above; nsp's loss is another quantity.
+    unigram = {"unigram baseline": baselines["unigram_baseline"]} if cfg.objective in ("clm", "mlm") else None
+    title = f"{out.name}: pretrain {cfg.objective} of {parent}"
+    plot_loss_curve(out / "metrics.jsonl", out / "loss.png", title=title, baselines=unigram)
     sample = greedy_sample(full, tokenizer, cfg.sample_prompt) if decoder and cfg.sample_prompt else None
     tokens_per_s = (summary["tokens"] - start_tokens) / max(summary["seconds"], 1e-9)
+    achieved = tokens_per_s / dist.world_size * flops  # FLOP/s of one device
     results: dict[str, Any] = {
         "objective": cfg.objective,
         "parent": parent,
@@ -354,9 +385,9 @@ def _pretrain(cfg: PretrainConfig, out: Path, sources: dict[str, Path], dist: Di
         "train_loss": summary["loss"],
         "val_loss": math.nan,
         **summary["val"],
-        **_baselines(cfg.objective, examples.train_counts),
+        **baselines,
         "tokens_per_s": tokens_per_s,
-        "mfu": tokens_per_s / dist.world_size * flops / peak,
+        "mfu": achieved / raise_peak(dist.device, gemm_dtype, achieved),
         "peak_memory_mb": peak_memory(dist.device) / 2**20,
         "bad_steps": summary["bad_steps"],
         "model_dir": str(model_dir),
@@ -367,4 +398,5 @@ def _pretrain(cfg: PretrainConfig, out: Path, sources: dict[str, Path], dist: Di
         results["val_by_source"] = by_source
     atomic_write(model_dir / "lmforge.json", json.dumps(lineage(results=results), indent=2) + "\n")
     atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
+    run_dir.done()
     return results

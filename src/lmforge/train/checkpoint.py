@@ -28,11 +28,12 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -279,7 +280,7 @@ def load_checkpoint(
     if not (path / COMPLETE).is_file():
         raise LmforgeError(f"{path}: not a complete checkpoint ({COMPLETE} marker missing)")
     train_state = path / TRAIN_STATE
-    state = json.loads((train_state / "state.json").read_text())
+    state = _read_part(train_state / "state.json", lambda f: json.loads(f.read_text(encoding="utf-8")))
     if state.get("format_version") != FORMAT_VERSION:
         raise LmforgeError(
             f"{path}: checkpoint format {state.get('format_version')!r}, this lmforge reads {FORMAT_VERSION}"
@@ -298,15 +299,33 @@ def load_checkpoint(
         inner.load_state_dict(loaded.state_dict())
         del loaded
         if optimizer is not None:
-            optimizer.load_state_dict(
-                torch.load(train_state / "optimizer.pt", map_location="cpu", weights_only=True)
-            )
+            optimizer.load_state_dict(_read_part(train_state / "optimizer.pt", _torch_load))
     rng = _rng_file(train_state, dist.rank)
     if rng.is_file():
-        restore_rng(torch.load(rng, map_location="cpu", weights_only=True))
+        restore_rng(_read_part(rng, _torch_load))
     else:  # a rank the saving run did not have: its RNG keeps the seeded state
         log.warning("%s has no RNG state for rank %d: this rank's RNG is not restored", path, dist.rank)
     return state
+
+
+def _torch_load(file: Path) -> Any:
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _read_part(file: Path, read: Callable[[Path], Any]) -> Any:
+    """`read(file)` for one file of a checkpoint; a missing, cut or damaged file is an error that names it."""
+    try:
+        value = read(file)
+    except (OSError, ValueError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        raise LmforgeError(
+            f"{file}: unreadable ({type(e).__name__}: {str(e)[:120]}): the checkpoint {file.parents[1].name} is "
+            f"damaged; delete {file.parents[1]} to resume from the checkpoint before it"
+        ) from None
+    if file.suffix == ".json" and not isinstance(value, dict):
+        raise LmforgeError(
+            f"{file}: expected a JSON object; delete {file.parents[1]} to resume from the one before"
+        )
+    return value
 
 
 def _load_dcp(directory: Path, model: nn.Module, optimizer: AnyOptimizer | None) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -276,6 +277,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     failing rank's (or its last lines) is repeated here. Multi-node runs use `torchrun` itself.
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -305,6 +307,10 @@ def launch(nproc: int, argv: list[str]) -> int:
             failure = None
         except ChildFailedError as e:
             rank, failure = e.get_first_failure()
+        except SignalException as e:  # Ctrl-C reaches the launcher too: rank 0 has said where the run stopped
+            if e.sigval != signal.SIGINT:
+                raise
+            raise KeyboardInterrupt from None
         finally:
             done.set()
             copier.join()

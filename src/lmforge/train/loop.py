@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import Interrupted, LmforgeError
 from lmforge.train.distributed import Dist, all_reduce_sum, gradient_sync, shard_rows
 from lmforge.train.objectives import Batch, Objective, normalized_loss, total_counts
 from lmforge.train.optim import AnyOptimizer, OptimSection, lr_at, set_lr
@@ -109,6 +109,9 @@ def train(
     Units, tokens, the step loss and validation sums are added over ranks, so every rank logs, decides
     (NaN guard) and returns the same numbers, those of one process running the global batch. Only rank 0
     writes `metrics_path` and calls `progress`; `save` is called on every rank (a sharded save is collective).
+
+    Ctrl-C (KeyboardInterrupt) ends the call with `Interrupted`, which carries the steps completed: the stage
+    adds where the newest checkpoint is and how to resume.
     """
     device = next(model.parameters()).device
     dist = dist or Dist.single(device)
@@ -208,6 +211,10 @@ def train(
             val = evaluate(model, objective, eval_batches(), autocast, dist)
             if dist.is_main:
                 _emit({"step": step, "elapsed": time.perf_counter() - start, **val}, metrics_path, progress)
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted):
+            raise
+        raise Interrupted(f"interrupted at step {step} of {cfg.max_steps}", step) from e
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
     finite = [x for x in losses if math.isfinite(x)]

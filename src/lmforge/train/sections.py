@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -40,11 +40,14 @@ class LoopSection(TrainSection):
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     """Also send the metrics to TensorBoard (RUN/tensorboard) and/or Weights & Biases, when installed."""
     deterministic: bool = False
-    """`torch.use_deterministic_algorithms(True)` for the run (bit-identical reruns and resumes)."""
+    """Deterministic algorithms only (torch.use_deterministic_algorithms): bit-identical reruns and resumes."""
     checkpoint_every: int = Field(0, ge=0)
     """Write a resumable checkpoint every this many steps (and after the last); 0 = only after the last."""
     keep_checkpoints: int = Field(3, ge=1)
     """Keep this many newest checkpoints in `--out/checkpoints`; older ones are deleted."""
+
+
+Beta = Annotated[float, Field(ge=0, lt=1)]  # an exponential moving average's decay (torch refuses 1)
 
 
 class OptimSection(Section):
@@ -56,7 +59,7 @@ class OptimSection(Section):
     """Peak AdamW learning rate (nanoGPT's GPT-2 124M value; recipes set their own)."""
     weight_decay: float = Field(0.1, ge=0)
     """AdamW decoupled weight decay on 2-D weights; norms, biases and embeddings get none (nanoGPT)."""
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
     """AdamW (beta1, beta2); 0.95 rather than 0.999 is the GPT-3 / Llama value, steadier for LMs."""
     eps: float = Field(1e-8, gt=0)
     """AdamW denominator epsilon."""
