@@ -123,9 +123,8 @@ def render_template(
         compiled = _compile(template)
     except jinja2.TemplateSyntaxError as e:
         raise LmforgeError(f"{source} does not parse: {e.message} (template line {e.lineno})") from None
-    except (
-        Exception
-    ) as e:  # Jinja checks some errors only in the Python it compiles to: `{% break %}` outside a loop
+    # Jinja checks some errors only in the Python it compiles to: `{% break %}` outside a loop
+    except Exception as e:
         raise LmforgeError(f"{source} does not compile: {type(e).__name__}: {e}") from None
     chunks: list[str] = []
     spans: list[Span] = []

@@ -259,9 +259,8 @@ def add_stage_command(
         cfg = load_config(config_cls, config, sets)
         if nproc > 1 and not under_torchrun():  # the workers rerun this command on the resolved config
             check_run_dir(out, cfg, overwrite)  # refuse here, once, rather than in a worker
-            with tempfile.TemporaryDirectory(
-                prefix="lmforge-launch-"
-            ) as tmp:  # nothing in --out before rank 0
+            # The resolved config goes to a temporary file: nothing is written in --out before rank 0 checks it.
+            with tempfile.TemporaryDirectory(prefix="lmforge-launch-") as tmp:
                 where = "--resume" if resume is not None else "--out"
                 argv = [name, "--config", str(save_config(cfg, Path(tmp))), where, str(out),
                         *(["--overwrite"] * overwrite), *(["--json"] * as_json)]  # fmt: skip

@@ -366,11 +366,7 @@ def load_label_map(path: Path) -> dict[str, int]:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LmforgeError(f"{path}: no such label map; expected a JSON list or mapping of labels") from None
-    except (
-        json.JSONDecodeError,
-        UnicodeDecodeError,
-        RecursionError,
-    ) as e:  # RecursionError: nested too deeply
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         raise LmforgeError(f"{path}: not valid JSON ({e}); expected a list or mapping of labels") from None
     if isinstance(doc, list) and all(isinstance(n, str) for n in doc) and len(set(doc)) == len(doc):
         return {name: i for i, name in enumerate(doc)}

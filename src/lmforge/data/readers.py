@@ -514,9 +514,8 @@ def _read_datasets(path: Path) -> Iterator[Record]:
     datasets = _optional("datasets", path)
     try:
         loaded = datasets.load_from_disk(str(path))  # memory-mapped Arrow: rows are read as iterated
-    except (
-        Exception
-    ) as e:  # a stray state.json, or a damaged save: KeyError, JSON, Arrow, missing-file errors
+    # a stray state.json, or a damaged save: KeyError, JSON, Arrow, missing-file errors
+    except Exception as e:
         raise LmforgeError(
             f"{path}: cannot load it as a `datasets` directory ({type(e).__name__}: {e}); expected a directory "
             "written by Dataset.save_to_disk or DatasetDict.save_to_disk"
