@@ -591,6 +591,16 @@ SET_VALUE = st.one_of(
 )
 
 
+def config_or_clean_error(cls: type, path: Path | None, overrides: list[str], target: str) -> None:
+    """load_config's oracle: a `cls` config, or an LmforgeError that is one clean line."""
+    try:
+        cfg = load_config(cls, path, overrides)
+    except LmforgeError as e:
+        clean_error(e, target)
+    else:
+        assert isinstance(cfg, cls)
+
+
 @fuzz(150)
 @given(st.sampled_from(CONFIGS).flatmap(lambda cls: st.tuples(st.just(cls), st.lists(
     st.one_of(set_text(cls), TEXT) if cls is PrepareConfig else set_text(cls), max_size=3))))  # fmt: skip
@@ -598,12 +608,7 @@ def test_set_overrides(case):
     """load_config with generated `--set` strings: a config, or an LmforgeError naming the problem."""
     start("--set")
     cls, overrides = case
-    try:
-        cfg = load_config(cls, None, overrides)
-    except LmforgeError as e:
-        clean_error(e, "--set")
-    else:
-        assert isinstance(cfg, cls)
+    config_or_clean_error(cls, None, overrides, "--set")
 
 
 @st.composite
@@ -644,12 +649,7 @@ def test_yaml_recipes(case):
         path = d / "recipe.yaml"
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
         before = digest(d)
-        try:
-            cfg = load_config(cls, path, overrides)
-        except LmforgeError as e:
-            clean_error(e, "recipes")
-        else:
-            assert isinstance(cfg, cls)
+        config_or_clean_error(cls, path, overrides, "recipes")
         assert digest(d) == before
 
 

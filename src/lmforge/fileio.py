@@ -64,8 +64,9 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     return replace_atomically(path, write)
 
 
-def _leftovers(out: Path, kind: str) -> list[Path]:
-    """`staging_dir`'s hidden siblings of `out` of one kind ("tmp", "old" or "del.tmp"), as a kill left them."""
+def hidden_siblings(out: Path, kind: str) -> list[Path]:
+    """The hidden `.NAME.<id>.KIND` siblings of `out` that lmforge sets aside (`staging_dir`'s "tmp" and "old",
+    `remove_tree`'s "del.tmp", a replaced run's "replaced")."""
     pattern = re.compile(rf"\.{re.escape(out.name)}\.[0-9a-f]{{12}}\.{re.escape(kind)}")
     if not out.parent.is_dir():
         return []
@@ -76,10 +77,10 @@ def recover_output(out: str | Path) -> None:
     """Undo what a process killed inside `staging_dir` left: the previous `out` put back when the kill came between
     its two renames, unfinished and displaced copies deleted."""
     out = Path(out)
-    displaced = _leftovers(out, "old")
+    displaced = hidden_siblings(out, "old")
     if displaced and not out.exists() and not out.is_symlink():
         os.replace(displaced.pop(), out)  # the previous complete output, set aside just before the kill
-    for path in displaced + _leftovers(out, "tmp") + _leftovers(out, "del.tmp"):
+    for path in displaced + hidden_siblings(out, "tmp") + hidden_siblings(out, "del.tmp"):
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -21,7 +21,15 @@ from lmforge.adapters.base import CONFIG_FILE as ADAPTER_CONFIG
 from lmforge.adapters.base import read_adapter_config, weights_file
 from lmforge.errors import LmforgeError
 from lmforge.model.configs import DecoderConfig
-from lmforge.model.hf import ARCHITECTURES, IGNORED_KEYS, SUPPORTED_MODEL_TYPES, read_config, weight_files
+from lmforge.model.hf import (
+    ARCHITECTURES,
+    IGNORED_KEYS,
+    SUPPORTED_MODEL_TYPES,
+    checkpoint_key_map,
+    read_config,
+    read_json_object,
+    weight_files,
+)
 from lmforge.tokenizer import TOKENIZER_FILES
 from lmforge.train.checkpoint import CHECKPOINTS, COMPLETE, MODEL_DIR, latest_checkpoint
 
@@ -78,7 +86,7 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
     """Architecture, parameters, dtype, vocabulary, context, tokenizer, lineage of a HF model dir, and
     whether lmforge runs it (`supported`; `reason` when not)."""
     path = Path(path)
-    d = _read_json(path / "config.json")
+    d = read_json_object(path / "config.json")
     files = weight_files(path)
     tensors = {k: v for f in files for k, v in read_safetensors_header(f).items()}
     counts = {k: math.prod(shape) for k, (_, shape) in tensors.items() if not k.endswith(IGNORED_KEYS)}
@@ -109,7 +117,7 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
 def inspect_adapter(path: str | Path) -> dict[str, Any]:
     """Kind, base model, rank (LoRA) or size, trainable parameters and dtype of an adapter directory."""
     from lmforge.adapters.io import adapter_kind
-    from lmforge.adapters.lora import _read_lora_options
+    from lmforge.adapters.lora import read_lora_options
 
     path = Path(path)
     config = read_adapter_config(path)
@@ -120,7 +128,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
     try:
         method = adapter_kind(path)
         if method == "lora":
-            _read_lora_options(config, path / ADAPTER_CONFIG)  # the options lmforge's LoRA refuses
+            read_lora_options(config, path / ADAPTER_CONFIG)  # the options lmforge's LoRA refuses
         info |= {"method": method, "supported": True}
     except LmforgeError as e:
         info |= {"method": None, "supported": False, "reason": str(e)}
@@ -221,7 +229,10 @@ def _lmforge_view(
         model = ARCHITECTURES[architecture](config)
     # What load_model checks: every tensor the model needs (tied ones aside) is stored, with its shape.
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in model.tied_weights()}
-    stored = {_model_key(k, expected, model.base_model_prefix): shape for k, (_, shape) in tensors.items()}
+    names = checkpoint_key_map(
+        list(tensors), set(expected), model.base_model_prefix
+    )  # checkpoint key -> model key
+    stored = {names[k]: shape for k, (_, shape) in tensors.items() if k in names}
     missing = sorted(set(expected) - set(stored))
     if missing:
         more = ", ..." if len(missing) > 3 else ""
@@ -248,15 +259,6 @@ def _lmforge_view(
     return architecture, fields, embedding
 
 
-def _model_key(key: str, expected: dict[str, Any], prefix: str) -> str:
-    """A checkpoint key as the model names it: as is, or with the base-model prefix added or removed."""
-    if key not in expected and f"{prefix}.{key}" in expected:
-        return f"{prefix}.{key}"
-    if key not in expected and key.startswith(f"{prefix}.") and key[len(prefix) + 1 :] in expected:
-        return key[len(prefix) + 1 :]
-    return key
-
-
 def _dtypes(tensors: dict[str, tuple[str, tuple[int, ...]]], counts: dict[str, int]) -> dict[str, Any]:
     """{"dtype": the dtype of most parameters}, plus {"dtypes": {dtype: parameters}} when they are mixed."""
     by_dtype: Counter[str] = Counter()
@@ -268,23 +270,13 @@ def _dtypes(tensors: dict[str, tuple[str, tuple[int, ...]]], counts: dict[str, i
     return {"dtype": next(iter(ranked))} | ({"dtypes": ranked} if len(ranked) > 1 else {})
 
 
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        d = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LmforgeError(f"{file}: invalid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise LmforgeError(f"{file}: expected a JSON object, got {type(d).__name__}")
-    return d
-
-
 def _has_chat_template(path: Path) -> bool:
     if (path / "chat_template.jinja").exists() or (path / "chat_template.json").exists():
         return True
     tokenizer_config = path / "tokenizer_config.json"
-    return tokenizer_config.exists() and bool(_read_json(tokenizer_config).get("chat_template"))
+    return tokenizer_config.exists() and bool(read_json_object(tokenizer_config).get("chat_template"))
 
 
 def _read_lineage(path: Path) -> dict[str, Any] | None:
     lineage = path / "lmforge.json"
-    return _read_json(lineage) if lineage.exists() else None
+    return read_json_object(lineage) if lineage.exists() else None

@@ -5,7 +5,8 @@ The output rule, for every command that writes a directory (`data prepare`, `dat
 replaced only with `--overwrite`; an output that equals, contains or lies inside an input is refused. Each check
 runs before anything is written, so a refused command changes nothing. The replacement itself keeps the old
 output until the new one is complete: staged outputs are built beside it and renamed over it
-(`fileio.staging_dir`), a run or the demo moves the old directory aside and deletes it when the new one ends.
+(`fileio.staging_dir`); a run moves the old directory aside and deletes it when the new one ends (`Replaced`); the
+demo replaces its outputs one by one, each by this rule.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
-from lmforge.fileio import recover_output
+from lmforge.fileio import hidden_siblings, recover_output
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ class Replaced:
 
     def __init__(self, out: str | Path, replace: bool) -> None:
         self.out = Path(out)
-        self.aside = [p for p in self.out.parent.glob(f".{self.out.name}.*.replaced") if p.is_dir()]
+        self.aside = hidden_siblings(self.out, "replaced")
         if replace and self.out.exists():
             self.aside.append(self.out.parent / f".{self.out.name}.{uuid.uuid4().hex[:12]}.replaced")
             os.replace(self.out, self.aside[-1])
@@ -203,17 +204,6 @@ def require_dir(path: str | Path, what: str, marker: str | None = None, flag: st
         raise LmforgeError(f"{name} does not exist; expected {what}")
     if marker is not None and not (path / marker).exists():
         raise LmforgeError(f"{name} has no {marker}; expected {what}")
-    return path
-
-
-def require_file(path: str | Path, what: str, flag: str | None = None) -> Path:
-    """`path` as an existing regular file, else an error saying what was expected (a directory is refused)."""
-    path = Path(path)
-    name = f"{flag} {path}" if flag else str(path)
-    if path.is_dir():
-        raise LmforgeError(f"{name} is a directory; expected {what}")
-    if not path.exists():
-        raise LmforgeError(f"{name} does not exist; expected {what}")
     return path
 
 

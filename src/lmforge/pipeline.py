@@ -86,9 +86,8 @@ def run_demo(
 
     check_output(out, "demo", overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(
-        out / "demo.json", json.dumps({"lmforge_demo": __version__, "seed": seed}) + "\n"
-    )  # its kind
+    demo = {"lmforge_demo": __version__, "seed": seed}  # marks the folder as a demo's (paths.KINDS)
+    atomic_write(out / "demo.json", json.dumps(demo) + "\n")
     timings: dict[str, float] = {}
 
     def timed(name: str, fn, *args, **kwargs):

@@ -276,7 +276,7 @@ def load_lora(model: nn.Module, adapter_dir: Path) -> nn.Module:
     config_file = adapter_dir / CONFIG_FILE
     config = read_adapter_config(adapter_dir)
     weights = weights_file(adapter_dir)  # checked before the model changes
-    target, r, alpha, dora = _read_lora_options(config, config_file)
+    target, r, alpha, dora = read_lora_options(config, config_file)
 
     inside = tuple(f"{name}." for name, _ in adapter_layers(model))
     names = []
@@ -333,7 +333,7 @@ def load_lora(model: nn.Module, adapter_dir: Path) -> nn.Module:
     return model
 
 
-def _read_lora_options(config: dict[str, Any], config_file: Path) -> tuple[str | list[str], int, float, bool]:
+def read_lora_options(config: dict[str, Any], config_file: Path) -> tuple[str | list[str], int, float, bool]:
     """(target_modules, r, lora_alpha, use_dora) of a PEFT adapter config, refusing what lmforge lacks."""
     if config.get("peft_type") != "LORA":
         raise LmforgeError(

@@ -158,45 +158,46 @@ class PreparedDataset:
         if verify or (verify is None and sum(f.stat().st_size for f in files) <= VERIFY_BYTES):
             self.verify()
 
-    def _check_shards(self) -> list[Path]:
-        """Every shard file present, each token column as long as its document offsets say; the file paths."""
-        files = []
+    def _files(self) -> Iterator[tuple[Path, str]]:
+        """Every shard file the manifest lists, with its sha256 there."""
         for split, info in self.manifest["splits"].items():
             for shard in info["shards"]:
-                for name in shard["files"]:
-                    file = self.path / split / name
-                    if not file.is_file():
-                        raise LmforgeError(f"{file}: missing (listed in {self.path / 'manifest.json'})")
-                    files.append(file)
-                    if not name.endswith(".docs.npy"):
-                        continue
-                    try:
-                        ends = np.load(file, mmap_mode="r")
-                    except (ValueError, OSError, EOFError) as e:
-                        raise LmforgeError(f"{file}: not a readable .npy file ({e})") from None
-                    stem = name.removesuffix(".docs.npy")
-                    expected = {f"{stem}.bin": self.dtype.itemsize, f"{stem}_mask.bin": 1}
-                    for other, itemsize in expected.items():
-                        sized = self.path / split / other
-                        want = int(ends[-1]) * itemsize if len(ends) else 0
-                        if other in shard["files"] and sized.stat().st_size != want:
-                            raise LmforgeError(
-                                f"{sized}: {sized.stat().st_size:,} bytes, expected {want:,} ({int(ends[-1]):,} "
-                                "tokens by its document offsets): the file is truncated or was changed; prepare "
-                                "the dataset again"
-                            )
+                for name, digest in shard["files"].items():
+                    yield self.path / split / name, digest
+
+    def _check_shards(self) -> list[Path]:
+        """Every shard file present, each token column as long as its document offsets say; the file paths."""
+        files = [file for file, _ in self._files()]
+        listed = set(files)
+        for file in files:
+            if not file.is_file():
+                raise LmforgeError(f"{file}: missing (listed in {self.path / 'manifest.json'})")
+        for file in (f for f in files if f.name.endswith(".docs.npy")):
+            try:
+                ends = np.load(file, mmap_mode="r")
+            except (ValueError, OSError, EOFError) as e:
+                raise LmforgeError(f"{file}: not a readable .npy file ({e})") from None
+            tokens = int(ends[-1]) if len(ends) else 0
+            stem = file.name.removesuffix(".docs.npy")
+            # the token column (dtype items) and its loss mask (one byte each) hold one entry per token
+            for sized, itemsize in ((file.with_name(f"{stem}.bin"), self.dtype.itemsize),
+                                    (file.with_name(f"{stem}_mask.bin"), 1)):  # fmt: skip
+                if sized in listed and sized.stat().st_size != tokens * itemsize:
+                    raise LmforgeError(
+                        f"{sized}: {sized.stat().st_size:,} bytes, expected {tokens * itemsize:,} ({tokens:,} "
+                        "tokens by its document offsets): the file is truncated or was changed; prepare the "
+                        "dataset again"
+                    )
         return files
 
     def verify(self) -> None:
         """Compare every shard file's sha256 with the manifest's (reads all the data)."""
-        for split, info in self.manifest["splits"].items():
-            for shard in info["shards"]:
-                for name, digest in shard["files"].items():
-                    if sha256_file(self.path / split / name) != digest:
-                        raise LmforgeError(
-                            f"{self.path / split / name}: its sha256 differs from the one in "
-                            f"{self.path / 'manifest.json'}: the file was changed; prepare the dataset again"
-                        )
+        for file, digest in self._files():
+            if sha256_file(file) != digest:
+                raise LmforgeError(
+                    f"{file}: its sha256 differs from the one in {self.path / 'manifest.json'}: the file was "
+                    "changed; prepare the dataset again"
+                )
 
     @property
     def id(self) -> str:

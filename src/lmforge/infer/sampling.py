@@ -197,7 +197,9 @@ def generation_config(
     if "temperature" not in overrides:
         if asks_to_sample(overrides):
             if settings.get("temperature") == 0:
-                settings["temperature"] = 1.0  # a greedy file's temperature: sampling needs one
+                del settings[
+                    "temperature"
+                ]  # a greedy file's: the filters ask to sample (GenerationConfig's 1.0)
         elif overrides.get("speculate"):
             settings["temperature"] = 0.0  # speculation is greedy, whatever the file says
     try:

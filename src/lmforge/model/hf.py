@@ -192,7 +192,7 @@ def _dtype_name(d: dict[str, Any]) -> str:
 
 def read_config(path: str | Path) -> tuple[ModelConfig, str]:
     """The model config and HF architecture name of a model directory."""
-    d = _read_json(_model_dir(path) / "config.json")
+    d = read_json_object(_model_dir(path) / "config.json")
     model_type = d.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise LmforgeError(
@@ -274,7 +274,7 @@ def load_model(
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tied = model.tied_weights()
     base = model.base_model_prefix + "."
-    key_map = _key_map(_checkpoint_keys(path), set(expected), model.base_model_prefix)
+    key_map = checkpoint_key_map(_checkpoint_keys(path), set(expected), model.base_model_prefix)
     loaded: set[str] = set()
     for file in weight_files(path):
         with open_safetensors(file, device=str(device)) as f:
@@ -378,7 +378,7 @@ def _plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> dict[str, li
     return {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": keys for i, keys in enumerate(shards)}
 
 
-def _key_map(ckpt_keys: list[str], model_keys: set[str], prefix: str) -> dict[str, str]:
+def checkpoint_key_map(ckpt_keys: list[str], model_keys: set[str], prefix: str) -> dict[str, str]:
     """Checkpoint key → model key: identical, or with the base-model prefix added or removed."""
     mapping, unexpected = {}, []
     for k in ckpt_keys:
@@ -418,7 +418,7 @@ def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a model dir: the index's shards, or model.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        files = sorted(set(read_json_object(index).get("weight_map", {}).values()))
         missing = [f for f in files if not (path / f).exists()]
         if missing:
             raise LmforgeError(f"{index}: shard file(s) {', '.join(missing)} do not exist")
@@ -445,11 +445,17 @@ def _model_dir(path: str | Path) -> Path:
     return path
 
 
-def _read_json(file: Path) -> dict[str, Any]:
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A JSON file holding an object (config.json, an index, lineage); else an error naming the file."""
     try:
-        return json.loads(file.read_text())
+        d = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise LmforgeError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"{file}: invalid JSON (not UTF-8: {e.reason})") from None
+    if not isinstance(d, dict):
+        raise LmforgeError(f"{file}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def _json(d: dict[str, Any]) -> str:
