@@ -45,6 +45,7 @@ from lmforge.train.checkpoint import (
 )
 from lmforge.train.distributed import (
     Dist,
+    barrier,
     close_distributed,
     consolidate,
     init_distributed,
@@ -362,6 +363,9 @@ def _pretrain(
         by_source = {name: evaluate(model, objective, b, dist=dist) for name, b in val_sets.items()}
     full = consolidate(model, dist)  # collective under FSDP; the plain model on rank 0
     if not dist.is_main:
+        # Wait for rank 0 to write the run: a rank that leaves the process group while another still holds it
+        # can abort at exit (gloo: "terminate called without an active exception").
+        barrier(dist)
         return {"rank": dist.rank, "steps": summary["steps"]}
 
     model_dir = save_model(full.eval(), out / "model")
@@ -399,4 +403,5 @@ def _pretrain(
     atomic_write(model_dir / "lmforge.json", json.dumps(lineage(results=results), indent=2) + "\n")
     atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
     run_dir.done()
+    barrier(dist)  # the other ranks leave with this one
     return results
