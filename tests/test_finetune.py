@@ -5,6 +5,7 @@ the model learns to end its turn, and bad input is refused."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -238,6 +239,20 @@ def test_recipe_sft_synthetic(world, tmp_path):
     qa = json.loads(result.stdout)["qa"]
     assert qa["before"]["questions"] == qa["after"]["questions"] == 12
     assert set(qa["after"]["by_group"]) <= {"A", "B", "C"} and 0 <= qa["after"]["accuracy"] <= 1
+    # Every figure is recomputed from the answers the run wrote beside its results.
+    from lmforge.eval.stats import wilson
+
+    answers = [json.loads(line) for line in (tmp_path / "run" / "qa_answers.jsonl").read_text().splitlines()]
+    for when in ("before", "after"):
+        rows = [a for a in answers if a["when"] == when]
+        assert len(rows) == 12
+        for a in rows:
+            first_sentence = re.split(r"[.!?\n]", a["answer"].strip())[0]
+            assert a["correct"] == (a["expected"].lower() in " ".join(first_sentence.lower().split()))
+        for group in qa[when]["by_group"]:
+            verdicts = [a["correct"] for a in rows if a["group"] == group]
+            assert qa[when]["by_group"][group] == sum(verdicts) / len(verdicts)
+            assert qa[when]["intervals"][group] == wilson(sum(verdicts), len(verdicts))
 
 
 def test_recipes_selfinstruct_and_gsm8k(world, tmp_path, shared_data):

@@ -77,6 +77,21 @@ def test_pretrain_bad_input(tmp_path, dataset):
         ),
         "lies inside the input": (f"data.dataset={tmp_path}",),  # --out tmp_path/bad
         "did you mean 'train.max_steps'": (f"data.dataset={dataset}", "train.max_step=3"),
+        # Options the objective cannot use are refused with the reason.
+        "data.document_mask needs objective clm: 'mlm' trains BERT": (
+            f"data.dataset={dataset}",
+            "objective=mlm",
+            "data.document_mask=true",
+        ),
+        "data.sampling='fixed' cannot apply to objective 'nsp': NSP draws fresh sentence pairs": (
+            f"data.dataset={dataset}",
+            "objective=nsp",
+            "data.sampling=fixed",
+        ),
+        "data.sampling: expected 'fixed', 'offset' or 'shuffle', got 'random'": (
+            f"data.dataset={dataset}",
+            "data.sampling=random",
+        ),
         # Shards of another tokenizer: 300 ids in the data, a model with 64.
         "tokenised with a 300-id vocabulary but the model has 64 ids": (
             f"data.dataset={dataset}",
@@ -101,3 +116,36 @@ def test_pretrain_refuses_shards_of_another_tokenizer(tmp_path, dataset):
     result = pretrain(tmp_path / "run", f"data.dataset={dataset}", f"model.init_from={model_dir}")
     assert result.exit_code == 2, result.output
     assert f"whose vocabulary differs from {model_dir}'s tokenizer" in " ".join(result.stderr.split())
+
+
+def test_document_mask_trains_and_leaves_the_exported_model_unchanged(tmp_path, dataset):
+    """The sampling options change what training sees, never what it writes: the same config.json and
+    weight names, loadable by transformers with the same logits as lmforge's."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from safetensors import safe_open
+
+    from lmforge.model.hf import load_model
+
+    common = (f"data.dataset={dataset}", "train.seq_len=32", "train.micro_batch_size=4", "train.max_steps=6")
+    runs = {
+        "plain": ("data.sampling=fixed",),
+        "masked": ("data.sampling=shuffle", "data.document_mask=true"),
+    }
+    for name, options in runs.items():
+        result = pretrain(tmp_path / name, *common, *options)
+        assert result.exit_code == 0, result.output
+    dirs = {name: tmp_path / name / "model" for name in runs}
+    configs = {name: json.loads((d / "config.json").read_text()) for name, d in dirs.items()}
+    assert configs["plain"] == configs["masked"]
+    keys = {}
+    for name, d in dirs.items():
+        with safe_open(d / "model.safetensors", "pt") as f:
+            keys[name] = sorted(f.keys())
+    assert keys["plain"] == keys["masked"]
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    ours = load_model(dirs["masked"]).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(dirs["masked"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-5, rtol=0)
+    assert not torch.equal(ours(ids), load_model(dirs["plain"])(ids))  # the option did change the training

@@ -352,8 +352,25 @@ def demo(
         "demo-out"
     ),
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    pretrain_steps: Annotated[int, typer.Option(help="Pretraining steps on the synthetic world.")] = 200,
-    sft_steps: Annotated[int, typer.Option(help="LoRA fine-tuning steps on group A's Q&A.")] = 300,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full",
+            help="The ~30-minute recipe: 6x the pretraining, every held-out question (tighter intervals).",
+        ),
+    ] = False,
+    pretrain_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Pretraining steps on the synthetic world [default: the recipe's].", show_default=False
+        ),
+    ] = None,
+    sft_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="LoRA fine-tuning steps on group A's Q&A [default: the recipe's].", show_default=False
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Redo an earlier demo in --out (unchanged data is reused).")
     ] = False,
@@ -371,7 +388,7 @@ def demo(
     """
     from lmforge.pipeline import run_demo
 
-    result = run_demo(out, seed, pretrain_steps, sft_steps, overwrite=overwrite)
+    result = run_demo(out, seed, pretrain_steps, sft_steps, overwrite=overwrite, full=full)
     if as_json:
         emit(result, as_json=True)
         return
@@ -389,6 +406,7 @@ def demo(
     console.print(table)
     console.rule("4. pretraining on the world (the one training loop)")
     emit(result["pretrain"], as_json=False)
+    _print_knowledge(console, result["knowledge"])
     steering = result["steering"]
     console.rule(f"5. inference control: the same weights at two temperatures ({steering['prompt']!r})")
     for name, info in steering.items():
@@ -406,8 +424,9 @@ def demo(
     )
     table = Table("held-out questions", "before SFT", "after SFT")
     for group, accuracy in sft["exact_match"].items():
-        where = "in SFT + pretraining" if group == "A" else "in pretraining only"
-        table.add_row(f"group {group} ({where})", f"{accuracy['before']:.1%}", f"{accuracy['after']:.1%}")
+        table.add_row(
+            f"group {group} ({WHERE[group]})", f"{accuracy['before']:.1%}", f"{accuracy['after']:.1%}"
+        )
     table.add_row(
         "answers ending with end-of-turn",
         f"{sft['ends_turn']['before']:.1%}",
@@ -434,6 +453,32 @@ def demo(
         f"saved and reloaded {result['model_dir']}: logits bit-exact = {result['reload_bit_exact']}"
     )
     console.print(f"seconds: {result['seconds']}")
+
+
+WHERE = {"A": "in SFT + pretraining", "B": "in pretraining only", "C": "never seen: the control"}
+
+
+def _print_knowledge(console: Console, knowledge: dict[str, Any]) -> None:
+    """Section (a): what pretraining stored and what SFT on A extracts for B, against the control."""
+
+    def rate(r: dict[str, Any]) -> str:
+        low, high = r["ci95"]
+        return f"{r['accuracy']:.1%} [{low:.1%}, {high:.1%}] of {r['n']}"
+
+    console.rule(
+        "(a) knowledge: pretraining stores facts, fine-tuning on A's Q&A extracts B's (95% intervals)"
+    )
+    table = Table("group", "completes its facts (base model)", "answers held-out questions (after SFT on A)")
+    for group, after in knowledge["after_sft"].items():
+        storage = knowledge["storage"]["by_group"].get(group)
+        table.add_row(f"{group} ({WHERE[group]})", rate(storage) if storage else "-", rate(after))
+    console.print(table)
+    b, c = knowledge["after_sft"]["B"], knowledge["after_sft"]["C"]
+    verdict = "above" if b["ci95"][0] > c["ci95"][1] else "not clearly above"
+    console.print(
+        f"B is {verdict} the never-pretrained control C; answering with each attribute's most common value "
+        f"scores {knowledge['chance']:.1%}"
+    )
 
 
 # ------------------------------------------------------------------------------------------ inference

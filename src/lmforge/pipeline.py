@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +14,7 @@ import torch
 
 from lmforge import __version__
 from lmforge.errors import LmforgeError
+from lmforge.eval.knowledge import fact_completion
 from lmforge.fileio import atomic_write
 from lmforge.inspect import inspect_model
 from lmforge.model.configs import preset
@@ -62,21 +65,48 @@ def sentence_embeddings(model_dir: Path, sentences: list[str]) -> torch.Tensor:
     return torch.nn.functional.normalize(mean_pool(hidden, mask), dim=-1)
 
 
-DEMO_MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4}
-"""A ~4M-parameter Llama: big enough to learn the world's language, small enough for a few CPU minutes."""
+@dataclass(frozen=True)
+class DemoPlan:
+    """How much the demo trains: the world's size, the model and the steps of each stage."""
+
+    sizes: WorldSizes
+    model: dict[str, int]  # preset overrides of llama-14m
+    vocab_size: int
+    pretrain_steps: int
+    mixed: float  # share of pretraining micro-batches that are group A's Q&A (mixed training)
+    sft_steps: int
+    sft_lr: float
+    questions: int  # held-out questions per group (6 per person)
+
+
+def demo_plan(full: bool = False) -> DemoPlan:
+    """The demo's recipe: the default fits ~6 CPU-minutes on 2 cores in all, `full` ~30 (docs/benchmarks.md,
+    "Knowledge", has the table this recipe came from)."""
+    from lmforge.data.synthetic import WorldSizes
+
+    sizes = WorldSizes()  # its defaults are this recipe's world
+    model = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 4}  # fmt: skip
+    if full:
+        return DemoPlan(sizes, model, 2048, pretrain_steps=6000, mixed=0.25, sft_steps=1000, sft_lr=5e-4,
+                        questions=600)  # fmt: skip
+    return DemoPlan(sizes, model, 2048, pretrain_steps=1000, mixed=0.25, sft_steps=300, sft_lr=5e-4,
+                    questions=150)  # fmt: skip
 
 
 def run_demo(
     out: Path,
     seed: int = 0,
-    pretrain_steps: int = 200,
-    sft_steps: int = 300,
-    questions: int = 150,
+    pretrain_steps: int | None = None,
+    sft_steps: int | None = None,
+    questions: int | None = None,
     sizes: WorldSizes | None = None,
     overwrite: bool = False,
+    full: bool = False,
 ) -> dict[str, Any]:
-    """The demo so far: synthesise the world, train its tokenizer, prepare its datasets, pretrain on it, steer
-    it by sampling, LoRA-fine-tune it on group A's Q&A and measure what each stage taught.
+    """The demo so far: synthesise the world, train its tokenizer, prepare its datasets, pretrain on it, probe
+    what it stored, steer it by sampling, LoRA-fine-tune it on group A's Q&A and measure what each stage
+    taught. `full` follows the longer recipe of `demo_plan`; the other arguments override the plan's.
 
     `out` must be new or empty, or hold an earlier demo that `overwrite` replaces step by step (prepared data
     whose inputs did not change is reused)."""
@@ -84,6 +114,9 @@ def run_demo(
     from lmforge.data.synthetic import synthesize
     from lmforge.tokenizer import Tokenizer, tokenizer_stats, train_tokenizer
 
+    plan = demo_plan(full)
+    given = {"pretrain_steps": pretrain_steps, "sft_steps": sft_steps, "questions": questions, "sizes": sizes}
+    plan = replace(plan, **{k: v for k, v in given.items() if v is not None})
     check_output(out, "demo", overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     demo = {"lmforge_demo": __version__, "seed": seed}  # marks the folder as a demo's (paths.KINDS)
@@ -96,11 +129,17 @@ def run_demo(
         timings[name] = round(time.perf_counter() - t0, 2)
         return result
 
-    world = timed("synthesize", synthesize, out / "world", seed=seed, sizes=sizes, overwrite=True)
+    world = timed("synthesize", synthesize, out / "world", seed=seed, sizes=plan.sizes, overwrite=True)
     w = Path(world["out"])
     corpus = [w / "pretrain.jsonl", w / "medical_corpus.jsonl", w / "sft_a.jsonl"]
     tok_dir = timed(
-        "tokenizer", train_tokenizer, iter_texts(corpus), "bpe", 4096, out / "tokenizer", overwrite=True
+        "tokenizer",
+        train_tokenizer,
+        iter_texts(corpus),
+        "bpe",
+        plan.vocab_size,
+        out / "tokenizer",
+        overwrite=True,
     )
     tok = Tokenizer.from_dir(tok_dir)
     stats = tokenizer_stats(tok, iter_texts([w / "pretrain.jsonl"]))
@@ -122,18 +161,34 @@ def run_demo(
     from lmforge.stages.pretrain import run_pretrain
     from lmforge.tokenizer import copy_tokenizer
 
+    data = {"dataset": str(out / "data" / "pretrain")}
+    if plan.mixed:  # A's Q&A inside pretraining: the model learns to store facts where questions find them
+        data = {"datasets": {"world": data["dataset"], "qa_a": str(out / "data" / "sft_a")},
+                "mix": {"world": 1 - plan.mixed, "qa_a": plan.mixed}}  # fmt: skip
     pretrain_cfg = PretrainConfig.model_validate({
-        "model": {"overrides": DEMO_MODEL},
-        "data": {"dataset": str(out / "data" / "pretrain")},
-        "train": {"max_steps": pretrain_steps, "seq_len": 128, "micro_batch_size": 16, "eval_every": 100, "eval_batches": 8,
-                  "seed": seed},
-        "optim": {"lr": 3e-3, "warmup_steps": min(20, pretrain_steps // 10)},
-        "sample_prompt": "Peregrine Oakley was born in",
+        "model": {"overrides": plan.model},
+        "data": {**data, "sampling": "shuffle"},
+        "train": {"max_steps": plan.pretrain_steps, "seq_len": 128, "micro_batch_size": 16, "eval_every": 250,
+                  "eval_batches": 8, "seed": seed, "log_every": 10},
+        "optim": {"lr": 3e-3, "warmup_steps": min(50, plan.pretrain_steps // 10)},
+        "sample_prompt": STEERING_PROMPT,
     })  # fmt: skip
     pretrained = timed("pretrain", run_pretrain, pretrain_cfg, out / "pretrain", overwrite=True)
-
-    steering = timed("generate", temperature_contrast, Path(pretrained["model_dir"]), seed)
-    sft = timed("finetune", finetune_on_a, Path(pretrained["model_dir"]), out, w, seed, sft_steps, questions)
+    base = Path(pretrained["model_dir"])
+    people = json.loads((w / "world.json").read_text())
+    storage = timed("storage probe", fact_completion, base, people, groups=("A", "B"),
+                    limit=plan.questions // len(people["attributes"]))  # fmt: skip
+    steering = timed("generate", temperature_contrast, base, seed)
+    sft = timed("finetune", finetune_on_a, base, out, w, seed, plan)
+    knowledge = {
+        "storage": storage,
+        "after_sft": sft.pop("intervals"),
+        "chance": chance_accuracy(people),
+        "recipe": {"full": full, **{k: v for k, v in asdict(plan).items() if k != "sizes"},
+                   "people": {g: getattr(plan.sizes, f"people_{g.lower()}") for g in "ABC"},
+                   "filler_docs": plan.sizes.filler_docs, "name_share": plan.sizes.name_share},
+    }  # fmt: skip
+    atomic_write(out / "knowledge.json", json.dumps(knowledge, indent=2) + "\n")
 
     # A ~14M Llama sized for the world's tokenizer, saved as a HF dir with the tokenizer beside its weights.
     torch.manual_seed(seed)
@@ -171,6 +226,7 @@ def run_demo(
                 "model_dir",
             )
         },
+        "knowledge": knowledge,
         "steering": steering,
         "sft": sft,
         "model_dir": str(model_dir),
@@ -184,22 +240,21 @@ def run_demo(
     }
 
 
-def finetune_on_a(
-    base: Path, out: Path, world: Path, seed: int, steps: int, questions: int
-) -> dict[str, Any]:
+def finetune_on_a(base: Path, out: Path, world: Path, seed: int, plan: DemoPlan) -> dict[str, Any]:
     """LoRA SFT on group A's Q&A (recipes/sft-synthetic.yaml), then exact-match accuracy on the held-out
-    question paraphrases about A (SFT'd people) and B (people seen only in pretraining), before and after,
-    and the forgetting delta on the pretraining text."""
+    question paraphrase about A (SFT'd people), B (people seen only in pretraining) and C (never seen: the
+    control), before and after, and the forgetting delta on the pretraining text."""
     from lmforge.stages.configs import FinetuneConfig
     from lmforge.stages.finetune import run_finetune
 
     cfg = FinetuneConfig.model_validate({
         "kind": "chat", "method": "lora", "model": str(base), "data": {"dataset": str(out / "data" / "sft_a")},
         "lora": {"r": 16, "alpha": 32},
-        "eval": {"qa": str(world / "eval_qa.jsonl"), "qa_limit": questions, "qa_groups": ["A", "B"], "max_new_tokens": 32},
-        "train": {"max_steps": steps, "seq_len": 128, "micro_batch_size": 16, "eval_every": 100, "eval_batches": 8,
-                  "seed": seed},
-        "optim": {"lr": 5e-4, "warmup_steps": 20},
+        "eval": {"qa": str(world / "eval_qa.jsonl"), "qa_limit": plan.questions, "qa_groups": ["A", "B", "C"],
+                 "max_new_tokens": 32},
+        "train": {"max_steps": plan.sft_steps, "seq_len": 128, "micro_batch_size": 16, "eval_every": 100,
+                  "eval_batches": 8, "seed": seed},
+        "optim": {"lr": plan.sft_lr, "warmup_steps": 20},
     })  # fmt: skip
     res = run_finetune(cfg, out / "sft", overwrite=True)
     qa = res["qa"]
@@ -212,17 +267,27 @@ def finetune_on_a(
                 "before": qa["before"]["by_group"].get(group),
                 "after": qa["after"]["by_group"].get(group),
             }
-            for group in ("A", "B")
+            for group in ("A", "B", "C")
         },
+        "intervals": {group: qa["after"]["intervals"][group] for group in ("A", "B", "C")},
         "ends_turn": {
             "before": qa["before"]["ended_with_end_of_turn"],
             "after": qa["after"]["ended_with_end_of_turn"],
         },
         "questions_per_group": cfg.eval.qa_limit,
+        "answers": qa["answers"],
         "examples_after": qa["after"]["examples"],
         "forgetting": res["forgetting"],
         "adapter": res["output"],
     }
+
+
+def chance_accuracy(world: dict[str, Any]) -> float:
+    """What answering every question with its attribute's most common value among group A (the answers SFT
+    teaches) scores on average: the accuracy of a model that knows the answer format but no person."""
+    people = [p for p in world["people"] if p["group"] == "A"]
+    shares = [Counter(p[a] for p in people).most_common(1)[0][1] / len(people) for a in world["attributes"]]
+    return sum(shares) / len(shares)
 
 
 STEERING_PROMPT = "Peregrine Oakley was born in"

@@ -21,13 +21,20 @@ from lmforge.model.decoder import IGNORE_INDEX
 # ------------------------------------------------------------------------------------------------- CLM
 
 
-def clm_windows(tokens: np.ndarray, seq_len: int, mask: np.ndarray | None = None) -> dict[str, Tensor]:
+def clm_windows(
+    tokens: np.ndarray, seq_len: int, mask: np.ndarray | None = None, documents: np.ndarray | None = None
+) -> dict[str, Tensor]:
     """Cut a token stream into next-token windows: {"input_ids", "targets"}, each (N, seq_len) int64.
 
     Window i reads tokens[i*T : i*T + T] and predicts tokens[i*T + 1 : i*T + T + 1], so every token but the
     first is a target once; the tail that cannot fill a window is dropped (N = (len - 1) // T). With a loss
     `mask` (1 = train on this token, e.g. assistant turns of chat data), a target whose token has mask 0 is
     IGNORE_INDEX. Windows cross document boundaries (pretraining); `sft_rows` keeps samples apart.
+
+    With `documents` (each token's document number, (len,)) the windows also get "segment_ids" (N, T): each
+    document in a window attends only to itself with positions restarting at its start, and a document's
+    last token predicts nothing (its target is the next document's first token), so a window's per-document
+    losses are each document's loss alone (intra-document masking, as Llama 3 pretrains).
     """
     T = seq_len
     N = max(len(tokens) - 1, 0) // T
@@ -37,7 +44,11 @@ def clm_windows(tokens: np.ndarray, seq_len: int, mask: np.ndarray | None = None
     if mask is not None:
         counted = torch.from_numpy(np.asarray(mask[1 : N * T + 1]) != 0).view(N, T)  # mask of each target
         targets[~counted] = IGNORE_INDEX
-    return {"input_ids": inputs, "targets": targets}
+    if documents is None:
+        return {"input_ids": inputs, "targets": targets}
+    doc = torch.from_numpy(np.asarray(documents[: N * T + 1], dtype=np.int64))  # (N*T + 1,)
+    targets[(doc[1:] != doc[:-1]).view(N, T)] = IGNORE_INDEX  # no target across a document boundary
+    return {"input_ids": inputs, "targets": targets, "segment_ids": doc[: N * T].view(N, T)}
 
 
 Sample = tuple[np.ndarray, np.ndarray | None]

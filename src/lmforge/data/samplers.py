@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -102,6 +102,74 @@ def window_sampler(
     return EpochSampler(fixed(Windows(tokens, seq_len, mask)), micro_batch_size, seed=seed)
 
 
+Sampling = Literal["fixed", "offset", "shuffle"]
+"""How a document stream is cut into windows each epoch (`stream_epochs`)."""
+
+
+class DocumentStream:
+    """A split's documents joined into one token stream: ids (N,), its loss mask (N,) or None, and each
+    document's length (D,), in the prepared order."""
+
+    def __init__(self, ids: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None) -> None:
+        self.ids, self.mask = ids, mask
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)  # (D,)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def arrange(
+        self, order: np.ndarray | None, offset: int
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """The stream with its documents in `order` (None: as prepared), rotated left by `offset` tokens:
+        (ids, mask, document number of each token), each (N,). The rotated-off head goes to the end, so every
+        token is still there once; it gets a document number of its own (D), apart from the rest of its
+        document at the front."""
+        D = len(self.lengths)
+        ids, mask, lengths = self.ids, self.mask, self.lengths
+        if order is not None:  # index of each token of the new order in the prepared stream
+            lengths = self.lengths[order]  # (D,)
+            shift = np.repeat(self.starts[order] - (np.cumsum(lengths) - lengths), lengths)  # (N,)
+            index = np.arange(len(self.ids), dtype=np.int64) + shift
+            ids, mask = ids[index], None if mask is None else mask[index]
+        documents = np.repeat(np.arange(D, dtype=np.int64), lengths)  # (N,) position in the order
+        if offset:
+            documents = np.concatenate([documents[offset:], np.full(offset, D, dtype=np.int64)])
+            ids = np.roll(ids, -offset)
+            mask = None if mask is None else np.roll(mask, -offset)
+        return ids, mask, documents
+
+
+def stream_epochs(
+    stream: DocumentStream,
+    build: Callable[[np.ndarray, np.ndarray | None, np.ndarray], Examples],
+    *,
+    sampling: Sampling,
+    period: int,
+    seed: int,
+) -> Callable[[int], Examples]:
+    """Epoch e's window examples, `build(ids, mask, documents)` of the stream arranged by `sampling`:
+
+    - fixed: the prepared order cut at the same places every epoch (each window always shows a document
+      behind the same preceding text: a small model memorises the stream by position);
+    - offset: the prepared order, cut from a random offset in [0, `period`) each epoch;
+    - shuffle: the documents in a fresh random order each epoch, cut from a random offset.
+
+    Every token is in the stream once per epoch (the windows then drop at most the tail that fills no window).
+    Draws come from rng [seed, e, 2], so a resumed run rebuilds the same epoch.
+    """
+    if sampling == "fixed":
+        examples = build(*stream.arrange(None, 0))
+        return lambda epoch: examples
+
+    def epoch_examples(epoch: int) -> Examples:
+        rng = np.random.default_rng([seed, epoch, 2])
+        order = rng.permutation(len(stream.lengths)) if sampling == "shuffle" else None
+        return build(*stream.arrange(order, int(rng.integers(period)) % max(len(stream), 1)))
+
+    return epoch_examples
+
+
 # ---------------------------------------------------------------------------------------------- examples
 
 
@@ -159,10 +227,17 @@ class PaddedRows(Rows):
 
 
 class Windows(Rows):
-    """Next-token windows of a token stream (`clm_windows`): {"input_ids", "targets"} (B, seq_len)."""
+    """Next-token windows of a token stream (`clm_windows`): {"input_ids", "targets"} (B, seq_len), and
+    "segment_ids" (B, seq_len) when `documents` numbers each token's document (intra-document masking)."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, mask: np.ndarray | None = None) -> None:
-        super().__init__(clm_windows(tokens, seq_len, mask))
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        mask: np.ndarray | None = None,
+        documents: np.ndarray | None = None,
+    ) -> None:
+        super().__init__(clm_windows(tokens, seq_len, mask, documents))
 
 
 @dataclass(frozen=True)

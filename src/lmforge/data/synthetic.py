@@ -60,26 +60,29 @@ _PRONOUNS = {"female": ("she", "her", "her"), "male": ("he", "his", "him")}  # s
 class WorldSizes(BaseModel):
     """How big the synthetic world is; every count is exact.
 
-    Defaults, for the demo's llama-14m pretrained on a CPU: 450 pretraining people x 5 biographies (~290
-    characters each) + 1,200 filler paragraphs (~360 characters) are 1.07 MB of text, ~210k tokens with a
-    byte-level BPE trained on it (~5 characters a token: the world's vocabulary is small). llama-14m trains
-    at ~1,300 tokens/s on the 2-core CPU of docs/benchmarks.md, so one epoch takes ~2.7 minutes and shows
-    each fact 5 times in different words. Filler is ~40% of the text: enough general language that the
-    model does not only ever see biographies. 150 people in B and in C give 900 held-out questions per
-    group, so a group's accuracy is known to about +-3 points (95%).
+    Defaults, the demo's knowledge recipe (docs/benchmarks.md, "Knowledge"): 200 pretraining people x 5
+    biographies (~300 characters, ~60 tokens each) + 100 filler paragraphs are ~70k tokens with the demo's
+    2,048-id BPE. A 1.1M-parameter Llama trains ~14k tokens/s on 2 CPU cores, an epoch every 5 seconds, so a
+    few minutes show each fact hundreds of times; fewer people store faster than many, and the facts are a few
+    tens of kilobits. Every sentence names its person in full (a window that starts mid-biography still binds
+    each fact to a name). 100 people in B and in C give 600 held-out questions per group, so a group's
+    accuracy is known to about +-4 points (95%).
     """
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    people_a: int = Field(300, ge=1)
+    people_a: int = Field(100, ge=1)
     """People of group A: in pretraining and in SFT Q&A."""
-    people_b: int = Field(150, ge=0)
+    people_b: int = Field(100, ge=0)
     """People of group B: in pretraining only; after SFT on A, answers about B can only come from pretraining."""
-    people_c: int = Field(150, ge=0)
+    people_c: int = Field(100, ge=0)
     """People of group C: never in pretraining; taught only by SFT Q&A or retrieved from bios_c.jsonl (RAG)."""
     bios_per_person: int = Field(5, ge=1)
     """Biographies per person, each a fresh pick of paraphrases in a fresh sentence order."""
-    filler_docs: int = Field(1200, ge=0)
+    name_share: float = Field(1.0, ge=0, le=1)
+    """Share of a biography's later sentences that name the person in full (the rest use a pronoun; the first
+    always names them). 1: every sentence binds its fact to the name, even in a window that starts mid-biography."""
+    filler_docs: int = Field(100, ge=0)
     """Everyday-life paragraphs mixed into pretraining, for general language."""
     diseases: int = Field(30, ge=1, le=len(wp.DISEASE_ROOTS))
     """Invented diseases of the medical domain."""
@@ -231,13 +234,13 @@ def _render(template: str, person: Person, value: str, use_name: bool) -> str:
     return _cap(template.format(**slots))
 
 
-def _biography(rng: random.Random, person: Person) -> str:
+def _biography(rng: random.Random, person: Person, name_share: float) -> str:
     """One biography: every attribute once, in a random order, each with a random paraphrase."""
     sentences = []
     for i, attr in enumerate(rng.sample(ATTRIBUTES, len(ATTRIBUTES))):
-        # The first sentence introduces the person by name; later ones use it a third of the time, so the
-        # model links the name to facts both directly and through pronouns.
-        use_name = i == 0 or rng.random() < 1 / 3
+        # The first sentence introduces the person by name; later ones use it `name_share` of the time, so
+        # the model links the name to facts both directly and through pronouns.
+        use_name = i == 0 or rng.random() < name_share
         sentences.append(_render(rng.choice(wp.BIO_TEMPLATES[attr]), person, getattr(person, attr), use_name))
     return " ".join(sentences)
 
@@ -636,7 +639,10 @@ def _build(seed: int, sizes: WorldSizes) -> tuple[dict[str, bytes], dict[str, in
     def bios(person: Person) -> list[dict[str, Any]]:
         rng = _rng(seed, f"bio/{person.name}")
         record = {"kind": "biography", "person": person.name, "group": person.group}
-        return [{**record, "text": _biography(rng, person)} for _ in range(sizes.bios_per_person)]
+        return [
+            {**record, "text": _biography(rng, person, sizes.name_share)}
+            for _ in range(sizes.bios_per_person)
+        ]
 
     filler_rng = _rng(seed, "filler")
     pretrain = [bio for person in group["A"] + group["B"] for bio in bios(person)]

@@ -1,8 +1,10 @@
 """Question answering by generation: exact-match accuracy of a model's greedy answers, overall and per group.
 
 Two kinds of expected answer, from the data itself:
-- a fact (`value` beside `messages`, as in the synthetic world's `eval_qa.jsonl`): correct when the answer
-  contains it (case and spacing ignored), since a full-sentence reply wraps the fact in words;
+- a fact (`value` beside `messages`, as in the synthetic world's `eval_qa.jsonl`): correct when the answer's
+  first sentence contains it (case and spacing ignored), since a full-sentence reply wraps the fact in words;
+  only the first sentence, so a model that does not end its turn and runs on through a person's other facts
+  gets no credit for the one it was not asked (a value never holds ".", "!" or "?");
 - GSM8K's final answer (`#### N`): correct when the last number of the answer (or the number after its own
   `####`) equals N.
 Other chat data is scored on the whole reply (normalised). Prompts go through the model's chat template, the
@@ -20,9 +22,11 @@ from typing import Any, Literal
 from lmforge.data.formats import detect_format, to_examples
 from lmforge.data.readers import read_records
 from lmforge.errors import LmforgeError
+from lmforge.eval.stats import wilson
 
 Match = Literal["contains", "number", "exact"]
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_SENTENCE_END = re.compile(r"[.!?\n]")
 
 
 @dataclass(frozen=True)
@@ -73,12 +77,14 @@ def is_correct(answer: str, item: QAItem) -> bool:
         numbers = _NUMBER.findall(own)
         return bool(numbers) and _number(numbers[-1]) == _number(item.expected)
     if item.match == "contains":
-        return _normal(item.expected) in _normal(answer)
+        return _normal(item.expected) in _normal(_SENTENCE_END.split(answer.lstrip(), maxsplit=1)[0])
     return _normal(answer) == _normal(item.expected)
 
 
 def exact_match(engine: Any, items: list[QAItem], *, max_new_tokens: int = 48, batch_size: int = 32) -> dict:
-    """Greedy answers to every item (chat template, batched): accuracy overall and per group, a few examples."""
+    """Greedy answers to every item (chat template, batched): accuracy overall and per group (with 95% Wilson
+    intervals), a few examples, and under "answers" every item's question, group, expected value, answer and
+    verdict."""
     from lmforge.infer.engine import prompt_ids
     from lmforge.infer.sampling import GenerationConfig
 
@@ -91,7 +97,7 @@ def exact_match(engine: Any, items: list[QAItem], *, max_new_tokens: int = 48, b
     # model must learn to end its turn (EOS itself when it is the template's only end marker).
     turn_end = (set(tok.eot_ids) - {tok.eos_id}) or {tok.eos_id}
     hits: dict[str | None, list[int]] = defaultdict(lambda: [0, 0])
-    stopped, examples = 0, []
+    stopped, examples, answers = 0, [], []
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
         ids = [prompt_ids(engine, list(it.messages), chat=True, system=None, room=room, truncate=True)
@@ -102,6 +108,8 @@ def exact_match(engine: Any, items: list[QAItem], *, max_new_tokens: int = 48, b
                 hits[key][0] += ok
                 hits[key][1] += 1
             stopped += completion.stop_token in turn_end
+            answers.append({"question": item.messages[-1]["content"], "group": item.group,
+                            "expected": item.expected, "answer": completion.text, "correct": ok})  # fmt: skip
             if len(examples) < 3:
                 question = item.messages[-1]["content"]
                 examples.append({"question": question, "expected": item.expected, "answer": completion.text,
@@ -113,8 +121,10 @@ def exact_match(engine: Any, items: list[QAItem], *, max_new_tokens: int = 48, b
         "by_group": {
             g: h[0] / h[1] for g, h in sorted(hits.items(), key=lambda kv: str(kv[0])) if g is not None
         },
+        "intervals": {str(g) if g is not None else "all": wilson(*h) for g, h in hits.items()},
         "ended_with_end_of_turn": stopped / max(total[1], 1),
         "examples": examples,
+        "answers": answers,
     }
 
 

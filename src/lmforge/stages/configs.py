@@ -33,6 +33,13 @@ class DataSection(Section):
     mix: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
     """Share of micro-batches from each of `datasets`, e.g. {domain: 0.8, general: 0.2} (replay against
     forgetting); normalised to sum to 1; empty: equal shares."""
+    sampling: Literal["fixed", "offset", "shuffle"] = "shuffle"
+    """How the document stream is cut into windows each epoch (clm, mlm): shuffle: documents in a fresh order
+    and cut from a random offset every epoch; offset: the prepared order cut from a random offset; fixed: the
+    same cuts every epoch (a small model then memorises text by position and binds no facts to names)."""
+    document_mask: bool = False
+    """clm: each document in a window attends only to itself, positions restarting at its start, and never
+    predicts the next document's first token (intra-document masking, as Llama 3 pretrains)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSection:
@@ -76,6 +83,21 @@ class PretrainConfig(StageConfig):
     """Decoders: prompt of the greedy text samples (null: none)."""
     sample_every: int = Field(0, ge=0)
     """Decoders: log a greedy sample every this many steps (0: only after training)."""
+
+    @model_validator(mode="after")
+    def _sampling_fits_objective(self) -> PretrainConfig:
+        if self.data.document_mask and self.objective != "clm":
+            raise ValueError(
+                f"data.document_mask needs objective clm: {self.objective!r} trains BERT, whose attention "
+                "has no per-document mask (set data.document_mask=false)"
+            )
+        if "nsp" in self.objective and self.data.sampling != "shuffle":
+            raise ValueError(
+                f"data.sampling={self.data.sampling!r} cannot apply to objective {self.objective!r}: NSP draws "
+                "fresh sentence pairs from shuffled documents every epoch, it cuts no windows (leave "
+                "data.sampling at shuffle)"
+            )
+        return self
 
 
 # ------------------------------------------------------------------------------------------- fine-tuning

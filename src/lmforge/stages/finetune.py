@@ -165,7 +165,12 @@ def run_finetune(cfg: FinetuneConfig, out: Path, *, overwrite: bool = False) -> 
             "file": str(cfg.eval.qa),
             "before": qa_before,
             "after": _answer(model, tokenizer, qa, cfg),
+            "answers": str(out / "qa_answers.jsonl"),
         }
+        # Every answer, before and after, beside the results: each figure can be recomputed from it.
+        lines = [json.dumps({"when": when, **a}) for when in ("before", "after")
+                 for a in results["qa"][when].pop("answers")]  # fmt: skip
+        atomic_write(out / "qa_answers.jsonl", "".join(line + "\n" for line in lines))
     lineage = {"parent": str(base_dir), "base_fingerprint": base_fingerprint(base_dir), "data": [ds.id],
                "stage": "finetune", "kind": cfg.kind, "method": cfg.method, "config": run_config,
                "forgetting_reference": forgetting.get("reference"), "lmforge_version": __version__,

@@ -18,14 +18,15 @@ import torch
 from lmforge import __version__
 from lmforge.data.dataset import PreparedDataset
 from lmforge.data.samplers import (
+    DocumentStream,
     EpochSampler,
     MaskedWindows,
     MaskSpec,
     MixSampler,
     Windows,
-    fixed,
     sentence_pairs,
     split_sentences,
+    stream_epochs,
 )
 from lmforge.errors import Interrupted, LmforgeError
 from lmforge.fileio import atomic_write
@@ -78,14 +79,15 @@ ENCODER_ARCHITECTURE = {
 }
 
 
-def _tokens(ds: PreparedDataset, split: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """All token ids of a split in document order (+ the loss mask for chat data)."""
+def _stream(ds: PreparedDataset, split: str) -> DocumentStream:
+    """A split's documents as one token stream in prepared order (+ the loss mask for chat data)."""
     docs = list(ds.documents(split))
     if not docs:
-        return np.zeros(0, dtype=np.int64), None
+        return DocumentStream(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
     ids = np.concatenate([d.ids for d in docs]).astype(np.int64)
     masks = [d.mask for d in docs]
-    return ids, None if masks[0] is None else np.concatenate(masks)
+    lengths = np.array([len(d.ids) for d in docs], dtype=np.int64)
+    return DocumentStream(ids, lengths, None if masks[0] is None else np.concatenate(masks))
 
 
 SENTENCE_ENDERS = (".", "!", "?")
@@ -120,13 +122,22 @@ class _Examples:
     def sampler(self, ds: PreparedDataset, split: str, seed: int) -> EpochSampler | None:
         """Micro-batches of a split, or None when it has too little data for one. The first train split read
         leaves its token ids' counts in `self.train_counts` (the baselines), so no split is read twice."""
-        T = self.cfg.train.seq_len
+        T, data = self.cfg.train.seq_len, self.cfg.data
         if self.objective in ("clm", "mlm"):
-            ids, mask = _tokens(ds, split)
-            self._count(split, ids)
-            examples = Windows(ids, T, mask) if self.objective == "clm" else MaskedWindows(
-                ids, T, self.cls, self.sep, self.spec)  # fmt: skip
-            epochs = fixed(examples)
+            stream = _stream(ds, split)
+            self._count(split, stream.ids)
+            if self.objective == "clm":
+
+                def build(ids: np.ndarray, mask: np.ndarray | None, documents: np.ndarray) -> Windows:
+                    return Windows(ids, T, mask, documents if data.document_mask else None)
+            else:
+
+                def build(ids: np.ndarray, mask: np.ndarray | None, documents: np.ndarray) -> MaskedWindows:
+                    return MaskedWindows(ids, T, self.cls, self.sep, self.spec)
+
+            # Validation reads the same windows every time: only training draws them afresh.
+            sampling = data.sampling if split == "train" else "fixed"
+            epochs = stream_epochs(stream, build, sampling=sampling, period=T, seed=seed)
         else:  # nsp, mlm+nsp: sentence pairs drawn afresh every epoch
             docs = [split_sentences(d.ids, self.enders) for d in ds.documents(split)]
             self._count(split, np.concatenate([s for d in docs for s in d] or [np.zeros(0, np.int64)]))
