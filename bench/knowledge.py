@@ -29,9 +29,48 @@ from lmforge.stages.pretrain import run_pretrain
 from lmforge.tokenizer import train_tokenizer
 
 
+def plot(log: Path, png: Path, tags: list[str], demos: list[Path]) -> None:
+    """B's held-out accuracy after SFT on A (and the control C's) against pretraining tokens (CPU time), one
+    point per run: the logged runs named by `tags` and the demo directories `demos`, with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []  # (minutes, {"B": interval, "C": interval})
+    for line in log.read_text().splitlines():
+        row = json.loads(line)
+        if row["tag"] in tags:
+            points.append((row["pretrain_tokens"] / 1e6, row["qa_after"]))
+    for demo in demos:
+        knowledge = json.loads((demo / "knowledge.json").read_text())
+        pretrained = json.loads((demo / "pretrain" / "results.json").read_text())
+        points.append((pretrained["tokens"] / 1e6, knowledge["after_sft"]))
+    points.sort(key=lambda p: p[0])
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for group, colour in (("B", "tab:blue"), ("C", "tab:grey")):
+        x = [m for m, _ in points]
+        rates = [q[group] for _, q in points]
+        y = [100 * r["accuracy"] for r in rates]
+        err = [[100 * (r["accuracy"] - r["ci95"][0]) for r in rates],
+               [100 * (r["ci95"][1] - r["accuracy"]) for r in rates]]  # fmt: skip
+        label = "B (pretraining only)" if group == "B" else "C (never pretrained: control)"
+        ax.errorbar(x, y, yerr=err, marker="o", linestyle="none", capsize=3, color=colour, label=label)
+    ax.set_xlabel("pretraining tokens, millions (1M: ~1.2 minutes on 2 CPU cores)")
+    ax.set_ylabel("held-out exact match after SFT on A (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--plot", type=Path, help="only draw the curve of --log's runs into this PNG")
+    ap.add_argument("--plot-tag", action="append", default=[], help="--plot: a logged run's tag to draw")
+    ap.add_argument("--demo", type=Path, action="append", default=[], help="--plot: a demo directory to draw")
+    ap.add_argument("--out", type=Path)
     ap.add_argument("--log", type=Path, default=Path("bench/results/knowledge.jsonl"))
     ap.add_argument("--tag", default="")
     ap.add_argument("--seed", type=int, default=0)
@@ -58,7 +97,13 @@ def main() -> None:
     ap.add_argument("--sft-lr", type=float, default=5e-4)
     ap.add_argument("--questions", type=int, default=150, help="held-out questions per group")
     ap.add_argument("--sft-only", action="store_true", help="reuse --out's world, data and pretrained model")
+    ap.add_argument("--sft-data", type=Path, help="a prepared SFT dataset instead of --out's data/sft_a")
     args = ap.parse_args()
+    if args.plot:
+        plot(args.log, args.plot, args.plot_tag, args.demo)
+        return
+    if args.out is None:
+        ap.error("--out is required to run the pipeline")
     torch.set_num_threads(2)
     seconds: dict[str, float] = {}
 
@@ -82,7 +127,7 @@ def main() -> None:
                     limit=args.questions // 6)  # fmt: skip
     fcfg = FinetuneConfig.model_validate({
         "kind": "chat", "method": args.sft_method, "model": str(model_dir),
-        "data": {"dataset": str(out / "data" / "sft_a")},
+        "data": {"dataset": str(args.sft_data or out / "data" / "sft_a")},
         "lora": {"r": 16, "alpha": 32},
         "eval": {"qa": str(w / "eval_qa.jsonl"), "qa_limit": args.questions, "qa_groups": ["A", "B", "C"],
                  "max_new_tokens": 24},

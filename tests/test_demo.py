@@ -44,6 +44,7 @@ def test_demo_end_to_end(tmp_path):
 def _check_knowledge(out: Path, result: dict) -> None:
     """Section (a)'s figures are recomputed from the files the demo wrote, and its fine-tuned model loads in
     transformers + peft with lmforge's logits."""
+    from lmforge.data.world_phrases import QUESTIONS
     from lmforge.eval.stats import wilson
 
     knowledge = result["knowledge"]
@@ -64,6 +65,20 @@ def _check_knowledge(out: Path, result: dict) -> None:
         assert knowledge["after_sft"][group] == wilson(sum(verdicts), len(verdicts))
         low, high = knowledge["after_sft"][group]["ci95"]
         assert 0 <= low <= knowledge["after_sft"][group]["accuracy"] <= high <= 1
+    seen = [json.loads(line) for line in (out / "knowledge_answers.jsonl").read_text().splitlines()]
+    phrasings = {q.format(name="N") for a in world["attributes"] for k, q in enumerate(QUESTIONS[a])
+                 if k in world["train_paraphrases"]}  # fmt: skip
+    for group in "BC":
+        rows = [a for a in seen if a["group"] == group]
+        assert len(rows) == 6 and len({a["question"] for a in rows}) == 6
+        names = {p["name"] for p in world["people"] if p["group"] == group}
+        for a in rows:
+            name = next(n for n in names if n in a["question"])
+            assert a["question"].replace(name, "N") in phrasings  # a phrasing SFT taught, about a new person
+        verdicts = [
+            a["expected"].lower() in re.split(r"[.!?\n]", a["answer"].strip())[0].lower() for a in rows
+        ]
+        assert knowledge["after_sft_trained_phrasings"][group] == wilson(sum(verdicts), len(verdicts))
     assert set(knowledge["storage"]["by_group"]) == {"A", "B"}
     assert knowledge["storage"]["by_group"]["B"]["n"] == 6  # 8 // 6 = 1 person x 6 attributes
     # demo-out/sft/adapter: a PEFT LoRA on demo-out/pretrain/model.

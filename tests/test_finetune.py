@@ -237,7 +237,7 @@ def test_recipe_sft_synthetic(world, tmp_path):
                      "train.max_steps=6", "train.seq_len=64", "train.micro_batch_size=8")  # fmt: skip
     assert result.exit_code == 0, result.output
     qa = json.loads(result.stdout)["qa"]
-    assert qa["before"]["questions"] == qa["after"]["questions"] == 12
+    assert qa["before"]["questions"] == qa["after"]["questions"] == 18  # 6 of each of A, B and C
     assert set(qa["after"]["by_group"]) <= {"A", "B", "C"} and 0 <= qa["after"]["accuracy"] <= 1
     # Every figure is recomputed from the answers the run wrote beside its results.
     from lmforge.eval.stats import wilson
@@ -245,7 +245,7 @@ def test_recipe_sft_synthetic(world, tmp_path):
     answers = [json.loads(line) for line in (tmp_path / "run" / "qa_answers.jsonl").read_text().splitlines()]
     for when in ("before", "after"):
         rows = [a for a in answers if a["when"] == when]
-        assert len(rows) == 12
+        assert len(rows) == 18
         for a in rows:
             first_sentence = re.split(r"[.!?\n]", a["answer"].strip())[0]
             assert a["correct"] == (a["expected"].lower() in " ".join(first_sentence.lower().split()))

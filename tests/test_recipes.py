@@ -18,4 +18,17 @@ def test_recipe_resolves(recipe):
     stage = recipe.name.split("-")[0]  # sft-*, classify-*: `lmforge finetune` recipes
     assert stage in STAGES, f"{recipe.name}: recipe names start with their stage ({', '.join(STAGES)})"
     cfg = load_config(STAGES[stage], recipe, ["train.max_steps=3"])
-    assert cfg.train.max_steps == 3 and cfg.data.dataset is not None
+    sources = cfg.data.sources() if isinstance(cfg, PretrainConfig) else [cfg.data.dataset]
+    assert cfg.train.max_steps == 3 and all(sources)
+
+
+def test_world_recipes_are_what_the_demo_trains():
+    from lmforge.pipeline import demo_plan
+
+    plan = demo_plan()
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    pretrain = load_config(PretrainConfig, root / "pretrain-world.yaml", [])
+    assert pretrain.model.overrides == plan.model and pretrain.train.max_steps == plan.pretrain_steps
+    assert pretrain.data.weights()["qa_a"] == plan.mixed and pretrain.data.sampling == "shuffle"
+    sft = load_config(FinetuneConfig, root / "sft-synthetic.yaml", [])
+    assert (sft.train.max_steps, sft.optim.lr, sft.method) == (plan.sft_steps, plan.sft_lr, "lora")

@@ -356,7 +356,7 @@ def demo(
         bool,
         typer.Option(
             "--full",
-            help="The ~30-minute recipe: 6x the pretraining, every held-out question (tighter intervals).",
+            help="The ~25-minute recipe: 5x the pretraining, every held-out question (tighter intervals).",
         ),
     ] = False,
     pretrain_steps: Annotated[
@@ -379,12 +379,14 @@ def demo(
     """Run the built-in demo end to end (no downloads).
 
     Today: synthesise the world, train its tokenizer, prepare its datasets (pretraining text, SFT chats,
-    medical Q&A, preference pairs), pretrain a ~4M Llama on the world's text, generate from it at two
-    temperatures (the same weights, steered only by sampling), LoRA-fine-tune it on group A's Q&A and compare
-    exact-match answers about A and B (B's facts exist only in pretraining) before and after, with the
-    forgetting delta, build a ~14M Llama for the tokenizer, save it
-    as a Hugging Face directory, reload it bit-exactly, inspect it and the real all-MiniLM-L6-v2, and compare
-    sentences with MiniLM embeddings computed by lmforge's BERT. It grows with each lmforge stage.
+    medical Q&A, preference pairs), pretrain a 1.1M Llama on the world's biographies with group A's Q&A
+    mixed in, probe which facts it stored, generate from it at two temperatures (the same weights, steered
+    only by sampling), LoRA-fine-tune it on group A's Q&A and print section (a): exact-match answers about B
+    (facts only in pretraining) against C (never pretrained: the control), with 95% intervals, plus
+    end-of-turn and the forgetting delta; then build a ~14M Llama for the tokenizer, save it as a Hugging Face
+    directory, reload it bit-exactly, inspect it and the real all-MiniLM-L6-v2, and compare sentences with
+    MiniLM embeddings computed by lmforge's BERT. About 5 minutes on 2 cores (--full: about 25). It grows with
+    each lmforge stage.
     """
     from lmforge.pipeline import run_demo
 
@@ -468,10 +470,13 @@ def _print_knowledge(console: Console, knowledge: dict[str, Any]) -> None:
     console.rule(
         "(a) knowledge: pretraining stores facts, fine-tuning on A's Q&A extracts B's (95% intervals)"
     )
-    table = Table("group", "completes its facts (base model)", "answers held-out questions (after SFT on A)")
+    seen = knowledge["after_sft_trained_phrasings"]
+    table = Table("group", "completes its facts (base model)", "after SFT on A: held-out phrasing",
+                  "after SFT on A: trained phrasings")  # fmt: skip
     for group, after in knowledge["after_sft"].items():
         storage = knowledge["storage"]["by_group"].get(group)
-        table.add_row(f"{group} ({WHERE[group]})", rate(storage) if storage else "-", rate(after))
+        table.add_row(f"{group} ({WHERE[group]})", rate(storage) if storage else "-", rate(after),
+                      rate(seen[group]) if group in seen else "-")  # fmt: skip
     console.print(table)
     b, c = knowledge["after_sft"]["B"], knowledge["after_sft"]["C"]
     verdict = "above" if b["ci95"][0] > c["ci95"][1] else "not clearly above"

@@ -87,11 +87,9 @@ def demo_plan(full: bool = False) -> DemoPlan:
     sizes = WorldSizes()  # its defaults are this recipe's world
     model = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
              "num_key_value_heads": 4}  # fmt: skip
-    if full:
-        return DemoPlan(sizes, model, 2048, pretrain_steps=6000, mixed=0.25, sft_steps=1000, sft_lr=5e-4,
-                        questions=600)  # fmt: skip
-    return DemoPlan(sizes, model, 2048, pretrain_steps=1000, mixed=0.25, sft_steps=300, sft_lr=5e-4,
+    plan = DemoPlan(sizes, model, 2048, pretrain_steps=1500, mixed=0.25, sft_steps=300, sft_lr=5e-4,
                     questions=150)  # fmt: skip
+    return replace(plan, pretrain_steps=8000, questions=600) if full else plan
 
 
 def run_demo(
@@ -175,15 +173,18 @@ def run_demo(
     })  # fmt: skip
     pretrained = timed("pretrain", run_pretrain, pretrain_cfg, out / "pretrain", overwrite=True)
     base = Path(pretrained["model_dir"])
-    people = json.loads((w / "world.json").read_text())
-    storage = timed("storage probe", fact_completion, base, people, groups=("A", "B"),
-                    limit=plan.questions // len(people["attributes"]))  # fmt: skip
+    facts = json.loads((w / "world.json").read_text())  # the ground truth: every person's attributes
+    storage = timed("storage probe", fact_completion, base, facts, groups=("A", "B"),
+                    limit=plan.questions // len(facts["attributes"]))  # fmt: skip
     steering = timed("generate", temperature_contrast, base, seed)
     sft = timed("finetune", finetune_on_a, base, out, w, seed, plan)
+    seen = timed("trained phrasings", ask_in_trained_phrasings, base, Path(sft["adapter"]), facts, plan,
+                 out / "knowledge_answers.jsonl")  # fmt: skip
     knowledge = {
         "storage": storage,
         "after_sft": sft.pop("intervals"),
-        "chance": chance_accuracy(people),
+        "after_sft_trained_phrasings": seen,
+        "chance": chance_accuracy(facts),
         "recipe": {"full": full, **{k: v for k, v in asdict(plan).items() if k != "sizes"},
                    "people": {g: getattr(plan.sizes, f"people_{g.lower()}") for g in "ABC"},
                    "filler_docs": plan.sizes.filler_docs, "name_share": plan.sizes.name_share},
@@ -280,6 +281,21 @@ def finetune_on_a(base: Path, out: Path, world: Path, seed: int, plan: DemoPlan)
         "forgetting": res["forgetting"],
         "adapter": res["output"],
     }
+
+
+def ask_in_trained_phrasings(
+    base: Path, adapter: Path, world: dict[str, Any], plan: DemoPlan, answers: Path
+) -> dict[str, Any]:
+    """B's and C's questions in the phrasings SFT taught (new people, known question shapes), asked of the
+    fine-tuned model: accuracy with 95% intervals per group; every answer written to `answers`."""
+    from lmforge.eval.knowledge import question_items
+    from lmforge.eval.qa import exact_match
+    from lmforge.infer.engine import Engine
+
+    items = question_items(world, ("B", "C"), plan.questions // len(world["attributes"]))
+    result = exact_match(Engine.from_dir(base, device="cpu", adapter=adapter), items, max_new_tokens=32)
+    atomic_write(answers, "".join(json.dumps(a) + "\n" for a in result["answers"]))
+    return {group: result["intervals"][group] for group in ("B", "C")}
 
 
 def chance_accuracy(world: dict[str, Any]) -> float:

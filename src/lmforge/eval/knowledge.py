@@ -12,26 +12,47 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.world_phrases import ANSWERS
+from lmforge.data.world_phrases import ANSWERS, QUESTIONS
 from lmforge.eval.qa import QAItem, is_correct
 from lmforge.eval.stats import wilson
+
+
+def first_people(world: dict[str, Any], groups: tuple[str, ...], limit: int | None) -> list[dict[str, Any]]:
+    """The first `limit` people (all when None) of each of `groups`, in the world's order."""
+    taken: dict[str, int] = defaultdict(int)
+    chosen = []
+    for person in world["people"]:
+        group = person["group"]
+        if group in groups and (limit is None or taken[group] < limit):
+            taken[group] += 1
+            chosen.append(person)
+    return chosen
 
 
 def completion_prompts(world: dict[str, Any], groups: tuple[str, ...], limit: int | None) -> list[dict]:
     """The probe's prompts: for the first `limit` people of each group, each attribute's answer sentence cut
     before the fact: {"prompt", "value", "group", "attribute", "person"}."""
-    taken: dict[str, int] = defaultdict(int)
-    prompts = []
-    for person in world["people"]:
-        group = person["group"]
-        if group not in groups or (limit is not None and taken[group] == limit):
-            continue
-        taken[group] += 1
+    return [
+        {"prompt": ANSWERS[attr].split("{v}")[0].format(name=person["name"]).rstrip(), "value": person[attr],
+         "group": person["group"], "attribute": attr, "person": person["name"]}
+        for person in first_people(world, groups, limit)
+        for attr in world["attributes"]
+    ]  # fmt: skip
+
+
+def question_items(world: dict[str, Any], groups: tuple[str, ...], limit: int | None) -> list[QAItem]:
+    """Questions about the first `limit` people of each group in the world's trained phrasings (each question
+    the next phrasing in turn): new people asked in the shapes SFT taught, where `eval_qa.jsonl`'s held-out
+    phrasing also asks for words the model never saw in a question."""
+    phrasings = world["train_paraphrases"]
+    items = []
+    for person in first_people(world, groups, limit):
         for attr in world["attributes"]:
-            prefix = ANSWERS[attr].split("{v}")[0].format(name=person["name"]).rstrip()
-            prompts.append({"prompt": prefix, "value": person[attr], "group": group, "attribute": attr,
-                            "person": person["name"]})  # fmt: skip
-    return prompts
+            question = QUESTIONS[attr][phrasings[len(items) % len(phrasings)]].format(name=person["name"])
+            items.append(
+                QAItem(({"role": "user", "content": question},), person[attr], "contains", person["group"])
+            )
+    return items
 
 
 def fact_completion(

@@ -126,14 +126,13 @@ class _Examples:
         if self.objective in ("clm", "mlm"):
             stream = _stream(ds, split)
             self._count(split, stream.ids)
-            if self.objective == "clm":
 
-                def build(ids: np.ndarray, mask: np.ndarray | None, documents: np.ndarray) -> Windows:
+            def build(
+                ids: np.ndarray, mask: np.ndarray | None, documents: np.ndarray
+            ) -> Windows | MaskedWindows:
+                if self.objective == "clm":
                     return Windows(ids, T, mask, documents if data.document_mask else None)
-            else:
-
-                def build(ids: np.ndarray, mask: np.ndarray | None, documents: np.ndarray) -> MaskedWindows:
-                    return MaskedWindows(ids, T, self.cls, self.sep, self.spec)
+                return MaskedWindows(ids, T, self.cls, self.sep, self.spec)
 
             # Validation reads the same windows every time: only training draws them afresh.
             sampling = data.sampling if split == "train" else "fixed"
