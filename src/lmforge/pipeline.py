@@ -80,8 +80,8 @@ class DemoPlan:
 
 
 def demo_plan(full: bool = False) -> DemoPlan:
-    """The demo's recipe: the default fits ~6 CPU-minutes on 2 cores in all, `full` ~30 (docs/benchmarks.md,
-    "Knowledge", has the table this recipe came from)."""
+    """The demo's recipe: the default runs ~4.5 minutes on 2 CPU cores in all, `full` ~21 (docs/benchmarks.md,
+    "Knowledge", has the table this recipe came from and both runs' figures)."""
     from lmforge.data.synthetic import WorldSizes
 
     sizes = WorldSizes()  # its defaults are this recipe's world
