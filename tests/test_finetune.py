@@ -209,6 +209,40 @@ def test_bad_input(world, tmp_path):
     )
 
 
+def test_every_loop_field_is_honoured_or_refused(world, tmp_path, monkeypatch):
+    """Fields pretraining uses and finetune cannot are refused with the reason (none is silently ignored), a
+    missing GPU is an error instead of a CPU run, and activation checkpointing trains the same model."""
+    refused = {
+        "train.strategy=fsdp": "train.strategy=fsdp: finetune runs in one process",
+        "train.checkpoint_every=2": "train.checkpoint_every=2: finetune writes no resumable checkpoints yet",
+        "train.keep_checkpoints=5": "train.keep_checkpoints=5: finetune writes no resumable checkpoints yet",
+    }
+    if not torch.cuda.is_available():
+        refused["train.device=cuda"] = "train.device=cuda, but torch sees no CUDA device here"
+    for setting, message in refused.items():
+        result = finetune(world, tmp_path / "bad", setting)
+        assert result.exit_code == 2 and message in " ".join(result.stderr.split()), (setting, result.output)
+        assert not (tmp_path / "bad").exists()  # refused before anything is written
+    import lmforge.stages.finetune as stage
+
+    wrapped = []  # the blocks activation checkpointing wrapped: proof it was applied, not only harmless
+    real = stage.checkpoint_activations
+    monkeypatch.setattr(stage, "checkpoint_activations", lambda m: wrapped.append(real(m)) or m)
+    plain = finetune(world, tmp_path / "plain", "method=lora", "train.max_steps=4", "train.eval_every=0")
+    assert not wrapped
+    recomputed = finetune(world, tmp_path / "ckpt", "method=lora", "train.max_steps=4", "train.eval_every=0",
+                          "train.activation_checkpointing=true")  # fmt: skip
+    assert plain.exit_code == recomputed.exit_code == 0, recomputed.output
+    blocks = list(wrapped[0].model.layers) if wrapped else []
+    assert blocks and all(getattr(b.forward, "_lmforge_checkpointed", False) for b in blocks)
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+         if "loss" in json.loads(line)]
+        for run in ("plain", "ckpt")
+    ]  # fmt: skip
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and len(losses[0]) == 4
+
+
 # ------------------------------------------------------------------------ recipes, each on a small slice
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -98,6 +98,13 @@ def test_pretrain_bad_input(tmp_path, dataset):
             TINY_MODEL.replace("}", ", vocab_size: 64}"),
         ),
     }
+    import torch
+
+    if not torch.cuda.is_available():  # a missing GPU is an error, not a silent CPU run
+        cases["train.device=cuda, but torch sees no CUDA device here"] = (
+            f"data.dataset={dataset}",
+            "train.device=cuda",
+        )
     (tmp_path / "empty").mkdir()
     for message, overrides in cases.items():
         result = pretrain(tmp_path / "bad", *overrides)

@@ -356,7 +356,7 @@ def demo(
         bool,
         typer.Option(
             "--full",
-            help="The ~25-minute recipe: 5x the pretraining, every held-out question (tighter intervals).",
+            help="The ~21-minute recipe: 5x the pretraining, every held-out question (tighter intervals).",
         ),
     ] = False,
     pretrain_steps: Annotated[
@@ -385,7 +385,7 @@ def demo(
     (facts only in pretraining) against C (never pretrained: the control), with 95% intervals, plus
     end-of-turn and the forgetting delta; then build a ~14M Llama for the tokenizer, save it as a Hugging Face
     directory, reload it bit-exactly, inspect it and the real all-MiniLM-L6-v2, and compare sentences with
-    MiniLM embeddings computed by lmforge's BERT. About 5 minutes on 2 cores (--full: about 25). It grows with
+    MiniLM embeddings computed by lmforge's BERT. About 4.5 minutes on 2 cores (--full: about 21). It grows with
     each lmforge stage.
     """
     from lmforge.pipeline import run_demo

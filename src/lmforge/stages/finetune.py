@@ -33,8 +33,10 @@ from lmforge.model.configs import DecoderConfig
 from lmforge.model.decoder import CausalLM
 from lmforge.model.hf import load_model, read_config, save_model
 from lmforge.paths import check_run_dir, start_run
-from lmforge.stages.configs import FinetuneConfig
+from lmforge.stages.configs import FinetuneConfig, FinetuneLoop
 from lmforge.tokenizer import Tokenizer, copy_tokenizer
+from lmforge.train.activations import checkpoint_activations
+from lmforge.train.distributed import training_device
 from lmforge.train.loop import evaluate, train
 from lmforge.train.objectives import OBJECTIVES
 from lmforge.train.optim import build_optimizer
@@ -66,6 +68,7 @@ def run_finetune(cfg: FinetuneConfig, out: Path, *, overwrite: bool = False) -> 
         raise LmforgeError("finetune runs in one process for now: drop --nproc / torchrun")
     if cfg.train.resume:
         raise LmforgeError("finetune runs are short and not resumable yet: start it again with --overwrite")
+    _refuse_unused_fields(cfg)
     replace = check_run_dir(out, cfg, overwrite)
     base_dir = Path(cfg.model)
     ds = PreparedDataset(cfg.data.dataset)
@@ -81,7 +84,7 @@ def run_finetune(cfg: FinetuneConfig, out: Path, *, overwrite: bool = False) -> 
             "method 'prompt' trains causal LMs; a classifier fine-tunes with full, lora or adapter"
         )
     tokenizer = _tokenizer(base_dir, ds)
-    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = torch.device(training_device(cfg.train.device))
     torch.manual_seed(cfg.train.seed)
     model = _classifier(base_dir, ds) if classify else load_model(base_dir)
     if not classify and not isinstance(model, CausalLM):
@@ -102,6 +105,8 @@ def run_finetune(cfg: FinetuneConfig, out: Path, *, overwrite: bool = False) -> 
     qa_before = _answer(model, tokenizer, qa, cfg) if qa else None
 
     model = _apply_method(cfg, model, tokenizer, classify).to(device)
+    if cfg.train.activation_checkpointing:
+        checkpoint_activations(model)
     trainable, total = parameter_counts(model)
     log.info("finetune %s/%s: %s, %s trainable of %s parameters (%.3f%%)", cfg.kind, cfg.method, base_dir,
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)  # fmt: skip
@@ -199,6 +204,24 @@ def run_finetune(cfg: FinetuneConfig, out: Path, *, overwrite: bool = False) -> 
             f"allowed {limit}% (forgetting.max_increase_pct / --max-forgetting); the outputs are in {out}"
         )
     return results
+
+
+def _refuse_unused_fields(cfg: FinetuneConfig) -> None:
+    """Loop fields that only pretraining's multi-process, checkpointed runs use: a value other than the default
+    would be silently ignored here, so it is refused."""
+    defaults = FinetuneLoop()
+    unused = {
+        "strategy": "finetune runs in one process (no --nproc yet)",
+        "checkpoint_every": "finetune writes no resumable checkpoints yet (its model or adapter is written at the "
+        "end; an interrupted run starts again with --overwrite)",
+        "keep_checkpoints": "finetune writes no resumable checkpoints yet",
+    }
+    for field, why in unused.items():
+        value = getattr(cfg.train, field)
+        if value != getattr(defaults, field):
+            raise LmforgeError(
+                f"train.{field}={value}: {why}; leave it at its default ({getattr(defaults, field)})"
+            )
 
 
 def _classifier(base_dir: Path, ds: PreparedDataset) -> nn.Module:

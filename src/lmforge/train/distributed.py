@@ -72,14 +72,24 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def training_device(name: str) -> str:
+    """`train.device` resolved: "auto" is CUDA when torch sees a GPU, else the CPU; "cuda" without one is an
+    error rather than a silent CPU run."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise LmforgeError(f"training runs on cpu or cuda (or auto), got device {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LmforgeError(
+            "train.device=cuda, but torch sees no CUDA device here: set train.device=auto or cpu"
+        )
+    return "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
+
+
 def init_distributed(device: str | None = None) -> Dist:
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1, else a single process.
 
     `device` is "cpu" or "cuda" (default: CUDA when available); on CUDA each process takes GPU LOCAL_RANK.
     """
-    device_type = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type not in ("cpu", "cuda"):
-        raise LmforgeError(f"distributed training runs on cpu or cuda, got device {device_type!r}")
+    device_type = training_device(device or "auto")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
