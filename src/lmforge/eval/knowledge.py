@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.data.world_phrases import ANSWERS, QUESTIONS
-from lmforge.eval.qa import QAItem, is_correct
+from lmforge.eval.qa import QAItem, exact_match
 from lmforge.eval.stats import wilson
 
 
@@ -62,31 +62,22 @@ def fact_completion(
     groups: tuple[str, ...] = ("A", "B"),
     limit: int | None = None,
     max_new_tokens: int = 12,
-    batch_size: int = 64,
 ) -> dict[str, Any]:
     """The storage probe on a base model directory: accuracy per group and per attribute (each with its 95%
     interval) and a few examples."""
     from lmforge.infer.engine import Engine
-    from lmforge.infer.sampling import GenerationConfig
 
-    engine = Engine.from_dir(model_dir, device="cpu")
-    cfg = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens)
     prompts = completion_prompts(world, groups, limit)
-    hits: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-    examples = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        completions = engine.generate([engine.encode(p["prompt"]) for p in batch], cfg)
-        for p, completion in zip(batch, completions, strict=True):
-            ok = is_correct(completion.text, QAItem((), p["value"], "contains"))
-            for key in (("group", p["group"]), ("attribute", p["attribute"])):
-                hits[key][0] += ok
-                hits[key][1] += 1
-            if len(examples) < 4 and p["group"] == groups[-1]:
-                examples.append({"prompt": p["prompt"], "expected": p["value"], "completion": completion.text,
-                                 "correct": ok})  # fmt: skip
+    items = [QAItem(({"role": "user", "content": p["prompt"]},), p["value"], "contains", p["group"])
+             for p in prompts]  # fmt: skip
+    engine = Engine.from_dir(model_dir, device="cpu")
+    result = exact_match(engine, items, max_new_tokens=max_new_tokens, batch_size=64, chat=False)
+    by_attribute: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for p, answer in zip(prompts, result["answers"], strict=True):
+        by_attribute[p["attribute"]][0] += answer["correct"]
+        by_attribute[p["attribute"]][1] += 1
     return {
-        "by_group": {k: wilson(*h) for (kind, k), h in hits.items() if kind == "group"},
-        "by_attribute": {k: wilson(*h) for (kind, k), h in hits.items() if kind == "attribute"},
-        "examples": examples,
+        "by_group": {g: result["intervals"][g] for g in groups if g in result["intervals"]},
+        "by_attribute": {a: wilson(*h) for a, h in by_attribute.items()},
+        "examples": result["examples"],
     }

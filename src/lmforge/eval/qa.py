@@ -81,10 +81,12 @@ def is_correct(answer: str, item: QAItem) -> bool:
     return _normal(answer) == _normal(item.expected)
 
 
-def exact_match(engine: Any, items: list[QAItem], *, max_new_tokens: int = 48, batch_size: int = 32) -> dict:
-    """Greedy answers to every item (chat template, batched): accuracy overall and per group (with 95% Wilson
-    intervals), a few examples, and under "answers" every item's question, group, expected value, answer and
-    verdict."""
+def exact_match(
+    engine: Any, items: list[QAItem], *, max_new_tokens: int = 48, batch_size: int = 32, chat: bool = True
+) -> dict:
+    """Greedy answers to every item (batched; through the chat template, or with `chat=False` the last message
+    as plain text for a base model to continue): accuracy overall and per group (with 95% Wilson intervals), a
+    few examples, and under "answers" every item's question, group, expected value, answer and verdict."""
     from lmforge.infer.engine import prompt_ids
     from lmforge.infer.sampling import GenerationConfig
 
@@ -100,8 +102,8 @@ def exact_match(engine: Any, items: list[QAItem], *, max_new_tokens: int = 48, b
     stopped, examples, answers = 0, [], []
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
-        ids = [prompt_ids(engine, list(it.messages), chat=True, system=None, room=room, truncate=True)
-               for it in batch]  # fmt: skip
+        ids = [prompt_ids(engine, list(it.messages) if chat else it.messages[-1]["content"], chat=chat,
+                          system=None, room=room, truncate=True) for it in batch]  # fmt: skip
         for item, completion in zip(batch, engine.generate(ids, cfg), strict=True):
             ok = is_correct(completion.text, item)
             for key in (None, item.group) if item.group is not None else (None,):

@@ -81,7 +81,9 @@ def training_device(name: str) -> str:
         raise LmforgeError(
             "train.device=cuda, but torch sees no CUDA device here: set train.device=auto or cpu"
         )
-    return "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def init_distributed(device: str | None = None) -> Dist:
