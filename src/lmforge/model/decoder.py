@@ -356,14 +356,20 @@ class CausalLM(nn.Module):
             return self.lm_head(x[:, -1:] if last_only else x)
         shape = targets.shape  # (B, T)
         x, targets = x.flatten(0, 1), targets.flatten()  # (B*T, C), (B*T,)
-        if reduction != "none" and not torch.compiler.is_compiling():
-            # A reduced loss needs the head (C x V, and a V-wide softmax) only at counted positions: SFT
-            # trains ~40% of a packed row. (Under torch.compile the data-dependent shape would break the graph.)
-            counted = targets != IGNORE_INDEX
-            x, targets = x[counted], targets[counted]  # (N, C), (N,)
-        logits = self.lm_head(x).float()  # (N, V), fp32 for a stable log-softmax
-        loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
-        return loss.view(shape) if reduction == "none" else loss
+        if torch.compiler.is_compiling():  # a data-dependent shape would break the graph: every position
+            logits = self.lm_head(x).float()  # (B*T, V)
+            loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+            return loss.view(shape) if reduction == "none" else loss
+        # The head (C x V, and a V-wide softmax) runs only at counted positions: SFT trains ~40% of a packed
+        # row, DPO only the replies.
+        counted = targets != IGNORE_INDEX  # (B*T,)
+        logits = self.lm_head(x[counted]).float()  # (N, V), fp32 for a stable log-softmax
+        loss = F.cross_entropy(logits, targets[counted], reduction=reduction)
+        return (
+            loss.new_zeros(shape.numel()).masked_scatter(counted, loss).view(shape)
+            if reduction == "none"
+            else loss
+        )
 
 
 # -------------------------------------------------------------------------------- classification head

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from lmforge.errors import LmforgeError
 from lmforge.model.decoder import IGNORE_INDEX
 from lmforge.model.encoder import PreTrainingOutput
+from lmforge.train.logprobs import token_logprobs
 
 Batch = dict[str, Tensor]
 """A batch: named tensors, (B, T) or (B,), as the data builders of `lmforge.data.batches` make them."""
@@ -107,16 +108,8 @@ def _clm_counts(batch: Batch) -> Counts:
 
 
 def _clm_losses(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
-    # The decoder's own targets path: the same per-token log-probs SFT, DPO and evaluation read.
-    loss = model(
-        batch["input_ids"],
-        batch["targets"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        segment_ids=batch.get("segment_ids"),
-        reduction="sum",
-    )
-    return {"clm": loss}
+    # The one per-token log-prob path that DPO, RL and evaluation read too.
+    return {"clm": -token_logprobs(model, batch).sum()}
 
 
 clm = Objective(_clm_counts, _clm_losses)
