@@ -1,10 +1,16 @@
 """Bottleneck adapters and prompt tuning: start at the base, switch off to the base, train only themselves,
-round-trip through their directories, and (prompt tuning) match PEFT's logits both ways."""
+round-trip through their directories, and (prompt tuning) match PEFT's logits both ways; the registry of
+every adapter kind."""
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
@@ -13,12 +19,14 @@ from helpers import randomize_, save_random_hf_decoder
 
 from lmforge.adapters.base import adapter_parameter_names, disable_adapter, parameter_counts
 from lmforge.adapters.bottleneck import Bottleneck, apply_bottleneck, load_bottleneck, save_bottleneck
-from lmforge.adapters.prompt import PromptTuned, apply_prompt_tuning, load_prompt, save_prompt
+from lmforge.adapters.io import adapter_kind, load_adapter, save_adapter
+from lmforge.adapters.prompt import PromptTunedCausalLM, apply_prompt_tuning, load_prompt, save_prompt
+from lmforge.adapters.registry import ADAPTER_KINDS
 from lmforge.errors import LmforgeError
 from lmforge.model.configs import preset
-from lmforge.model.decoder import IGNORE_INDEX, KVCache, positions_from_mask
+from lmforge.model.decoder import IGNORE_INDEX, CausalLM, KVCache, positions_from_mask
 from lmforge.model.hf import build_model, load_model
-from lmforge.stages.configs import BottleneckSection, PromptSection
+from lmforge.stages.configs import BottleneckSection, FinetuneConfig, PromptSection
 
 SIZE = 8
 N_VIRTUAL = 5
@@ -139,7 +147,7 @@ def test_bottleneck_of_another_width_is_refused(tmp_path):
 # -------------------------------------------------------------------------------------- prompt tuning
 
 
-def prompt_tuned(seed: int = 0, **overrides: object) -> tuple[PromptTuned, torch.nn.Module]:
+def prompt_tuned(seed: int = 0, **overrides: object) -> tuple[PromptTunedCausalLM, torch.nn.Module]:
     """A prompt-tuned tiny Llama and a copy of its base."""
     base = random_model("tiny-llama", seed, **overrides)
     torch.manual_seed(seed)
@@ -161,6 +169,21 @@ def test_prompt_tuning_trains_only_the_prompt_and_switches_off_to_the_base():
             assert torch.equal(model(ids, ids, reduction="none"), base(ids, ids, reduction="none"))
     model(ids, ids).backward()
     assert [n for n, p in model.named_parameters() if p.grad is not None] == ["prompt_embeddings.weight"]
+
+
+def test_prompt_tuning_keeps_the_base_parameter_names():
+    """No wrapper: the model is its base CausalLM (class switched in place) plus one parameter, as PEFT names it
+    in an adapter file (`prompt_embeddings`), so every base key and tensor is the base's."""
+    model, base = prompt_tuned()
+    assert isinstance(model, CausalLM) and type(model) is PromptTunedCausalLM
+    names = [n for n, _ in base.named_parameters()]
+    assert [n for n, _ in model.named_parameters()] == [*names, "prompt_embeddings.weight"]
+    state = model.state_dict()
+    assert list(state) == [*base.state_dict(), "prompt_embeddings.weight"]
+    assert all(torch.equal(state[k], v) for k, v in base.state_dict().items())
+    assert (base.extra_positions, model.extra_positions) == (0, N_VIRTUAL)
+    with disable_adapter(model):
+        assert model.extra_positions == 0  # switched off it puts nothing in front of the tokens
 
 
 def test_prompt_tuning_losses_match_its_logits():
@@ -303,9 +326,85 @@ def test_prompt_tuning_refuses_encoders_packing_and_other_widths(tmp_path):
     narrow = random_model("tiny-llama", hidden_size=32, intermediate_size=64)
     with pytest.raises(LmforgeError, match="token_dim is 64, but the model's hidden_size is 32"):
         load_prompt(narrow, tmp_path / "p")
+    assert type(narrow) is CausalLM  # a refused load leaves the model as it was
+    with pytest.raises(LmforgeError, match="already prompt-tuned"):
+        apply_prompt_tuning(model, PromptSection())
+    with pytest.raises(LmforgeError, match="not prompt-tuned"):
+        save_prompt(narrow, tmp_path / "q", PromptSection(), "base")
     with pytest.raises(LmforgeError, match="not a bottleneck adapter"):
         load_bottleneck(narrow, tmp_path / "p")
     cfg = BottleneckSection(size=SIZE)
     save_bottleneck(apply_bottleneck(random_model("tiny-llama"), cfg), tmp_path / "b", cfg, "base")
     with pytest.raises(LmforgeError, match="not a prompt-tuning adapter"):
         load_prompt(random_model("tiny-llama"), tmp_path / "b")
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+
+def test_registry_lists_every_adapter_method_of_the_config():
+    """One kind per adapter method of FinetuneConfig, each named by its section's attribute there."""
+    methods = get_args(FinetuneConfig.model_fields["method"].annotation)
+    assert sorted(ADAPTER_KINDS) == sorted(set(methods) - {"full"}) == ["adapter", "lora", "prompt"]
+    for method, kind in ADAPTER_KINDS.items():
+        assert kind.method == method
+        assert FinetuneConfig.model_fields[kind.config_key].annotation is kind.section
+        assert isinstance(kind.section_of(FinetuneConfig(method=method)), kind.section)
+    saved = {m: (k.saved_field, k.saved_value) for m, k in ADAPTER_KINDS.items()}
+    assert saved == {"lora": ("peft_type", "LORA"), "adapter": ("lmforge_adapter", "bottleneck"),
+                     "prompt": ("peft_type", "PROMPT_TUNING")}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", sorted(ADAPTER_KINDS))
+def test_every_adapter_kind_round_trips_through_the_registry(method, tmp_path):
+    """apply → save_adapter → load_adapter on a fresh base gives the same keys and exactly the same logits."""
+    kind = ADAPTER_KINDS[method]
+    base = random_model("tiny-llama")
+    fresh, ids = copy.deepcopy(base), ids_for(base)
+    torch.manual_seed(0)
+    model = kind.apply(base, kind.section())
+    randomize_adapters_(model)
+    save_adapter(model, method, kind.section(), tmp_path / "a", tmp_path / "base")
+    assert adapter_kind(tmp_path / "a") == method
+    loaded = load_adapter(fresh, tmp_path / "a")
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    assert parameter_counts(loaded) == parameter_counts(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+        assert not torch.allclose(loaded(ids), random_model("tiny-llama")(ids), atol=1e-3)
+
+
+def test_save_adapter_refuses_full_and_a_foreign_section(tmp_path):
+    model = apply_bottleneck(random_model("tiny-llama"), BottleneckSection(size=SIZE))
+    with pytest.raises(LmforgeError, match="method 'full' saves no adapter"):
+        save_adapter(model, "full", BottleneckSection(), tmp_path / "a", tmp_path)
+    with pytest.raises(TypeError, match="method 'adapter' takes a BottleneckSection, got PromptSection"):
+        save_adapter(model, "adapter", PromptSection(), tmp_path / "a", tmp_path)
+
+
+def test_adapter_modules_import_no_stage():
+    """The transforms sit below the stages (whose configs embed the adapters' sections): no adapters module
+    imports lmforge.stages, and the registry loads without torch (the transforms are imported on use)."""
+    import lmforge.adapters
+
+    root = Path(lmforge.adapters.__file__).parent
+    for file in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            else:
+                continue
+            assert not any(m.split(".")[:2] == ["lmforge", "stages"] for m in modules), (
+                f"{file.name}:{node.lineno}"
+            )
+    names = ", ".join(f"lmforge.adapters.{f.stem}" for f in sorted(root.glob("*.py")) if f.stem != "__init__")
+    code = (
+        "import sys, lmforge.adapters.registry\n"
+        "print('torch' in sys.modules)\n"
+        f"import {names}\n"
+        "print(sorted(m for m in sys.modules if m.startswith('lmforge.stages')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["False", "[]"]

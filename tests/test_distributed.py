@@ -79,7 +79,7 @@ def run(
     start = load_checkpoint(resume, model, optimizer, dist=dist)["step"] if resume else 0
     batches = iter(global_batches()[start * ACCUM :])
 
-    def save(step: int) -> None:
+    def save(step: int, tokens: int) -> None:
         save_checkpoint(run_dir, step, model, optimizer, tokens=0, data_state={}, lineage=LINEAGE, dist=dist)
 
     summary = train(model, batches, OBJECTIVES["clm"], optimizer, OPTIM, CFG, eval_batches=val_batches,

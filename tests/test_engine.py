@@ -105,6 +105,8 @@ def test_stream_concatenates_to_the_text_and_never_splits_characters(model_dir):
 class Scripted(torch.nn.Module):
     """A stand-in decoder that emits a fixed token sequence (greedy), to drive the streaming logic exactly."""
 
+    extra_positions = 0  # as a CausalLM's: no virtual tokens in front of the prompt
+
     def __init__(self, config, script: list[int]):
         super().__init__()
         self.config, self.script, self.weight = config, script, torch.nn.Parameter(torch.zeros(1))
@@ -273,6 +275,8 @@ def test_speculative_decoding_gives_greedy_tokens_in_fewer_forwards(model_dir, e
 
 class Periodic(torch.nn.Module):
     """A stand-in decoder whose greedy continuation of any prefix of length L is cycle[L % len(cycle)]."""
+
+    extra_positions = 0
 
     def __init__(self, config, cycle: list[int]):
         super().__init__()

@@ -210,13 +210,9 @@ def test_bad_input(world, tmp_path):
 
 
 def test_every_loop_field_is_honoured_or_refused(world, tmp_path, monkeypatch):
-    """Fields pretraining uses and finetune cannot are refused with the reason (none is silently ignored), a
-    missing GPU is an error instead of a CPU run, and activation checkpointing trains the same model."""
-    refused = {
-        "train.strategy=fsdp": "train.strategy=fsdp: finetune runs in one process",
-        "train.checkpoint_every=2": "train.checkpoint_every=2: finetune writes no resumable checkpoints yet",
-        "train.keep_checkpoints=5": "train.keep_checkpoints=5: finetune writes no resumable checkpoints yet",
-    }
+    """A field finetune cannot honour is refused with the reason (none is silently ignored), a missing GPU is an
+    error instead of a CPU run, and activation checkpointing trains the same model."""
+    refused = {"train.strategy=fsdp": "train.strategy=fsdp: finetune runs in one process"}
     if not torch.cuda.is_available():
         refused["train.device=cuda"] = "train.device=cuda, but torch sees no CUDA device here"
     for setting, message in refused.items():
@@ -342,3 +338,44 @@ def test_recipe_banking77_minilm(tmp_path, shared_data, method):
 
     model = load_model(res["output"])  # a plain HF classifier dir (LoRA merged with its head)
     assert type(model).__name__ == "BertForSequenceClassification" and model.config.num_labels == 77
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_is_bit_identical(world, tmp_path, monkeypatch, method):
+    """A finetune run stopped (Ctrl-C) after its step-4 checkpoint and continued with `--resume RUN` logs the
+    same losses and writes the same weights, bit for bit, as a run never stopped; checkpoint_every and
+    keep_checkpoints are honoured (an adapter run checkpoints only its trained tensors)."""
+    import lmforge.train.loop as loop
+
+    sets = (f"method={method}", "train.max_steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=2",
+            "train.deterministic=true", "train.eval_every=4")  # fmt: skip
+    whole = finetune(world, tmp_path / "whole", *sets)
+    assert whole.exit_code == 0, whole.output
+    steps = sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir())
+    assert steps == ["step-000006", "step-000008"]  # every 2 steps, the newest 2 kept
+    trained = tmp_path / "whole" / "checkpoints" / "step-000008" / "train_state" / "trained.safetensors"
+    assert trained.is_file() == (method == "lora")
+
+    real_next = loop._next
+
+    def stop_at_5(batches, step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real_next(batches, step)
+
+    monkeypatch.setattr(loop, "_next", stop_at_5)
+    stopped = finetune(world, tmp_path / "run", *sets)
+    assert stopped.exit_code == 130 and "lmforge finetune --resume" in stopped.output
+    monkeypatch.setattr(loop, "_next", real_next)
+    resumed = runner.invoke(app, ["finetune", "--resume", str(tmp_path / "run"), "--json"])
+    assert resumed.exit_code == 0, resumed.output
+
+    def losses(run: str) -> list[tuple]:
+        lines = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r.get("loss"), r.get("val_loss")) for r in lines]
+
+    assert losses("run") == losses("whole")
+    a, b = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("whole", "run"))
+    assert a["forgetting"] == b["forgetting"] and a["val_loss_before"] == b["val_loss_before"]
+    output = "adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"
+    assert (tmp_path / "whole" / output).read_bytes() == (tmp_path / "run" / output).read_bytes()

@@ -32,7 +32,7 @@ from lmforge.config import StageConfig, config_help, load_config, save_config, v
 from lmforge.data.prepare import PrepareConfig
 from lmforge.errors import LmforgeError, RunFailed
 from lmforge.paths import check_run_dir
-from lmforge.stages.configs import FinetuneConfig, PretrainConfig
+from lmforge.stages.configs import AlignConfig, FinetuneConfig, PretrainConfig
 
 log = logging.getLogger(__name__)
 C = TypeVar("C", bound=StageConfig)
@@ -708,6 +708,31 @@ add_stage_command(
             float,
             "Fail the run when the reference perplexity rises by more than PCT per cent",
         )
+    },
+)
+
+
+def _align(cfg: AlignConfig, out: Path, overwrite: bool) -> dict:
+    from lmforge.stages.align import run_align
+
+    return run_align(cfg, out, overwrite=overwrite)
+
+
+add_stage_command(
+    app,
+    "align",
+    AlignConfig,
+    _align,
+    help="Align a model to preferences: a reward model (method=reward), DPO and its family (dpo, ipo, hinge, "
+    "simpo, orpo) on preference pairs, or RL from rewards (grpo, ppo) on prompts; measures held-out pair "
+    "accuracy, rewards, win rate and forgetting.",
+    shortcuts={
+        "method": ("method", str, "reward, dpo, ipo, hinge, simpo, orpo, grpo or ppo"),
+        "max_forgetting": (
+            "forgetting.max_increase_pct",
+            float,
+            "Fail the run when the reference perplexity rises by more than PCT per cent",
+        ),
     },
 )
 

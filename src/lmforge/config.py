@@ -81,7 +81,10 @@ def _type_text(annotation: Any) -> str:
     if origin in (Union, types.UnionType):
         return " | ".join(map(_type_text, args))
     if origin is Literal:
-        return f"Literal[{', '.join(map(repr, args))}]"
+        text = f"Literal[{', '.join(map(repr, args))}]"
+        return (
+            text if len(text) <= 48 else "str"
+        )  # a long choice reads as str; its description names each one
     if annotation is type(None):
         return "None"
     if args and isinstance(origin, type):

@@ -19,11 +19,11 @@ from lmforge.adapters.base import (
     train_only_adapters,
     write_adapter_dir,
 )
+from lmforge.adapters.sections import BottleneckSection
 from lmforge.errors import LmforgeError
 from lmforge.model.decoder import Block
 from lmforge.model.encoder import Layer
 from lmforge.model.linear import Linear
-from lmforge.stages.configs import BottleneckSection
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 

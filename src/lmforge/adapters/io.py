@@ -11,6 +11,8 @@ from typing import Any
 from torch import nn
 
 from lmforge.adapters.base import CONFIG_FILE, read_adapter_config
+from lmforge.adapters.registry import ADAPTER_KINDS
+from lmforge.config import Section
 from lmforge.errors import LmforgeError
 from lmforge.fileio import sha256_file
 from lmforge.model.hf import load_model, weight_files
@@ -26,33 +28,24 @@ def base_fingerprint(model_dir: Path) -> str:
 
 
 def adapter_kind(adapter_dir: Path) -> str:
-    """ "lora", "prompt" or "adapter" (bottleneck), from the directory's adapter_config.json."""
+    """The method name of a directory's adapter: "lora", "adapter" (bottleneck) or "prompt" (ADAPTER_KINDS keys)."""
     config = read_adapter_config(adapter_dir)
-    kind = {"LORA": "lora", "PROMPT_TUNING": "prompt"}.get(config.get("peft_type") or "")
-    if config.get("lmforge_adapter") == "bottleneck":
-        kind = "adapter"
-    if kind is None:
-        raise LmforgeError(
-            f"{Path(adapter_dir) / CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not supported; expected LORA or PROMPT_TUNING "
-            "(or an lmforge bottleneck adapter)"
-        )
-    return kind
+    for kind in ADAPTER_KINDS.values():
+        if kind.matches(config):
+            return kind.method
+    known = ", ".join(f"{k.saved_field} {k.saved_value!r}" for k in ADAPTER_KINDS.values())
+    raise LmforgeError(
+        f"{Path(adapter_dir) / CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not supported; expected "
+        f"one of: {known}"
+    )
 
 
-def save_adapter(model: nn.Module, cfg: Any, out_dir: Path, base_dir: Path) -> Path:
-    """Write the adapter of a fine-tuned `model` (cfg: the FinetuneConfig) to `out_dir`."""
-    base = str(Path(base_dir).resolve())
-    if cfg.method == "lora":
-        from lmforge.adapters.lora import save_lora
-
-        return save_lora(model, out_dir, cfg.lora, base)
-    if cfg.method == "adapter":
-        from lmforge.adapters.bottleneck import save_bottleneck
-
-        return save_bottleneck(model, out_dir, cfg.adapter, base)
-    from lmforge.adapters.prompt import save_prompt
-
-    return save_prompt(model, out_dir, cfg.prompt, base)
+def save_adapter(model: nn.Module, method: str, section: Section, out_dir: Path, base_dir: Path) -> Path:
+    """Write the adapter of `model`, adapted by `method` (an ADAPTER_KINDS key) with `section`, to `out_dir`;
+    its `base_model_name_or_path` is `base_dir`."""
+    if method not in ADAPTER_KINDS:
+        raise LmforgeError(f"method {method!r} saves no adapter; adapter methods: {', '.join(ADAPTER_KINDS)}")
+    return ADAPTER_KINDS[method].save(model, section, out_dir, str(Path(base_dir).resolve()))
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path, base_dir: Path | None = None) -> nn.Module:
@@ -69,17 +62,7 @@ def load_adapter(model: nn.Module, adapter_dir: Path, base_dir: Path | None = No
                 f"{adapter_dir} was trained on {parent} (weights fingerprint {expected[:12]}); {base_dir} has other "
                 f"weights (fingerprint {found[:12]}): load it on its own base"
             )
-    if kind == "lora":
-        from lmforge.adapters.lora import load_lora
-
-        return load_lora(model, adapter_dir)
-    if kind == "adapter":
-        from lmforge.adapters.bottleneck import load_bottleneck
-
-        return load_bottleneck(model, adapter_dir)
-    from lmforge.adapters.prompt import load_prompt
-
-    return load_prompt(model, adapter_dir)
+    return ADAPTER_KINDS[kind].load(model, adapter_dir)
 
 
 def load_with_adapter(

@@ -27,10 +27,10 @@ from lmforge.adapters.base import (
     weights_file,
     write_adapter_dir,
 )
+from lmforge.adapters.sections import LoraSection
 from lmforge.errors import LmforgeError
 from lmforge.model.hf import open_safetensors
 from lmforge.model.linear import Linear
-from lmforge.stages.configs import LoraSection
 
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model (the HF model)
 TASK_TYPES = {

@@ -74,9 +74,9 @@ def sft_rows(
     kept: list[Sample] = []
     for ids, mask in samples:
         if len(ids) > T:
-            ids, mask = ids[:T], None if mask is None else mask[:T]
             counts["cut"] += 1
-        if len(ids) < 2 or (mask is not None and not np.asarray(mask[1:]).any()):
+        ids, mask = _fit(ids, mask, T)
+        if not _trains(ids, mask):
             counts["dropped"] += 1
             continue
         kept.append((ids, mask))
@@ -110,6 +110,41 @@ def sft_rows(
             start += n
     rows_out = {"input_ids": input_ids, "targets": targets}
     return ({**rows_out, "segment_ids": segment_ids} if pack else rows_out), counts
+
+
+def _fit(ids: np.ndarray, mask: np.ndarray | None, T: int) -> Sample:
+    """A sample's first T tokens (and mask)."""
+    return ids[:T], None if mask is None else mask[:T]
+
+
+def _trains(ids: np.ndarray, mask: np.ndarray | None) -> bool:
+    """Whether a (cut) sample has a target left: a second token, and one whose mask is set."""
+    return len(ids) >= 2 and (mask is None or bool(np.asarray(mask[1:]).any()))
+
+
+def preference_rows(
+    pairs: Sequence[tuple[Sample, Sample]], seq_len: int, pad_id: int
+) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """Preference pairs (chosen sample, rejected sample) → rows {"chosen_input_ids", "chosen_targets",
+    "rejected_input_ids", "rejected_targets"} (N, seq_len) as `sft_rows` lays one sample per row (targets only
+    on the reply), "chosen_length", "rejected_length" (N,) and "pair" (N,) the pair's index; counts {"cut",
+    "dropped"}. A pair is left out ("dropped") when either reply has no token within the first `seq_len`."""
+    counts = {"cut": 0, "dropped": 0}
+    kept: list[tuple[int, Sample, Sample]] = []
+    for i, (chosen, rejected) in enumerate(pairs):
+        counts["cut"] += len(chosen[0]) > seq_len or len(rejected[0]) > seq_len
+        chosen, rejected = _fit(*chosen, seq_len), _fit(*rejected, seq_len)
+        if _trains(*chosen) and _trains(*rejected):
+            kept.append((i, chosen, rejected))
+        else:
+            counts["dropped"] += 1
+    rows: dict[str, Tensor] = {"pair": torch.tensor([i for i, _, _ in kept], dtype=torch.int64)}
+    for side, column in ((1, "chosen"), (2, "rejected")):
+        samples = [k[side] for k in kept]
+        built, _ = sft_rows(samples, seq_len, pad_id, pack=False)
+        rows[f"{column}_input_ids"], rows[f"{column}_targets"] = built["input_ids"], built["targets"]
+        rows[f"{column}_length"] = torch.tensor([len(ids) for ids, _ in samples], dtype=torch.int64)
+    return rows, counts
 
 
 def classification_rows(

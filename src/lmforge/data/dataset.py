@@ -88,6 +88,13 @@ class ShardWriter:
         self.shards.append({"documents": len(lengths), "files": files})
         self.buffers, self.labels, self.buffered = {}, [], 0
 
+    def relabel(self, ids: np.ndarray) -> None:
+        """Renumber the written labels: label l becomes ids[l] (each shard's labels file rewritten, its sha256
+        updated)."""
+        for shard in self.shards:
+            for name in [f for f in shard["files"] if f.endswith(".labels.npy")]:
+                shard["files"][name] = _write(self.root / name, ids[np.load(self.root / name)])
+
     def summary(self) -> dict:
         """The split's manifest entry: counts and every shard's files with their sha256."""
         return {
@@ -109,7 +116,8 @@ def _write(path: Path, array: np.ndarray) -> str:
 
 @dataclass(frozen=True)
 class Document:
-    """One prepared document: token ids, its loss mask (None: every token counts) and its class label."""
+    """One prepared document: token ids, its loss mask (None: every token counts) and its label (the class of a
+    classification document, the subset of a preference pair: manifest `labels` / `subsets` name them)."""
 
     ids: np.ndarray
     mask: np.ndarray | None

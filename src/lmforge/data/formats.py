@@ -20,6 +20,9 @@ Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
 # label columns tried when label_field is left at "label"; `category` is BANKING77's
 LABEL_FIELDS = ("label", "category")
+# a preference pair's subset, reported apart by reward evaluation: RewardBench's `subset`, else the synthetic
+# world's `rejected_kind` (wrong / terse / unsafe)
+SUBSET_FIELDS = ("subset", "rejected_kind")
 _DETECT_SAMPLE = 8
 
 
@@ -36,7 +39,7 @@ class Example:
     chosen: str | None = None  # preference: the final assistant replies
     rejected: str | None = None
     label: int | None = None  # classification
-    label_name: str | None = None
+    label_name: str | None = None  # and its name; preference: the pair's subset, when the record names one
     answer: str | None = None  # GSM8K's final answer (after ####), commas removed
 
 
@@ -131,7 +134,20 @@ def _preference(record: Record, prompt: list[Message], chosen: str, rejected: st
         raise _Invalid("the prompt does not end with a user turn; expected the turns before the replies")
     if chosen == rejected:
         raise _Invalid("chosen and rejected are the same reply; expected two different replies")
-    return Example(_id(record), "preference", messages=tuple(prompt), chosen=chosen, rejected=rejected)
+    return Example(
+        _id(record), "preference", messages=tuple(prompt), chosen=chosen, rejected=rejected,
+        label_name=_subset(record.data),
+    )  # fmt: skip
+
+
+def _subset(d: dict) -> str | None:
+    """The pair's subset: the first of SUBSET_FIELDS the record holds (None when it holds neither)."""
+    key = next((k for k in SUBSET_FIELDS if d.get(k) is not None), None)
+    if key is None:
+        return None
+    if not isinstance(d[key], str) or not d[key].strip():
+        raise _Invalid(f"field {key!r} is {_describe(d[key])}; expected the name of the pair's subset")
+    return d[key]
 
 
 # --- converters, one per format
@@ -308,7 +324,9 @@ FORMATS: dict[str, Format] = {
     ),
     "alpaca": Format("instruction, input (optional), output", _has("instruction", "output"), _alpaca),
     "preference": Format(
-        "prompt, chosen, rejected", _has("prompt", "chosen", "rejected"), _explicit_preference
+        "prompt, chosen, rejected, subset (optional)",
+        _has("prompt", "chosen", "rejected"),
+        _explicit_preference,
     ),
     "hh_rlhf": Format("chosen, rejected ('\\n\\nHuman:' transcripts)", _is_hh, _hh_rlhf),
     "prompt_completion": Format("prompt, completion", _has("prompt", "completion"), _prompt_completion),

@@ -7,7 +7,8 @@ Layout of a prepared dataset directory:
     train/00000.tokens.bin            token ids, uint16 when the vocabulary fits, else uint32 (np.memmap-able)
     train/00000.tokens.docs.npy       int64 document offsets into the shard: doc i is [docs[i], docs[i+1])
     train/00000.tokens_mask.bin       uint8, 1 = trained on (chat data: assistant replies + end-of-turn)
-    train/00000.labels.npy            int64 class per document (classification data)
+    train/00000.labels.npy            int64 class per document (classification data), or subset per pair
+                                      (preference data whose records name one: manifest `subsets`, id -> name)
     val/...                           the same for the validation split
     rejects.jsonl                     bad records, with --skip-bad
 
@@ -33,7 +34,7 @@ from pydantic import Field
 from lmforge import __version__
 from lmforge.config import Section
 from lmforge.data.dataset import ShardWriter
-from lmforge.data.formats import Example, detect_format, load_label_map, to_examples
+from lmforge.data.formats import SUBSET_FIELDS, Example, detect_format, load_label_map, to_examples
 from lmforge.data.governance import contamination
 from lmforge.data.readers import (
     BadRecord,
@@ -150,6 +151,12 @@ def fingerprint(cfg: PrepareConfig, digests: dict[Path, str], tokenizer_hash: st
     return h.hexdigest()
 
 
+def input_digests(inputs: Sequence[Path]) -> dict[Path, str]:
+    """Every input file (directories expanded as `data prepare` does) with the sha256 of its bytes: what
+    `fingerprint` reads."""
+    return {path: _tree_sha256(path) for path in iter_files(inputs)}
+
+
 def _tree_sha256(path: Path) -> str:
     if path.is_file():
         return sha256_file(path)
@@ -175,9 +182,7 @@ def prepare(
     holds_dataset = check_output(out, "dataset", inputs=config_paths(cfg), overwrite=True)
     inputs = iter_files(cfg.inputs)
     tok = Tokenizer.from_dir(cfg.tokenizer)
-    digests = {
-        path: _tree_sha256(path) for path in inputs
-    }  # read once: the cache key and the manifest use them
+    digests = input_digests(inputs)  # read once: the cache key and the manifest use them
     key = fingerprint(cfg, digests, tok.hash)
     if holds_dataset:
         old = json.loads((out / "manifest.json").read_text())
@@ -221,6 +226,8 @@ def _prepare_into(
     kinds: set[str] = set()
     writers = {s: ShardWriter(root / s, dtype, cfg.shard_tokens) for s in ("train", "val")}
     label_names: dict[int, str | None] = {}  # classification: every label id seen or named, with its name
+    subset_ids: dict[str, int] = {}  # preference: every subset name seen, numbered in order of appearance
+    subsets_named: set[bool] = set()  # whether chunks of preference pairs name subsets: never both
 
     contamination_report = _contamination_report(cfg, inputs) if cfg.eval_sets else None
     drop_ids = set(contamination_report["drop_ids"]) if contamination_report and cfg.decontaminate else set()
@@ -271,7 +278,18 @@ def _prepare_into(
                 if dup := dedup.add_key(doc_id, key, snippet):
                     dedup_dropped[dup.kind] += 1
                     keep[i] = False
-        if chunk.labels is not None:
+        if "preference" in chunk.kinds and len(chunk.in_val):
+            subsets_named.add(chunk.labels is not None)
+            if len(subsets_named) > 1:
+                raise LmforgeError(
+                    f"{report['path']}: some preference pairs name their subset ({' or '.join(SUBSET_FIELDS)}) "
+                    "and others do not; expected every pair of a dataset to name its subset, or none"
+                )
+        if chunk.labels is not None and chunk.labels.dtype.kind == "U":  # preference subsets, by name
+            names, index = np.unique(chunk.labels, return_inverse=True)
+            ids = [subset_ids.setdefault(name, len(subset_ids)) for name in names.tolist()]
+            chunk.labels = np.array(ids, np.int64)[index]
+        elif chunk.labels is not None:
             for label in np.unique(chunk.labels).tolist():
                 label_names.setdefault(label, None)
         writers["train"].add(chunk.columns, chunk.labels, keep & ~chunk.in_val)
@@ -293,6 +311,12 @@ def _prepare_into(
             raise LmforgeError(f"{report['path']}: no records (empty file?)")
     for w in writers.values():
         w.flush()
+    subsets = sorted(subset_ids)  # ids by sorted name: the same whatever order the pairs came in
+    if subsets != list(subset_ids):
+        renumber = np.empty(len(subsets), np.int64)
+        renumber[[subset_ids[name] for name in subsets]] = np.arange(len(subsets))
+        for w in writers.values():
+            w.relabel(renumber)
     if rejects:
         lines = [
             json.dumps({"source": b.source, "where": b.where, "reason": b.reason, "raw": b.raw})
@@ -322,6 +346,8 @@ def _prepare_into(
         "lmforge_version": __version__,
         "kind": next(iter(kinds), None),
         "labels": labels,
+        # only when pairs name subsets: the manifests (and ids) of other datasets stay as they were
+        **({"subsets": {str(i): name for i, name in enumerate(subsets)}} if subsets else {}),
         "dtype": dtype.name,
         "inputs": input_reports,
         "rejected": len(rejects),

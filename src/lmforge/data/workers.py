@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lmforge.data.dataset import Column
-from lmforge.data.formats import Example, to_examples
+from lmforge.data.formats import SUBSET_FIELDS, Example, to_examples
 from lmforge.data.governance import DedupKey, Deduplicator, find_pii_many, masked
 from lmforge.data.readers import BadRecord, Record, TextSplit, decode_chunk
 from lmforge.errors import LmforgeError
@@ -50,7 +50,7 @@ class Chunk:
     per column and per chunk, not one per document, so it crosses processes and is written cheaply."""
 
     columns: dict[str, Column] = field(default_factory=dict)
-    labels: np.ndarray | None = None  # class per kept example (classification)
+    labels: np.ndarray | None = None  # per kept example: class id (classification), subset name (preference)
     in_val: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     # With dedup on: each kept example's id, dedup key and first 200 characters, for the main process to add.
     ids: list[str] = field(default_factory=list)
@@ -175,8 +175,9 @@ def _scrub(
 
 
 def _encode(examples: list[Example]) -> tuple[dict[str, Column], np.ndarray | None]:
-    """Tokenise examples of one kind into columns (and labels): text in one batched call (EOS appended by it, BOS
-    inserted by one array operation), chats and preference pairs through the chat template."""
+    """Tokenise examples of one kind into columns (and labels: classes, or preference subsets by name): text in one
+    batched call (EOS appended by it, BOS inserted by one array operation), chats and preference pairs through the
+    chat template."""
     tok, template, cfg = _worker["tok"], _worker["template"], _worker["cfg"]
     kind = examples[0].kind if examples else None
     if kind == "text":
@@ -197,7 +198,23 @@ def _encode(examples: list[Example]) -> tuple[dict[str, Column], np.ndarray | No
         ids, offsets = flat_ids([r.ids for r in rendered])
         mask = np.fromiter(chain.from_iterable(r.mask for r in rendered), np.uint8, len(ids))
         columns[name] = (ids, offsets, mask)
-    return columns, None
+    return columns, _subsets(examples) if kind == "preference" else None
+
+
+def _subsets(examples: list[Example]) -> np.ndarray | None:
+    """Preference pairs' subsets by name (the main process numbers them, as it sees the whole dataset), or None
+    when no pair names one."""
+    names = [ex.label_name for ex in examples]
+    if all(name is None for name in names):
+        return None
+    if None in names:
+        named = next(ex.id for ex in examples if ex.label_name is not None)
+        unnamed = next(ex.id for ex in examples if ex.label_name is None)
+        raise LmforgeError(
+            f"preference pair {unnamed} names no subset ({' or '.join(SUBSET_FIELDS)}) but pair {named} does; "
+            "expected every pair of a dataset to name its subset, or none"
+        )
+    return np.array(names, dtype=np.str_)
 
 
 def _conversation(ex: Example, column: str) -> Sequence[dict]:

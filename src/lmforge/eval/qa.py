@@ -91,9 +91,7 @@ def exact_match(
     from lmforge.infer.sampling import GenerationConfig
 
     cfg = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens)
-    room = (
-        engine.config.max_position_embeddings - max_new_tokens - getattr(engine.model, "extra_positions", 0)
-    )
+    room = engine.config.max_position_embeddings - max_new_tokens - engine.model.extra_positions
     tok = engine.tokenizer
     # The chat template's end-of-turn (e.g. <|im_end|>), not EOS: a base model ends text with EOS, a chat
     # model must learn to end its turn (EOS itself when it is the template's only end marker).

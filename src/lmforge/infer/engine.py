@@ -103,7 +103,7 @@ class Engine:
     def context(self) -> int:
         """Tokens the prompt and the generated ones share: the model's positions less prompt tuning's virtual
         tokens, which sit in the cache too."""
-        return self.config.max_position_embeddings - getattr(self.model, "extra_positions", 0)
+        return self.config.max_position_embeddings - self.model.extra_positions
 
     @classmethod
     def from_dir(
@@ -120,8 +120,7 @@ class Engine:
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_with_adapter(Path(path), adapter, device=device, dtype=dtype)
-        # Prompt tuning wraps the CausalLM as `base`; a decoder either way has the LM head.
-        if not hasattr(getattr(model, "base", model), "lm_head"):
+        if not hasattr(model, "lm_head"):
             raise LmforgeError(f"{path}: a {type(model).__name__} cannot generate text (a decoder is needed)")
         return cls(model, Tokenizer.from_dir(path), defaults=GenerationConfig.from_model_dir(path))
 
@@ -159,7 +158,7 @@ class Engine:
         check_room([len(p) for p in prompts], self.context, cfg.max_new_tokens)
         rows_ids = [list(p) for p in prompts for _ in range(cfg.n)]
         longest = max(len(p) for p in rows_ids)
-        extra = getattr(self.model, "extra_positions", 0)  # prompt tuning's virtual tokens, in the cache
+        extra = self.model.extra_positions  # prompt tuning's virtual tokens, in the cache
         B, P, N = len(rows_ids), longest, cfg.max_new_tokens
         dev = self.device
         # tokens (B, P + N): left-padded prompts, then the generated ids; valid marks real tokens.

@@ -318,6 +318,12 @@ class CausalLM(nn.Module):
         """The `architectures` entry HF uses for this family."""
         return self.architectures[self.config.model_type]
 
+    @property
+    def extra_positions(self) -> int:
+        """Positions the model puts in front of the given tokens (and in the KV cache): 0; prompt tuning's
+        virtual tokens in a prompt-tuned model."""
+        return 0
+
     def tied_weights(self) -> dict[str, str]:
         """State-dict keys that share another key's tensor: {tied key: source key}."""
         return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}

@@ -7,6 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from lmforge.adapters.sections import BottleneckSection, LoraSection, PromptSection
 from lmforge.config import Section, StageConfig
 from lmforge.train.sections import LoopSection, OptimSection
 
@@ -27,9 +28,12 @@ class DataSection(Section):
     """The prepared data (`lmforge data prepare`): train splits train, val splits validate."""
 
     dataset: Path | None = None
-    """Prepared dataset directory (manifest.json and token shards)."""
+    """Prepared dataset directory (manifest.json and token shards), or raw data files (a file, directory or glob
+    that `lmforge data prepare` reads), prepared on first use with `tokenizer` and cached by content."""
     datasets: dict[str, Path] = Field(default_factory=dict)
-    """Several named prepared datasets instead, mixed by `mix`, e.g. {domain: runs/med, general: runs/web}."""
+    """Several named datasets instead (prepared or raw), mixed by `mix`, e.g. {domain: runs/med, general: web.txt}."""
+    tokenizer: Path | None = None
+    """Tokenizer directory that prepares raw `dataset(s)` (default: model.init_from's own)."""
     mix: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
     """Share of micro-batches from each of `datasets`, e.g. {domain: 0.8, general: 0.2} (replay against
     forgetting); normalised to sum to 1; empty: equal shares."""
@@ -102,46 +106,6 @@ class PretrainConfig(StageConfig):
 
 # ------------------------------------------------------------------------------------------- fine-tuning
 
-DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                        "query", "key", "value", r"attention\.output\.dense", r"intermediate\.dense",
-                        r"output\.dense"]  # fmt: skip
-
-
-class LoraSection(Section):
-    """LoRA: W x + (alpha / r) B A x on the chosen Linear layers, B zero at the start (PEFT's layout and keys)."""
-
-    r: int = Field(8, ge=1)
-    """Rank of the update B A."""
-    alpha: float = Field(16.0, gt=0)
-    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora)."""
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Dropout on the LoRA branch's input during training."""
-    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    """Regular expressions; a Linear is adapted when one matches the end of its qualified name
-    (default: the attention and MLP projections of the decoders and BERT)."""
-    rslora: bool = False
-    """Rank-stabilised scaling alpha / sqrt(r)."""
-    dora: bool = False
-    """DoRA: also learn each output row's magnitude of the updated weight."""
-
-
-class BottleneckSection(Section):
-    """Houlsby bottleneck adapters after each block's attention and MLP: x + up(act(down(x))), up zero at start."""
-
-    size: int = Field(32, ge=1)
-    """Bottleneck width."""
-    activation: Literal["relu", "gelu", "silu"] = "gelu"
-    """Non-linearity between the down and up projections."""
-
-
-class PromptSection(Section):
-    """Prompt tuning: learned virtual-token embeddings prepended to every input (PEFT's PROMPT_TUNING)."""
-
-    num_virtual_tokens: int = Field(16, ge=1)
-    """Number of learned vectors."""
-    init_text: str | None = None
-    """Initialise the vectors from this text's token embeddings (repeated to length); null: random tokens'."""
-
 
 class ForgettingSection(Section):
     """Forgetting: perplexity on a reference set before and after fine-tuning."""
@@ -159,7 +123,10 @@ class FinetuneData(Section):
     """The prepared fine-tuning data (`lmforge data prepare` of chat, instruction, classification or text data)."""
 
     dataset: Path | None = None
-    """Prepared dataset directory; its train split trains, its val split validates."""
+    """Prepared dataset directory, or raw data files (a file, directory or glob that `lmforge data prepare`
+    reads), prepared on first use with `tokenizer` and cached by content; its train split trains, val validates."""
+    tokenizer: Path | None = None
+    """Tokenizer directory that prepares a raw `dataset` (default: the base model's own)."""
     packing: bool = True
     """Pack several samples into each row (attention isolated per sample; positions restart per sample)."""
     group_by_length: bool = True
@@ -183,7 +150,7 @@ class FinetuneEval(Section):
 
 
 class FinetuneLoop(LoopSection):
-    """The training loop, with fine-tuning's defaults (short runs, regular validation)."""
+    """The training loop, with fine-tuning's and alignment's defaults (short runs, regular validation)."""
 
     max_steps: int = Field(100, ge=1)
     """Optimizer steps."""
@@ -230,3 +197,137 @@ class FinetuneConfig(StageConfig):
     """The training loop."""
     optim: FinetuneOptim = Field(default_factory=FinetuneOptim)
     """The optimiser and learning-rate schedule."""
+
+
+# ------------------------------------------------------------------------------------------------ alignment
+
+PREFERENCE_METHODS = ("dpo", "ipo", "hinge", "simpo", "orpo")
+RL_METHODS = ("grpo", "ppo")
+
+
+class AlignData(Section):
+    """What alignment trains on: preference pairs (reward, dpo, ipo, hinge, simpo, orpo) or prompts (grpo, ppo)."""
+
+    dataset: Path | None = None
+    """Preference pairs: a prepared dataset or raw files (HH-RLHF transcripts, prompt/chosen/rejected records,
+    the world's preferences.jsonl), prepared on first use with `tokenizer`; train split trains, val evaluates."""
+    tokenizer: Path | None = None
+    """Tokenizer directory that prepares a raw `dataset` (default: the model's own)."""
+    prompts: Path | None = None
+    """grpo, ppo: prompt records (GSM8K questions, the world's questions or medical prompts, {"prompt": ...})."""
+    prompts_limit: int | None = Field(None, ge=1)
+    """Prompts of `prompts` to train on at most (the first ones; null: all)."""
+
+
+class RewardSettings(Section):
+    """method reward: a Bradley–Terry scalar head on the model (a `*ForSequenceClassification`, num_labels 1)."""
+
+    margin: float = 0.0
+    """Margin m of the loss -log sigmoid(r_chosen - r_rejected - m) (Llama 2's margin term; 0: plain BT)."""
+
+
+class RLSettings(Section):
+    """grpo, ppo: rollouts from the policy scored by rewards, and the clipped policy update."""
+
+    reward: list[str] = Field(default_factory=lambda: ["facts"])
+    """Rewards summed per completion: built-ins (facts, gsm8k, medical, format), `module:function`, or a
+    reward-model directory (a `*ForSequenceClassification` with num_labels 1)."""
+    samples: int = Field(4, ge=1)
+    """Completions per prompt (grpo: the group size, ≥ 2; ppo: usually 1)."""
+    max_new_tokens: int = Field(32, ge=1)
+    """Tokens per completion at most."""
+    epochs: int = Field(1, ge=1)
+    """Optimizer steps on each rollout (PPO's minibatch epochs; TRL GRPO's num_iterations)."""
+    clip: float = Field(0.2, gt=0)
+    """Clip range ε of the probability ratio."""
+    kl_coef: float = Field(0.05, ge=0)
+    """KL penalty coefficient to the reference (grpo: β of the k3 term; ppo: per-token reward penalty)."""
+    value_clip: float = Field(0.2, gt=0)
+    """ppo: clip range of the value update."""
+    value_coef: float = Field(0.1, ge=0)
+    """ppo: weight of the value loss."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """ppo: discount."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """ppo: GAE λ."""
+
+
+class AlignEval(Section):
+    """What the aligned model is measured on, before and after."""
+
+    prompts: Path | None = None
+    """Held-out prompt records: greedy answers before and after, scored by `judge` (win rate) and, for grpo and
+    ppo, by the training rewards."""
+    judge: Path | None = None
+    """A reward-model directory that compares the answers after training with those before (win rate)."""
+    limit: int = Field(100, ge=1)
+    """Prompts of `prompts` at most."""
+    max_new_tokens: int = Field(48, ge=1)
+    """Tokens per greedy answer at most."""
+
+
+class AlignOptim(OptimSection):
+    """The optimiser, with alignment's defaults (DPO's usual small learning rate for full training)."""
+
+    lr: float = Field(5e-5, gt=0)
+    """Peak learning rate (LoRA usually wants ~10x more)."""
+    warmup_steps: int = Field(5, ge=0)
+    """Steps of linear warmup to the peak."""
+
+
+class AlignConfig(StageConfig):
+    """`lmforge align`: a model + preference pairs or prompts + a method → a reward model or an aligned policy."""
+
+    init_from_key: ClassVar[str | None] = "model"
+
+    method: Literal["reward", "dpo", "ipo", "hinge", "simpo", "orpo", "grpo", "ppo"] = "dpo"
+    """reward: a Bradley–Terry reward model; dpo (sigmoid), ipo, hinge: against the reference; simpo, orpo:
+    reference-free; grpo, ppo: RL from rewards with a KL penalty to the reference."""
+    model: Path | None = None
+    """The starting model: a HF directory (usually the SFT model)."""
+    model_adapter: Path | None = None
+    """An adapter on `model` (e.g. a LoRA SFT run's adapter/) merged into it first: the start and reference."""
+    tuning: Literal["full", "lora", "adapter", "prompt"] = "lora"
+    """What trains: every weight (full; the reference is a frozen copy's log-probs) or a fresh adapter (its
+    reference is the same model with the adapter switched off: no second model in memory)."""
+    data: AlignData = Field(default_factory=AlignData)
+    """The data."""
+    beta: float = Field(0.1, gt=0)
+    """dpo, ipo, hinge, simpo: the inverse temperature β; orpo: λ, the weight of the odds-ratio term."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """dpo: conservative DPO's label-noise ε."""
+    gamma: float = Field(0.5, ge=0)
+    """simpo: the target reward margin γ."""
+    reward: RewardSettings = Field(default_factory=RewardSettings)
+    """Reward-model settings (method: reward)."""
+    rl: RLSettings = Field(default_factory=RLSettings)
+    """RL settings (method: grpo, ppo)."""
+    lora: LoraSection = Field(default_factory=LoraSection)
+    """LoRA settings (tuning: lora)."""
+    adapter: BottleneckSection = Field(default_factory=BottleneckSection)
+    """Bottleneck adapter settings (tuning: adapter)."""
+    prompt: PromptSection = Field(default_factory=PromptSection)
+    """Prompt tuning settings (tuning: prompt)."""
+    forgetting: ForgettingSection = Field(default_factory=ForgettingSection)
+    """Forgetting measurement and gate."""
+    eval: AlignEval = Field(default_factory=AlignEval)
+    """Evaluation before and after."""
+    train: FinetuneLoop = Field(default_factory=FinetuneLoop)
+    """The training loop."""
+    optim: AlignOptim = Field(default_factory=AlignOptim)
+    """The optimiser and learning-rate schedule."""
+
+    @model_validator(mode="after")
+    def _data_fits_method(self) -> AlignConfig:
+        rl = self.method in RL_METHODS
+        if rl and self.data.dataset is not None:
+            raise ValueError(
+                f"method {self.method} trains on data.prompts, not data.dataset (preference pairs)"
+            )
+        if not rl and self.data.prompts is not None:
+            raise ValueError(
+                f"method {self.method} trains on preference pairs (data.dataset), not data.prompts"
+            )
+        if self.method == "grpo" and self.rl.samples < 2:
+            raise ValueError("grpo compares completions within a group: rl.samples must be at least 2")
+        return self

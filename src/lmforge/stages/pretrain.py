@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from lmforge import __version__
+from lmforge.data.auto import ensure_prepared
 from lmforge.data.dataset import PreparedDataset
 from lmforge.data.samplers import (
     DocumentStream,
@@ -28,47 +28,18 @@ from lmforge.data.samplers import (
     split_sentences,
     stream_epochs,
 )
-from lmforge.errors import Interrupted, LmforgeError
-from lmforge.fileio import atomic_write
+from lmforge.errors import LmforgeError
 from lmforge.model.configs import DecoderConfig, EncoderConfig, preset
 from lmforge.model.decoder import CausalLM
 from lmforge.model.hf import build_model, load_model, read_config, save_model
-from lmforge.paths import check_run_dir, start_run
 from lmforge.stages.configs import PretrainConfig
-from lmforge.tokenizer import Tokenizer, copy_tokenizer
+from lmforge.stages.run import Output, Plan, Stage, run_stage
+from lmforge.tokenizer import Tokenizer
 from lmforge.train.activations import checkpoint_activations
-from lmforge.train.checkpoint import (
-    CHECKPOINTS,
-    STEP_DIR,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from lmforge.train.distributed import (
-    Dist,
-    barrier,
-    close_distributed,
-    consolidate,
-    init_distributed,
-    is_main_process,
-    is_sharded,
-    wrap_model,
-)
-from lmforge.train.loop import evaluate, train
+from lmforge.train.distributed import Dist, consolidate, is_sharded, wrap_model
+from lmforge.train.loop import evaluate
 from lmforge.train.objectives import OBJECTIVES
-from lmforge.train.optim import build_optimizer
-from lmforge.train.reporting import (
-    ProgressBar,
-    flops_per_token,
-    open_sinks,
-    peak_memory,
-    plot_loss_curve,
-    raise_peak,
-    rewind_logs,
-    step_dtype,
-    step_peak,
-    with_mfu,
-)
+from lmforge.train.reporting import flops_per_token, peak_memory
 
 log = logging.getLogger(__name__)
 # The head each encoder objective trains (a headless checkpoint gets it freshly initialised).
@@ -221,17 +192,6 @@ def _baselines(objective: str, counts: np.ndarray) -> dict[str, float]:
     return out
 
 
-def _interrupted(stop: Interrupted, out: Path, dist: Dist) -> Interrupted:
-    """Ctrl-C's report: the step reached, the newest checkpoint and the command that resumes."""
-    newest = latest_checkpoint(out)
-    nproc = f" --nproc {dist.world_size}" if dist.world_size > 1 else ""
-    resume = f"lmforge pretrain --resume {out}{nproc}"
-    if newest is None:
-        return Interrupted(f"{stop}; no checkpoint yet: {resume} starts it again from step 0", stop.step)
-    step = int(STEP_DIR.fullmatch(newest.name).group(1))
-    return Interrupted(f"{stop}; newest checkpoint: {newest} (step {step}); resume with: {resume}", stop.step)
-
-
 @torch.no_grad()
 def greedy_sample(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> str:
     """A greedy continuation of `prompt` (a quick look at what the model learned; `generate` is the engine)."""
@@ -252,166 +212,145 @@ def run_pretrain(cfg: PretrainConfig, out: Path, *, overwrite: bool = False) -> 
     until this one ends). Under torchrun (or `--nproc`) every process runs this; rank 0 writes the files and
     returns the results.
     """
-    sources = cfg.data.sources()
-    if not sources:
-        raise LmforgeError(
-            "pretrain: data.dataset (or data.datasets) is required: a directory written by `lmforge data prepare`"
-        )
-    replace = check_run_dir(out, cfg, overwrite) if is_main_process() else False
-    dist = init_distributed(None if cfg.train.device == "auto" else cfg.train.device)
-    try:
-        return _pretrain(cfg, out, sources, dist, replace)
-    finally:
-        close_distributed()
+    return run_stage(Pretrain(cfg, out), overwrite=overwrite)
 
 
-def _pretrain(
-    cfg: PretrainConfig, out: Path, sources: dict[str, Path], dist: Dist, replace: bool
-) -> dict[str, Any]:
-    datasets = {name: PreparedDataset(path) for name, path in sources.items()}
-    first = next(iter(datasets.values()))
-    tok = first.manifest["tokenizer"]
-    for name, ds in datasets.items():
-        if ds.manifest["tokenizer"]["hash"] != tok["hash"]:
+class Pretrain(Stage):
+    """Pretraining's data builder (windows or sentence pairs, mixed sources), model and measurements."""
+
+    name = "pretrain"
+    distributed = True
+    cfg: PretrainConfig
+
+    def check(self) -> None:
+        """A dataset is required."""
+        if not self.cfg.data.sources():
             raise LmforgeError(
-                f"data.datasets.{name} ({ds.path}) was prepared with another tokenizer than {first.path}: "
-                "a mix needs one vocabulary (prepare every dataset with the same --tokenizer)"
+                "pretrain: data.dataset (or data.datasets) is required: a directory written by "
+                "`lmforge data prepare`"
             )
-    tokenizer = Tokenizer.from_dir(tok["path"])
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model, parent = _build_model(cfg, tok)
-    _check(cfg, model, parent, tokenizer, first.path)
-    config = model.config
-    decoder = isinstance(config, DecoderConfig)
-    n_params = sum(p.numel() for p in model.parameters())
-    model = model.to(dist.device)
-    if cfg.train.activation_checkpointing:
-        checkpoint_activations(model)  # before wrapping: FSDP shards the blocks it finds
-    bf16 = cfg.train.autocast == "bf16"
-    model = wrap_model(model, cfg.train.strategy, dist, bf16=bf16, unused_parameters=cfg.objective == "nsp")
 
-    rows = (
-        cfg.train.micro_batch_size * dist.world_size
-    )  # the global micro-batch; each rank trains on its rows
-    examples = _Examples(cfg, tokenizer, rows)
-    samplers = {name: examples.sampler(ds, "train", cfg.train.seed) for name, ds in datasets.items()}
-    batches = (
-        next(iter(samplers.values())) if len(samplers) == 1 else MixSampler(samplers, cfg.data.weights())
-    )
-    val_sets: dict[str, list] = {}  # source -> fixed validation batches (the same every evaluation)
-    for name, ds in datasets.items():
-        val = examples.sampler(ds, "val", seed=0)
-        if val is not None:
-            n = max(1, min(cfg.train.eval_batches, val.n // rows))
-            val_sets[name] = [next(val) for _ in range(n)]
-    every_val = [b for fixed_batches in val_sets.values() for b in fixed_batches]
-    eval_batches = (lambda: every_val) if every_val else None
-    objective = OBJECTIVES[cfg.objective]
-    optimizer = build_optimizer(model, cfg.optim, dist.device.type)  # after wrapping: FSDP swaps parameters
-    data_ids = [ds.id for ds in datasets.values()]
-    if dist.is_main:
-        log.info("pretrain %s: %s (%.1fM params) on %s, %d steps, %d process(es)", cfg.objective, parent,
-                 n_params / 1e6, ", ".join(i[:12] for i in data_ids), cfg.train.max_steps, dist.world_size)  # fmt: skip
+    def build(self, dist: Dist) -> Plan:
+        """The datasets (one tokenizer), the model (preset or init_from) wrapped for the strategy, the samplers."""
+        cfg = self.cfg
+        tokenizer = cfg.data.tokenizer or cfg.model.init_from
+        datasets = {name: PreparedDataset(ensure_prepared(path, tokenizer=tokenizer, purpose=f"data.datasets.{name}"))
+                    for name, path in cfg.data.sources().items()}  # fmt: skip
+        first = next(iter(datasets.values()))
+        tok = first.manifest["tokenizer"]
+        for name, ds in datasets.items():
+            if ds.manifest["tokenizer"]["hash"] != tok["hash"]:
+                raise LmforgeError(
+                    f"data.datasets.{name} ({ds.path}) was prepared with another tokenizer than {first.path}: "
+                    "a mix needs one vocabulary (prepare every dataset with the same --tokenizer)"
+                )
+        self.tokenizer, self.world_size = Tokenizer.from_dir(tok["path"]), dist.world_size
+        model, parent = _build_model(cfg, tok)
+        _check(cfg, model, parent, self.tokenizer, first.path)
+        self.decoder = isinstance(model.config, DecoderConfig)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        model = model.to(dist.device)
+        if cfg.train.activation_checkpointing:
+            checkpoint_activations(model)  # before wrapping: FSDP shards the blocks it finds
+        bf16 = cfg.train.autocast == "bf16"
+        model = wrap_model(
+            model, cfg.train.strategy, dist, bf16=bf16, unused_parameters=cfg.objective == "nsp"
+        )
 
-    run_config = json.loads(cfg.model_dump_json())
-    start_step, start_tokens = 0, 0
-    checkpoint = latest_checkpoint(out) if cfg.train.resume else None
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, dist=dist)  # weights, optimizer, every RNG
-        batches.load_state_dict(state["data"])
-        start_step, start_tokens = state["step"], state["tokens"]
-        log.info("resuming from %s (step %d)", checkpoint, start_step)
-    elif cfg.train.resume:
-        log.info("resume: no checkpoint in %s, starting from scratch", out / CHECKPOINTS)
-    # The inputs are checked: only now is anything written (a replaced run is kept aside until the end).
-    run_dir = start_run(out, cfg, replace) if dist.is_main else None
-
-    def lineage(**extra: Any) -> dict[str, Any]:
-        return {"parent": parent, "data": data_ids, "stage": "pretrain", "objective": cfg.objective,
-                "config": run_config, "lmforge_version": __version__, "seed": cfg.train.seed, **extra}  # fmt: skip
-
-    def save(step: int) -> None:
-        tokens = step * cfg.train.grad_accum_steps * rows * cfg.train.seq_len
-        save_checkpoint(out, step, model, optimizer, tokens=tokens, data_state=batches.state_dict(),
-                        lineage=lineage(step=step), keep=cfg.train.keep_checkpoints, dist=dist)  # fmt: skip
-
-    # Mid-run samples read the local weights: not under FSDP, whose forward is a collective rank 0 cannot run alone.
-    sampler_model = None if is_sharded(model) else consolidate(model, dist)
-    if cfg.sample_every and is_sharded(model) and dist.is_main:
-        log.warning("sample_every: no mid-run samples under FSDP (the final sample is still taken)")
-    flops, gemm_dtype = flops_per_token(config, cfg.train.seq_len), step_dtype(dist.device, bf16)
-    if dist.is_main:
-        step_peak(dist.device, bf16)  # the MFU denominator, measured now rather than inside the first step
-        rewind_logs(out, start_step)  # a resumed run logs again from its checkpoint's step
-    with ExitStack() as stack:
-        bar = sinks = None
+        rows = (
+            cfg.train.micro_batch_size * dist.world_size
+        )  # the global micro-batch; each rank trains its rows
+        self.examples = examples = _Examples(cfg, self.tokenizer, rows)
+        samplers = {name: examples.sampler(ds, "train", cfg.train.seed) for name, ds in datasets.items()}
+        batches = (
+            next(iter(samplers.values())) if len(samplers) == 1 else MixSampler(samplers, cfg.data.weights())
+        )
+        self.val_sets: dict[str, list] = {}  # source -> fixed validation batches (the same every evaluation)
+        for name, ds in datasets.items():
+            val = examples.sampler(ds, "val", seed=0)
+            if val is not None:
+                n = max(1, min(cfg.train.eval_batches, val.n // rows))
+                self.val_sets[name] = [next(val) for _ in range(n)]
+        every_val = [b for fixed_batches in self.val_sets.values() for b in fixed_batches]
+        data_ids = [ds.id for ds in datasets.values()]
         if dist.is_main:
-            bar = stack.enter_context(ProgressBar(cfg.train.max_steps, start_step))
-            sinks = stack.enter_context(open_sinks(cfg.train.report_to, out, run_config, start_step))
+            log.info("pretrain %s: %s (%.1fM params) on %s, %d steps, %d process(es)", cfg.objective, parent,
+                     self.n_params / 1e6, ", ".join(i[:12] for i in data_ids), cfg.train.max_steps,
+                     dist.world_size)  # fmt: skip
+        # Mid-run samples read the local weights: not under FSDP, whose forward is a collective rank 0 cannot
+        # run alone.
+        self.sampler_model = None if is_sharded(model) else consolidate(model, dist)
+        if cfg.sample_every and is_sharded(model) and dist.is_main:
+            log.warning("sample_every: no mid-run samples under FSDP (the final sample is still taken)")
+        self.tokenizer_path = Path(tok["path"])
+        return Plan(
+            model=model,
+            batches=batches,
+            objective=OBJECTIVES[cfg.objective],
+            parent=parent,
+            data=data_ids,
+            eval_batches=(lambda: every_val) if every_val else None,
+            flops_per_token=flops_per_token(model.config, cfg.train.seq_len),
+            lineage={"objective": cfg.objective},
+            on_record=self._sample,
+        )
 
-        def report(record: dict[str, Any]) -> None:  # rank 0 only: enrich the metrics line, show it, send it
-            record.update(with_mfu(record, flops / dist.world_size, dist.device, gemm_dtype))  # of one device
-            bar(record)
-            sinks(record)
-            step = record["step"]
-            if sampler_model is not None and decoder and cfg.sample_every and cfg.sample_prompt and (
-                "loss" in record and step % cfg.sample_every == 0):  # fmt: skip
-                text = greedy_sample(sampler_model, tokenizer, cfg.sample_prompt)
-                sampler_model.train()
-                log.info("step %d sample: %s", step, text)
-                with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": step, "prompt": cfg.sample_prompt, "text": text}) + "\n")
+    def _sample(self, record: dict[str, Any]) -> None:
+        """Every `sample_every` steps (decoders): a greedy sample in the log and `samples.jsonl`."""
+        cfg, model = self.cfg, self.sampler_model
+        step = record["step"]
+        if model is None or not (self.decoder and cfg.sample_every and cfg.sample_prompt):
+            return
+        if "loss" in record and step % cfg.sample_every == 0:
+            text = greedy_sample(model, self.tokenizer, cfg.sample_prompt)
+            model.train()
+            log.info("step %d sample: %s", step, text)
+            with open(self.out / "samples.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "prompt": cfg.sample_prompt, "text": text}) + "\n")
 
-        try:
-            summary = train(model, batches, objective, optimizer, cfg.optim, cfg.train,
-                            eval_batches=eval_batches, metrics_path=out / "metrics.jsonl", progress=report,
-                            start_step=start_step, start_tokens=start_tokens, save=save, dist=dist)  # fmt: skip
-        except Interrupted as stop:
-            raise _interrupted(stop, out, dist) from stop
-    by_source = {}
-    if len(val_sets) > 1:  # continued pretraining: how each source fares (the general one shows forgetting)
-        by_source = {name: evaluate(model, objective, b, dist=dist) for name, b in val_sets.items()}
-    full = consolidate(model, dist)  # collective under FSDP; the plain model on rank 0
-    if not dist.is_main:
-        # Wait for rank 0 to write the run: a rank that leaves the process group while another still holds it
-        # can abort at exit (gloo: "terminate called without an active exception").
-        barrier(dist)
-        return {"rank": dist.rank, "steps": summary["steps"]}
+    def measure(self, plan: Plan, dist: Dist) -> dict[str, Any]:
+        """Continued pretraining: how each source fares (the general one shows forgetting)."""
+        if len(self.val_sets) < 2:
+            return {}
+        return {name: evaluate(plan.model, plan.objective, b, dist=dist) for name, b in self.val_sets.items()}
 
-    model_dir = save_model(full.eval(), out / "model")
-    copy_tokenizer(Path(tok["path"]), model_dir)
-    baselines = _baselines(cfg.objective, examples.train_counts)
-    # The unigram entropy bounds the loss of clm and mlm from above; nsp's loss is another quantity.
-    unigram = {"unigram baseline": baselines["unigram_baseline"]} if cfg.objective in ("clm", "mlm") else None
-    title = f"{out.name}: pretrain {cfg.objective} of {parent}"
-    plot_loss_curve(out / "metrics.jsonl", out / "loss.png", title=title, baselines=unigram)
-    sample = greedy_sample(full, tokenizer, cfg.sample_prompt) if decoder and cfg.sample_prompt else None
-    tokens_per_s = (summary["tokens"] - start_tokens) / max(summary["seconds"], 1e-9)
-    achieved = tokens_per_s / dist.world_size * flops  # FLOP/s of one device
-    results: dict[str, Any] = {
-        "objective": cfg.objective,
-        "parent": parent,
-        "datasets": data_ids,
-        "params": n_params,
-        "processes": dist.world_size,
-        "steps": summary["steps"],
-        "tokens": summary["tokens"],
-        "train_loss": summary["loss"],
-        "val_loss": math.nan,
-        **summary["val"],
-        **baselines,
-        "tokens_per_s": tokens_per_s,
-        "mfu": achieved / raise_peak(dist.device, gemm_dtype, achieved),
-        "peak_memory_mb": peak_memory(dist.device) / 2**20,
-        "bad_steps": summary["bad_steps"],
-        "model_dir": str(model_dir),
-        "loss_curve": str(out / "loss.png"),
-        "sample": sample,
-    }
-    if by_source:
-        results["val_by_source"] = by_source
-    atomic_write(model_dir / "lmforge.json", json.dumps(lineage(results=results), indent=2) + "\n")
-    atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
-    run_dir.done()
-    barrier(dist)  # the other ranks leave with this one
-    return results
+    def finish(self, plan: Plan, model: nn.Module, summary: dict[str, Any], before: dict[str, Any]) -> Output:
+        """The HF model dir, the greedy sample and the results with the unigram baselines."""
+        cfg, device = self.cfg, next(model.parameters()).device
+        model_dir = save_model(model.eval(), self.out / "model")
+        baselines = _baselines(cfg.objective, self.examples.train_counts)
+        sample = (
+            greedy_sample(model, self.tokenizer, cfg.sample_prompt)
+            if self.decoder and cfg.sample_prompt
+            else None
+        )
+        results: dict[str, Any] = {
+            "objective": cfg.objective,
+            "parent": plan.parent,
+            "datasets": plan.data,
+            "params": self.n_params,
+            "processes": self.world_size,
+            "steps": summary["steps"],
+            "tokens": summary["tokens"],
+            "train_loss": summary["loss"],
+            "val_loss": math.nan,
+            **summary["val"],
+            **baselines,
+            "tokens_per_s": summary["tokens_per_s"],
+            "mfu": summary["mfu"],
+            "peak_memory_mb": peak_memory(device) / 2**20,
+            "bad_steps": summary["bad_steps"],
+            "model_dir": str(model_dir),
+            "sample": sample,
+        }
+        if summary["measured"]:
+            results["val_by_source"] = summary["measured"]
+        # The unigram entropy bounds the loss of clm and mlm from above; nsp's loss is another quantity.
+        unigram = (
+            {"unigram baseline": baselines["unigram_baseline"]} if cfg.objective in ("clm", "mlm") else None
+        )
+        return Output(results, model_dir, unigram)
+
+    def tokenizer_dir(self) -> Path:
+        """The data's tokenizer."""
+        return self.tokenizer_path

@@ -3,7 +3,9 @@
 A run directory's checkpoints look like this::
 
     RUN/checkpoints/step-000120/
-        model/          a HF dir (`save_model`) + lmforge.json lineage: `from_pretrained` loads it unchanged
+        model/          a HF dir (`save_model`) + lmforge.json lineage: `from_pretrained` loads it unchanged;
+                        an adapter run (a model with frozen parameters) writes train_state/trained.safetensors
+                        (the trained tensors by name) + train_state/lineage.json instead
         train_state/    optimizer.pt, rng.pt (torch.save, loadable with weights_only=True), state.json;
                         rng-<rank>.pt of ranks 1.. and, for a sharded (FSDP) run, dcp/ (model and
                         optimizer shards) instead of optimizer.pt
@@ -40,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.errors import LmforgeError
@@ -55,6 +58,7 @@ MODEL_DIR = "model"
 TRAIN_STATE = "train_state"
 COMPLETE = "COMPLETE"
 FORMAT_VERSION = 1
+TRAINED = "trained.safetensors"  # train_state/trained.safetensors: an adapter run's trained tensors
 DCP_DIR = "dcp"  # train_state/dcp: torch.distributed.checkpoint's shards of a sharded run
 STEP_DIR = re.compile(r"step-(\d+)")
 LEFTOVER = re.compile(r"\.step-\d+\..*\.(tmp|old)")  # staging_dir's temp and displaced dirs, our deletions
@@ -193,14 +197,23 @@ def _write_parts(
         dcp_save({"model": model_state, "optimizer": optim_state}, checkpoint_id=train_state / DCP_DIR)
     full = consolidate(model, dist)  # rank 0: the model with full weights (FSDP: gathered, a collective)
     if full is not None:
-        save_model(full, tmp / MODEL_DIR)
-        atomic_write(tmp / MODEL_DIR / "lmforge.json", lineage_json)
+        if not sharded and not all(p.requires_grad for p in full.parameters()):
+            # An adapter run changes only its trained tensors: the frozen base is not written again.
+            trained = {
+                n: p.detach().cpu().contiguous() for n, p in full.named_parameters() if p.requires_grad
+            }
+            replace_atomically(train_state / TRAINED, lambda path: save_file(trained, path))
+            atomic_write(train_state / "lineage.json", lineage_json)
+        else:
+            save_model(full, tmp / MODEL_DIR)
+            atomic_write(tmp / MODEL_DIR / "lmforge.json", lineage_json)
         if not sharded:  # DDP's optimizer state is the same on every rank: rank 0's is the whole of it
             _torch_save(optimizer.state_dict(), train_state / "optimizer.pt")
     _torch_save(capture_rng(), _rng_file(train_state, dist.rank))
     if dist.is_main:
         atomic_write(train_state / "state.json", state_json)
-        _fsync_dir(tmp / MODEL_DIR)
+        if (tmp / MODEL_DIR).is_dir():
+            _fsync_dir(tmp / MODEL_DIR)
 
 
 def _rng_file(train_state: Path, rank: int) -> Path:
@@ -293,6 +306,10 @@ def load_checkpoint(
             f"{path} was saved by an unsharded run (no {TRAIN_STATE}/{DCP_DIR}): resume it with DDP or one "
             "process, or start the FSDP run from its model dir (model.init_from)"
         )
+    elif (train_state / TRAINED).is_file():
+        _load_trained(train_state / TRAINED, _read_part(train_state / TRAINED, load_file), inner)
+        if optimizer is not None:
+            optimizer.load_state_dict(_read_part(train_state / "optimizer.pt", _torch_load))
     else:
         dtype = next(iter(inner.parameters())).dtype
         loaded = load_model(path / MODEL_DIR, dtype=dtype)
@@ -306,6 +323,20 @@ def load_checkpoint(
     else:  # a rank the saving run did not have: its RNG keeps the seeded state
         log.warning("%s has no RNG state for rank %d: this rank's RNG is not restored", path, dist.rank)
     return state
+
+
+@torch.no_grad()
+def _load_trained(file: Path, stored: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Copy an adapter run's trained tensors (read from `file`) into `model`, which must train exactly those."""
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(stored) != set(trainable):
+        missing, extra = sorted(set(trainable) - set(stored)), sorted(set(stored) - set(trainable))
+        raise LmforgeError(
+            f"{file}: its trained tensors differ from the ones this run trains (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}): the run's method or config changed; start it again with --overwrite"
+        )
+    for name, p in trainable.items():
+        p.copy_(stored[name])
 
 
 def _torch_load(file: Path) -> Any:

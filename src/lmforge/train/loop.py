@@ -86,7 +86,7 @@ def train(
     progress: Callable[[dict], None] | None = None,
     start_step: int = 0,
     start_tokens: int = 0,
-    save: Callable[[int], None] | None = None,
+    save: Callable[[int, int], None] | None = None,
     dist: Dist | None = None,
 ) -> dict[str, Any]:
     """Run `cfg.max_steps` optimizer steps; return {"loss", "val", "steps", "bad_steps", "tokens", "seconds",
@@ -99,9 +99,9 @@ def train(
     evaluation steps; `progress` may add keys to the dict before it is written (the stage adds MFU).
 
     A resumed run passes `start_step` (steps already done) and `start_tokens` (tokens already seen) and must
-    have restored the weights, optimizer, RNGs and `batches`' cursor itself. `save(n)` (if given) is called
-    with `n` completed steps every `cfg.checkpoint_every` steps and after the last step, once the step's
-    update and logging are done. "steps" and "tokens" in the result are run totals; "seconds" and "losses"
+    have restored the weights, optimizer, RNGs and `batches`' cursor itself. `save(n, tokens)` (if given) is
+    called with `n` completed steps and the run's tokens so far every `cfg.checkpoint_every` steps and after
+    the last step, once the step's update and logging are done. "steps" and "tokens" in the result are run totals; "seconds" and "losses"
     cover this call's steps only.
 
     Data parallel (`dist` with world_size > 1, `model` wrapped by `wrap_model`): every rank passes the same
@@ -143,23 +143,33 @@ def train(
             t0 = time.perf_counter()
             micro = [_to(shard_rows(_next(batches, step), dist), device) for _ in range(cfg.grad_accum_steps)]
             totals = total_counts(objective.counts(b) for b in micro)
-            step_tokens = sum(b["input_ids"].numel() for b in micro)
+            step_tokens = sum(_tokens(b) for b in micro)
             if parallel:  # the global step's units: every rank normalises by the same totals
                 summed = all_reduce_sum({**totals, TOKENS: step_tokens}, dist)
                 step_tokens = int(summed.pop(TOKENS))
                 totals = {term: int(n) for term, n in summed.items()}
             step_loss = torch.zeros((), device=device)
+            stats: dict[str, torch.Tensor] = {}  # the objective's summed statistics over the step
             for i, b in enumerate(micro):
                 # Gradients are reduced across ranks once per step, in the last micro-batch's backward.
                 with gradient_sync(model, i == len(micro) - 1):
                     with autocast():
-                        loss = normalized_loss(objective.losses(forward_model, b), totals)
+                        terms = objective.losses(forward_model, b)
+                        loss = normalized_loss(terms, totals)
+                    for name in terms.keys() - totals.keys():
+                        stats[name] = stats.get(name, 0) + terms[name].detach().float()
                     # This rank's share of the global mean; DDP and FSDP average gradients over ranks, so
                     # x world_size makes the reduced gradient the sum of the shares: the global batch's.
                     (loss * dist.world_size if parallel else loss).backward()
                 step_loss += loss.detach()
             if parallel:
                 torch.distributed.all_reduce(step_loss)  # the global step loss, NaN on every rank if on one
+            if stats:  # each statistic's step mean over the unit term (every rank: the global step's)
+                unit = totals.get(objective.stat_unit, 0)
+                if parallel:
+                    summed = all_reduce_sum({k: float(v) for k, v in stats.items()}, dist)
+                    stats = {k: torch.tensor(v) for k, v in summed.items()}
+                stats = {k: float(v) / max(unit, 1) for k, v in stats.items()}
             grad_norm = _grad_norm(params)  # the norm before clipping, reported
             loss_value, norm_value = float(step_loss), float(grad_norm)  # one device sync per step
             lr = lr_at(step, cfg.max_steps, optim_cfg)
@@ -192,6 +202,7 @@ def train(
                     "tokens": tokens,
                     "tokens_per_s": interval_tokens / max(interval_seconds, 1e-9),
                     "elapsed": time.perf_counter() - start,
+                    **stats,
                     **record,
                 }
                 if dist.is_main:
@@ -203,7 +214,7 @@ def train(
             if save is not None and (
                 done == cfg.max_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
             ):
-                save(done)
+                save(done, tokens)
             step += 1
 
         # ---- after the last step: validate the final weights
@@ -227,6 +238,11 @@ def train(
         "seconds": train_seconds,
         "losses": losses,
     }
+
+
+def _tokens(batch: Batch) -> int:
+    """Token positions a batch feeds the model: every `*input_ids` tensor (a preference pair's two rows too)."""
+    return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
 
 
 def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor:

@@ -47,6 +47,9 @@ class Objective:
     """Each term's loss summed over its units (fp32 scalars with grad), one forward pass; keys as `counts`."""
     metrics: Callable[[nn.Module, Batch], Metrics] | None = None
     """Validation sums from one forward pass, the loss terms included; None: the loss terms only."""
+    stat_unit: str | None = None
+    """The term whose units average the statistics: `losses` may return, beside the terms of `counts`, summed
+    statistics (e.g. DPO's "rewards/chosen"), which the loop logs each step divided by this term's units."""
 
     def evaluate(self, model: nn.Module, batch: Batch) -> Metrics:
         """Validation sums of one batch: `metrics`, or else each term as {"<term>_loss": (summed loss, units)}."""

@@ -1,0 +1,746 @@
+"""`lmforge align`: the third stage — preferences. A starting model (usually the SFT model) + preference pairs or
+prompts + a method → the one training loop → a reward model, or an aligned policy (a HF model directory, or an
+adapter on the starting model).
+
+Every method is a data builder and an objective for the one loop, run by the shared stage runner:
+- reward: Bradley–Terry on (chosen, rejected) rows through a scalar head (`*ForSequenceClassification`, num_labels 1);
+- dpo, ipo, hinge (against the reference), simpo, orpo (reference-free): short pure losses of per-sequence
+  log-probs (`train/preference.py`), all from the one per-token log-prob path (`train/logprobs.py`);
+- grpo, ppo: the batches are rollouts of the policy itself (the inference engine, batched, KV cache), scored by
+  programmatic rewards or a reward model (`eval/rewards.py`), with a KL penalty to the reference (`train/rl.py`).
+
+The reference is the starting model. With an adapter (`tuning: lora`, ...) it is the same model with the adapter
+switched off (`disable_adapter`: no second model in memory); with full tuning its log-probs are computed once,
+before the first step (preference methods), or by a frozen copy (grpo, ppo).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lmforge.adapters.base import disable_adapter, parameter_counts
+from lmforge.adapters.io import base_fingerprint, load_adapter, save_adapter
+from lmforge.adapters.registry import ADAPTER_KINDS
+from lmforge.data.auto import ensure_prepared
+from lmforge.data.batches import preference_rows
+from lmforge.data.dataset import PreparedDataset
+from lmforge.data.samplers import EpochSampler, Rows, fixed
+from lmforge.errors import LmforgeError
+from lmforge.eval.rewards import PromptItem, RewardModel, batched, load_reward, read_prompts
+from lmforge.eval.stats import wilson
+from lmforge.model.configs import DecoderConfig
+from lmforge.model.decoder import IGNORE_INDEX, CausalLM, DecoderForSequenceClassification
+from lmforge.model.hf import load_model, read_config, save_model
+from lmforge.stages.configs import RL_METHODS, AlignConfig
+from lmforge.stages.forgetting import forgetting_gate, forgetting_record, perplexity, reference_batches
+from lmforge.stages.run import Output, Plan, Stage, run_stage
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.activations import checkpoint_activations
+from lmforge.train.distributed import Dist
+from lmforge.train.logprobs import token_logprobs
+from lmforge.train.objectives import Batch, Counts, Metrics, Objective
+from lmforge.train.preference import PREFERENCE_LOSSES, bradley_terry_loss, preference_loss
+from lmforge.train.reporting import peak_memory
+from lmforge.train.rl import (
+    ValueHead,
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae,
+    group_advantages,
+    grpo_loss,
+    kl_per_token,
+    policy_and_values,
+    ppo_token_rewards,
+    rollout,
+    values,
+    whiten,
+)
+
+log = logging.getLogger(__name__)
+
+
+def run_align(cfg: AlignConfig, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Align `cfg.model` by `cfg.method`; write `out/model` (full, reward) or `out/adapter`, metrics, results.
+
+    `out` must be new or empty, or hold a run that `cfg.train.resume` continues or `overwrite` replaces."""
+    return run_stage(Align(cfg, out), overwrite=overwrite)
+
+
+class Align(Stage):
+    """Alignment's data builders (preference rows, rollouts), objectives and measurements."""
+
+    name = "align"
+    cfg: AlignConfig
+
+    def check(self) -> None:
+        """The model and the method's data are required; the loop fields RL cannot honour are refused."""
+        cfg = self.cfg
+        if cfg.model is None:
+            raise LmforgeError(
+                "align: model is required (--init-from DIR or --set model=DIR): the starting HF dir"
+            )
+        rl = cfg.method in RL_METHODS
+        if rl and cfg.data.prompts is None:
+            raise LmforgeError(f"align method {cfg.method} needs data.prompts: a file of prompt records")
+        if not rl and cfg.data.dataset is None:
+            raise LmforgeError(
+                f"align method {cfg.method} needs data.dataset: preference pairs (prepared, or raw "
+                "prompt/chosen/rejected or HH-RLHF records)"
+            )
+        if cfg.train.strategy != "ddp":
+            raise LmforgeError(
+                f"train.strategy={cfg.train.strategy}: align runs in one process; leave it at ddp"
+            )
+        if rl and cfg.train.checkpoint_every % cfg.rl.epochs:
+            raise LmforgeError(
+                f"train.checkpoint_every={cfg.train.checkpoint_every} must be a multiple of rl.epochs="
+                f"{cfg.rl.epochs}: a checkpoint is taken between rollouts, never inside one"
+            )
+        if cfg.method == "reward" and cfg.tuning == "prompt":
+            raise LmforgeError(
+                "a reward model trains with tuning full, lora or adapter (prompt tuning needs an LM)"
+            )
+
+    # ------------------------------------------------------------------------------------------------ build
+
+    def build(self, dist: Dist) -> Plan:
+        """The starting model (its SFT adapter merged in), the method's transform, data and objective."""
+        cfg, device = self.cfg, dist.device
+        self.base_dir = base_dir = Path(cfg.model)
+        self.tokenizer = tokenizer = Tokenizer.from_dir(base_dir)
+        model = self._start_model().to(device)
+        if cfg.train.seq_len > model.config.max_position_embeddings:
+            raise LmforgeError(
+                f"train.seq_len={cfg.train.seq_len} exceeds {base_dir}'s max_position_embeddings="
+                f"{model.config.max_position_embeddings}"
+            )
+        self.lm = isinstance(model, CausalLM)
+        if cfg.method != "reward" and not self.lm:
+            raise LmforgeError(
+                f"align method {cfg.method} trains a causal LM; {base_dir} holds {type(model).__name__}"
+            )
+        self.reference, self.ref_batches = (None, []) if cfg.method == "reward" else (
+            reference_batches(cfg, base_dir, tokenizer))  # fmt: skip
+        # Full-tuning RL samples every rollout's reference log-probs from a frozen copy of the start.
+        frozen = None
+        if cfg.tuning == "full" and cfg.method in RL_METHODS:
+            frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        model = self._tune(model).to(device)
+        if cfg.train.activation_checkpointing:
+            checkpoint_activations(model)
+        self.trainable, self.total = parameter_counts(model)
+        self.reference_model = self._reference(model, frozen)
+        self.eval_items = read_prompts(cfg.eval.prompts, limit=cfg.eval.limit) if cfg.eval.prompts else []
+        plan = self._rl_plan(model) if cfg.method in RL_METHODS else self._preference_plan(model)
+        log.info("align %s (%s): %s, %s trainable of %s parameters", cfg.method, cfg.tuning, base_dir,
+                 f"{self.trainable:,}", f"{self.total:,}")  # fmt: skip
+        return plan
+
+    def _start_model(self) -> nn.Module:
+        """The starting model: a sequence classifier with a fresh scalar head (reward) or the LM, with
+        `model_adapter` merged into it."""
+        cfg = self.cfg
+        if cfg.method == "reward":
+            config, _ = read_config(self.base_dir)
+            if isinstance(config, DecoderConfig):
+                architecture = DecoderForSequenceClassification.architectures[config.model_type]
+            else:
+                architecture = "BertForSequenceClassification"
+            model = load_model(self.base_dir, architecture=architecture, id2label={0: "LABEL_0"})
+            if isinstance(config, DecoderConfig) and model.config.pad_token_id is None:
+                raise LmforgeError(
+                    f"{self.base_dir}: a decoder reward model reads each row's last token that is not padding, "
+                    "so its config needs a pad_token_id"
+                )
+        else:
+            model = load_model(self.base_dir)
+        if cfg.model_adapter is not None:
+            from lmforge.adapters.lora import merge_lora
+
+            model = load_adapter(model, cfg.model_adapter, self.base_dir)
+            if not any("lora_" in name for name, _ in model.named_parameters()):
+                raise LmforgeError(
+                    f"model_adapter {cfg.model_adapter}: only a LoRA adapter merges into its base; give a merged "
+                    "model directory (`lmforge merge`) instead"
+                )
+            model = merge_lora(model)
+        return model.train()
+
+    def _tune(self, model: nn.Module) -> nn.Module:
+        """Every weight trains (full), or a fresh adapter of the registry's kind; a reward head always trains."""
+        cfg = self.cfg
+        if cfg.tuning != "full":
+            kind = ADAPTER_KINDS[cfg.tuning]
+            model = kind.apply(model, kind.section_of(cfg), self.tokenizer)
+            if cfg.method == "reward":
+                head = model.score if hasattr(model, "score") else model.classifier
+                head.requires_grad_(True)
+        return model.train()
+
+    def _reference(self, model: nn.Module, frozen: nn.Module | None) -> Callable[[], Any]:
+        """How the reference computes: the policy with its adapter off, or the frozen copy (full tuning)."""
+        if frozen is not None:
+            return lambda: _Using(frozen)
+        return lambda: _Using(model, disable=True)
+
+    # ------------------------------------------------------------------------------------- preference data
+
+    def _preference_plan(self, model: nn.Module) -> Plan:
+        cfg = self.cfg
+        ds = PreparedDataset(ensure_prepared(cfg.data.dataset, tokenizer=cfg.data.tokenizer or self.base_dir))
+        if ds.manifest["kind"] != "preference":
+            raise LmforgeError(
+                f"{ds.path} holds {ds.manifest['kind']} data; align {cfg.method} reads preference pairs "
+                "(prompt/chosen/rejected or HH-RLHF records)"
+            )
+        if ds.manifest["tokenizer"]["vocab_size"] > model.config.vocab_size:
+            raise LmforgeError(
+                f"{ds.path} was tokenised with a larger vocabulary than {self.base_dir}'s model"
+            )
+        self.dataset, self.subsets = ds, ds.manifest.get("subsets") or {}
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        train, self.stats = self._pairs(ds, "train", pad)
+        if len(train) == 0:
+            raise LmforgeError(
+                f"{ds.path}: no training pair has a reply within train.seq_len={cfg.train.seq_len}"
+            )
+        val, _ = self._pairs(ds, "val", pad)
+        self.val = val
+        B = cfg.train.micro_batch_size
+        self.val_batches = [val.batch(np.arange(i, min(i + B, len(val))), torch.Generator())
+                            for i in range(0, min(len(val), cfg.train.eval_batches * B), B)]  # fmt: skip
+        objective = (
+            _reward_objective(cfg.reward.margin) if cfg.method == "reward" else _preference_objective(cfg)
+        )
+        lineage = {
+            "method": cfg.method,
+            "tuning": cfg.tuning,
+            "base_fingerprint": base_fingerprint(self.base_dir),
+        }
+        return Plan(
+            model=model,
+            batches=EpochSampler(fixed(train), B, seed=cfg.train.seed),
+            objective=objective,
+            parent=str(self.base_dir),
+            data=[ds.id],
+            eval_batches=(lambda: self.val_batches) if self.val_batches else None,
+            lineage=lineage,
+        )
+
+    def _pairs(self, ds: PreparedDataset, split: str, pad: int) -> tuple[_PairRows, dict[str, int]]:
+        """A split's pairs as rows, with each pair's subset and (methods with a reference) its reference log-probs."""
+        chosen = list(ds.documents(split, "chosen"))
+        rejected = list(ds.documents(split, "rejected"))
+        rows, counts = preference_rows([((c.ids, c.mask), (r.ids, r.mask)) for c, r in zip(chosen, rejected, strict=True)],
+                                       self.cfg.train.seq_len, pad)  # fmt: skip
+        labels = [-1 if c.label is None else c.label for c in chosen]
+        rows["subset"] = torch.tensor(labels, dtype=torch.int64)[rows["pair"]] if labels else rows["pair"]
+        pairs = _PairRows(rows)
+        method = PREFERENCE_LOSSES.get(self.cfg.method)
+        if method is not None and method.needs_reference and len(pairs):
+            pairs.rows.update(self._reference_logprobs(pairs))
+        stats = {"pairs": len(chosen), "pairs_kept": len(pairs), "pairs_cut": counts["cut"],
+                 "pairs_dropped": counts["dropped"]}  # fmt: skip
+        return pairs, stats
+
+    @torch.no_grad()
+    def _reference_logprobs(self, pairs: _PairRows) -> dict[str, Tensor]:
+        """Σ log-prob of each pair's chosen and rejected reply under the reference, computed once (N,) each."""
+        out: dict[str, list[Tensor]] = {"ref_chosen": [], "ref_rejected": []}
+        with self.reference_model() as ref:
+            device = next(ref.parameters()).device
+            for start in range(0, len(pairs), 32):
+                b = pairs.batch(np.arange(start, min(start + 32, len(pairs))), torch.Generator())
+                for side in ("chosen", "rejected"):
+                    batch = {
+                        "input_ids": b[f"{side}_input_ids"].to(device),
+                        "targets": b[f"{side}_targets"].to(device),
+                    }
+                    out[f"ref_{side}"].append(token_logprobs(ref, batch).sum(-1).cpu())
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    # ---------------------------------------------------------------------------------------------- RL data
+
+    def _rl_plan(self, model: nn.Module) -> Plan:
+        cfg = self.cfg
+        items = read_prompts(cfg.data.prompts, limit=cfg.data.prompts_limit)
+        if not items:
+            raise LmforgeError(f"data.prompts {cfg.data.prompts}: no prompt records")
+        rows = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+        if rows % cfg.rl.samples:
+            raise LmforgeError(
+                f"a step trains on train.micro_batch_size x train.grad_accum_steps = {rows} completions, which must "
+                f"be a whole number of groups of rl.samples={cfg.rl.samples}"
+            )
+        self.rewards = [_reward_fn(spec, model) for spec in cfg.rl.reward]
+        value_head = None
+        if cfg.method == "ppo":
+            value_head = model.value_head = ValueHead(model.config.hidden_size).to(
+                next(model.parameters()).device
+            )
+        self.batches = RolloutBatches(model, self.tokenizer, items, self.rewards, self.reference_model, cfg,
+                                      value_head)  # fmt: skip
+        objective = _ppo_objective(cfg, value_head) if value_head is not None else _grpo_objective(cfg)
+        lineage = {"method": cfg.method, "tuning": cfg.tuning, "base_fingerprint": base_fingerprint(self.base_dir),
+                   "rewards": list(cfg.rl.reward)}  # fmt: skip
+        self.dataset = None
+        return Plan(
+            model=model,
+            batches=self.batches,
+            objective=objective,
+            parent=str(self.base_dir),
+            data=[str(cfg.data.prompts)],
+            lineage=lineage,
+            on_record=self.batches.report,
+        )
+
+    # ------------------------------------------------------------------------------------- measurements
+
+    def before(self, plan: Plan) -> dict[str, Any]:
+        """The starting model: reference perplexity, validation metrics, greedy answers to the eval prompts."""
+        model = plan.model
+        with disable_adapter(model):
+            before: dict[str, Any] = {
+                "perplexity": perplexity(model, self.ref_batches) if self.ref_batches else None,
+                "val": _evaluate(model, plan) if plan.eval_batches else {},
+            }
+            if self.eval_items and self.lm:
+                before["answers"] = self._answers(model)
+        return before
+
+    def _answers(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Greedy answers to the eval prompts, with their training rewards (grpo, ppo)."""
+        texts, finished = _greedy(model, self.tokenizer, self.eval_items, self.cfg.eval.max_new_tokens)
+        out = [{"prompt": it.messages[-1]["content"], "answer": t, "finished": f}
+               for it, t, f in zip(self.eval_items, texts, finished, strict=True)]  # fmt: skip
+        if self.cfg.method in RL_METHODS:
+            scores = sum(
+                np.asarray(r(self.eval_items, texts, finished), dtype=np.float64) for r in self.rewards
+            )
+            for a, s in zip(out, scores, strict=True):
+                a["reward"] = float(s)
+        return out
+
+    def finish(self, plan: Plan, model: nn.Module, summary: dict[str, Any], before: dict[str, Any]) -> Output:
+        """What alignment changed: held-out pair accuracy, rewards, win rate, forgetting; the output dir."""
+        cfg, out = self.cfg, self.out
+        model.eval()
+        results: dict[str, Any] = {
+            "method": cfg.method,
+            "tuning": cfg.tuning,
+            "base": str(self.base_dir),
+            "trainable_params": self.trainable,
+            "total_params": self.total,
+            "steps": summary["steps"],
+            "tokens": summary["tokens"],
+            "train_loss": summary["loss"],
+            "val_before": before["val"],
+            "val": summary["val"],
+            "tokens_per_s": summary["tokens_per_s"],
+            "peak_memory_mb": peak_memory(next(model.parameters()).device) / 2**20,
+        }
+        if self.dataset is not None:
+            results.update(dataset=self.dataset.id, **self.stats)
+            if len(self.val):
+                results["held_out"] = self._held_out(model)
+        if cfg.method in RL_METHODS:
+            results["rollouts"] = self.batches.summary()
+        after_ppl = perplexity(model, self.ref_batches) if self.ref_batches else None
+        if cfg.method == "reward":
+            results["forgetting"] = {
+                "skipped": "a reward model has no language-model head to measure perplexity with"
+            }
+        else:
+            results["forgetting"] = forgetting_record(before["perplexity"], after_ppl, self.reference,
+                                                      self.ref_batches, cfg)  # fmt: skip
+        if "answers" in before:
+            results["eval"] = self._compare(model, before["answers"])
+        if getattr(model, "value_head", None) is not None:
+            del model.value_head  # PPO's critic is not part of the policy
+        model = model.cpu()
+        if cfg.method == "reward" or cfg.tuning == "full":
+            if cfg.tuning == "lora":  # the new head trains with the adapter: one plain model holds both
+                from lmforge.adapters.lora import merge_lora
+
+                model = merge_lora(model)
+            target = save_model(model, out / "model")
+        else:
+            kind = ADAPTER_KINDS[cfg.tuning]
+            target = save_adapter(model, cfg.tuning, kind.section_of(cfg), out / "adapter", self.base_dir)
+        results["output"] = str(target)
+        return Output(results, target)
+
+    def _held_out(self, model: nn.Module) -> dict[str, Any]:
+        """Accuracy (chosen scored above rejected, 95% interval) and mean margin on every held-out pair, overall
+        and per subset: the reward model's scores, or the implicit rewards β (log π − log π_ref) of the policy."""
+        device = next(model.parameters()).device
+        margins, subsets = [], []
+        with torch.no_grad():
+            for start in range(0, len(self.val), 32):
+                b = {k: v.to(device) for k, v in self.val.batch(np.arange(start, min(start + 32, len(self.val))),
+                                                                torch.Generator()).items()}  # fmt: skip
+                if self.cfg.method == "reward":
+                    chosen, rejected = _scores(model, b)
+                    margins.append((chosen - rejected).cpu())
+                else:
+                    margins.append(_preference_terms(self.cfg, model, b)[1]["rewards/margin"].cpu())
+                subsets.append(b["subset"].cpu())
+        margin, subset = torch.cat(margins), torch.cat(subsets)
+
+        def summary(select: Tensor) -> dict[str, Any]:
+            hits, n = int((margin[select] > 0).sum()), int(select.sum())
+            return {"pairs": n, "accuracy": hits / max(n, 1), "interval": wilson(hits, n),
+                    "mean_margin": float(margin[select].mean()) if n else math.nan}  # fmt: skip
+
+        result = summary(torch.ones_like(subset, dtype=torch.bool))
+        if self.subsets:
+            result["by_subset"] = {name: summary(subset == int(i)) for i, name in self.subsets.items()}
+        return result
+
+    def _compare(self, model: nn.Module, before: list[dict[str, Any]]) -> dict[str, Any]:
+        """The eval prompts' greedy answers after training against before: rewards and the judge's win rate."""
+        after = self._answers(model)
+        result: dict[str, Any] = {"prompts": len(after), "examples": [
+            {"prompt": b["prompt"], "before": b["answer"], "after": a["answer"]} for b, a in zip(before[:3], after[:3], strict=True)]}  # fmt: skip
+        if after and "reward" in after[0]:
+            result["reward_before"] = float(np.mean([a["reward"] for a in before]))
+            result["reward_after"] = float(np.mean([a["reward"] for a in after]))
+        if self.cfg.eval.judge is not None:
+            judge = RewardModel.from_dir(self.cfg.eval.judge)
+            pairs = [(it.messages, a["answer"]) for it, a in zip(self.eval_items, after, strict=True)]
+            old = [(it.messages, b["answer"]) for it, b in zip(self.eval_items, before, strict=True)]
+            new_scores, old_scores = judge.score(pairs), judge.score(old)
+            wins = float((new_scores > old_scores).sum() + 0.5 * (new_scores == old_scores).sum())
+            result["judge"] = str(self.cfg.eval.judge)
+            result["win_rate"] = wins / max(len(pairs), 1)
+            result["win_rate_interval"] = wilson(round(wins), len(pairs))
+        return result
+
+    def tokenizer_dir(self) -> Path:
+        """The starting model's tokenizer."""
+        return self.base_dir
+
+    def after(self, results: dict[str, Any]) -> None:
+        """The forgetting gate."""
+        forgetting_gate(results["forgetting"], self.cfg.forgetting.max_increase_pct, self.out)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+class _Using:
+    """`with _Using(model, disable=...)`: the reference model in eval mode (its adapter off), mode restored."""
+
+    def __init__(self, model: nn.Module, disable: bool = False) -> None:
+        self.model, self.disable = model, disable
+
+    def __enter__(self) -> nn.Module:
+        self.was_training = self.model.training
+        self.context = disable_adapter(self.model) if self.disable else nullcontext(self.model)
+        self.context.__enter__()
+        return self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.context.__exit__(*exc)
+        self.model.train(self.was_training)
+
+
+class _PairRows(Rows):
+    """Preference rows; a batch keeps only the columns its longest reply uses (chosen and rejected alike, so
+    one forward reads both)."""
+
+    def batch(self, rows: np.ndarray, generator: torch.Generator) -> Batch:
+        """The rows `rows`, cut to their longest sample."""
+        b = super().batch(rows, generator)
+        n = int(torch.maximum(b["chosen_length"], b["rejected_length"]).max()) if len(rows) else 0
+        for key in ("chosen_input_ids", "chosen_targets", "rejected_input_ids", "rejected_targets"):
+            b[key] = b[key][:, :n]
+        return b
+
+
+def _scores(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    """A reward model's scalar scores of each pair's chosen and rejected rows (B,), (B,), one forward."""
+    chosen = batch["chosen_input_ids"]
+    scores = model(torch.cat([chosen, batch["rejected_input_ids"]]))[:, 0].float()  # (2B,)
+    return scores[: len(chosen)], scores[len(chosen) :]
+
+
+def _reward_objective(margin: float) -> Objective:
+    """Bradley–Terry on a scalar head: −log σ(r_chosen − r_rejected − margin), with accuracy and margin logged."""
+
+    def counts(batch: Batch) -> Counts:
+        return {"pairs": len(batch["pair"])}
+
+    def losses(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        chosen, rejected = _scores(model, batch)
+        m = torch.full_like(chosen, margin) if margin else None
+        diff = (chosen - rejected).detach()
+        return {"pairs": bradley_terry_loss(chosen, rejected, m).sum(), "accuracy": (diff > 0).float().sum(),
+                "margin": diff.sum()}  # fmt: skip
+
+    def metrics(model: nn.Module, batch: Batch) -> Metrics:
+        with torch.no_grad():
+            terms = losses(model, batch)
+        B = float(len(batch["pair"]))
+        return {"reward_loss": (float(terms["pairs"]), B), "accuracy": (float(terms["accuracy"]), B),
+                "margin": (float(terms["margin"]), B)}  # fmt: skip
+
+    return Objective(counts, losses, metrics, stat_unit="pairs")
+
+
+def _preference_terms(
+    cfg: AlignConfig, model: nn.Module, batch: Batch
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """Per-pair losses (B,), metrics (B,) each (rewards/chosen, rewards/rejected, rewards/margin,
+    rewards/accuracy) and the chosen replies' summed log-probs (B,), from one forward over 2B rows."""
+    rows = {k: torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in ("input_ids", "targets")}
+    sums = token_logprobs(model, rows).sum(-1)  # (2B,): chosen rows first, then rejected
+    lengths = (rows["targets"] != IGNORE_INDEX).sum(-1)  # (2B,)
+    B = len(batch["pair"])
+    losses, metrics = preference_loss(
+        cfg.method, sums[:B], sums[B:], batch.get("ref_chosen"), batch.get("ref_rejected"), lengths[:B],
+        lengths[B:], beta=cfg.beta, label_smoothing=cfg.label_smoothing, gamma=cfg.gamma,
+    )  # fmt: skip
+    return losses, metrics, sums[:B]
+
+
+def _preference_objective(cfg: AlignConfig) -> Objective:
+    """The preference loss of `cfg.method` (+ ORPO's SFT term), with the implicit rewards logged each step."""
+    orpo = cfg.method == "orpo"
+
+    def counts(batch: Batch) -> Counts:
+        units = {"pairs": len(batch["pair"])}
+        if orpo:  # ORPO's SFT term: the chosen replies' negative log-likelihood per token
+            units["nll"] = int((batch["chosen_targets"] != IGNORE_INDEX).sum())
+        return units
+
+    def losses(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        per_pair, metrics, chosen = _preference_terms(cfg, model, batch)
+        terms = {"pairs": per_pair.sum(), **{k: v.detach().float().sum() for k, v in metrics.items()}}
+        if orpo:
+            terms["nll"] = -chosen.sum()
+        return terms
+
+    def metrics(model: nn.Module, batch: Batch) -> Metrics:
+        with torch.no_grad():
+            terms = losses(model, batch)
+        B = float(len(batch["pair"]))
+        out: Metrics = {f"{cfg.method}_loss": (float(terms["pairs"]), B)}
+        out.update({k.replace("rewards/", "reward_"): (float(v), B) for k, v in terms.items() if "/" in k})
+        return out
+
+    return Objective(counts, losses, metrics, stat_unit="pairs")
+
+
+def _evaluate(model: nn.Module, plan: Plan) -> dict[str, float]:
+    """The validation metrics of `plan` for `model` now."""
+    from lmforge.train.loop import evaluate
+
+    return evaluate(model, plan.objective, plan.eval_batches())
+
+
+def _prompt_ids(
+    model: nn.Module, tokenizer: Tokenizer, items: list[PromptItem], max_new_tokens: int
+) -> list[list[int]]:
+    """Each prompt rendered by the chat template with the assistant turn opened, cut to leave room to answer."""
+    from lmforge.chat import render_chat
+
+    room = model.config.max_position_embeddings - max_new_tokens - model.extra_positions
+    if room < 1:
+        raise LmforgeError(f"max_new_tokens={max_new_tokens} fills the model's context: no room for a prompt")
+    return [render_chat(tokenizer, list(it.messages), add_generation_prompt=True).ids[-room:] for it in items]
+
+
+def _greedy(
+    model: nn.Module, tokenizer: Tokenizer, items: list[PromptItem], max_new_tokens: int
+) -> tuple[list[str], list[bool]]:
+    """Greedy answers to `items` (batched, the engine) and whether each ended its turn; the model's mode kept."""
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import GenerationConfig
+
+    was_training = model.training
+    try:
+        cfg = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+        completions = Engine(model, tokenizer).generate(
+            _prompt_ids(model, tokenizer, items, max_new_tokens), cfg
+        )
+    finally:
+        model.train(was_training)
+    return [c.text for c in completions], [c.finish_reason == "stop" for c in completions]
+
+
+def _reward_fn(
+    spec: str, model: nn.Module
+) -> Callable[[list[PromptItem], list[str], list[bool]], list[float]]:
+    """A batch reward: a reward-model directory's scores, or a built-in / `module:function` reward per item."""
+    if Path(spec).is_dir():
+        return RewardModel.from_dir(spec, device=next(model.parameters()).device).as_reward()
+    return batched(load_reward(spec))
+
+
+class RolloutBatches:
+    """GRPO's and PPO's data builder: micro-batches of the policy's own completions.
+
+    Each rollout takes the next prompts (a fresh seeded order every pass over them), samples `rl.samples`
+    completions of each with the inference engine, scores them with the rewards, and computes what the
+    objective needs: the old and reference log-probs and the advantages (GRPO: group-relative; PPO: GAE on
+    per-token rewards with the KL penalty, values from the critic). A rollout feeds `rl.epochs` optimizer steps
+    of `train.grad_accum_steps` micro-batches each. A checkpoint falls between rollouts, so the cursor (prompts
+    used, rollouts done) resumes it exactly: the rollout seeds follow from it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        items: list[PromptItem],
+        rewards: list[Callable[..., list[float]]],
+        reference: Callable[[], Any],
+        cfg: AlignConfig,
+        value_head: ValueHead | None,
+    ) -> None:
+        self.model, self.tokenizer, self.items, self.rewards = model, tokenizer, items, rewards
+        self.reference, self.cfg, self.value_head = reference, cfg, value_head
+        self.prompt_ids = _prompt_ids(model, tokenizer, items, cfg.rl.max_new_tokens)
+        self.cursor, self.rollouts = 0, 0  # prompts taken, rollouts done
+        self.pending: list[Batch] = []
+        self.history: list[dict[str, float]] = []
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        if not self.pending:
+            self._rollout()
+        return self.pending.pop(0)
+
+    def _next_prompts(self, k: int) -> list[int]:
+        taken = []
+        for _ in range(k):
+            epoch, at = divmod(self.cursor, len(self.items))
+            order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(len(self.items))
+            taken.append(int(order[at]))
+            self.cursor += 1
+        return taken
+
+    @torch.no_grad()
+    def _rollout(self) -> None:
+        cfg, rl = self.cfg, self.cfg.rl
+        rows = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+        chosen = self._next_prompts(rows // rl.samples)
+        r = rollout(self.model, self.tokenizer, [self.prompt_ids[i] for i in chosen], n=rl.samples,
+                    max_new_tokens=rl.max_new_tokens, temperature=1.0,
+                    seed=cfg.train.seed * 1_000_003 + self.rollouts)  # fmt: skip
+        items = [self.items[i] for i in chosen for _ in range(rl.samples)]
+        finished = r.finished.tolist()
+        scores = torch.zeros(len(items), dtype=torch.float32)
+        for reward in self.rewards:
+            scores += torch.tensor(reward(items, r.texts, finished), dtype=torch.float32)
+        scores = scores.to(r.input_ids.device)  # (B,)
+        batch = r.batch()
+        with self.reference() as ref:
+            ref_logp = token_logprobs(ref, batch)  # (B, T)
+        mask = r.completion_mask
+        data = {**batch, "old_logprobs": r.old_logprobs, "ref_logprobs": ref_logp}
+        if self.value_head is None:  # GRPO: one advantage per completion, relative to its group
+            data["advantages"] = group_advantages(scores, rl.samples)
+        else:  # PPO: per-token rewards (score at the end, KL penalty at every token), GAE on the critic's values
+            was_training = self.model.training
+            self.model.eval()
+            old_values = values(self.model, self.value_head, batch)  # (B, T)
+            self.model.train(was_training)
+            token_rewards = ppo_token_rewards(scores, r.old_logprobs, ref_logp, mask, rl.kl_coef)
+            advantages, returns = gae(token_rewards, old_values, mask, rl.gamma, rl.lam)
+            data.update(advantages=whiten(advantages, mask), returns=returns, old_values=old_values)
+        micro = cfg.train.micro_batch_size
+        for _ in range(rl.epochs):
+            self.pending += [{k: v[i : i + micro] for k, v in data.items()} for i in range(0, rows, micro)]
+        kl = kl_per_token(
+            r.old_logprobs, ref_logp, "k1"
+        )  # unbiased per-token estimate on the policy's samples
+        self.rollouts += 1
+        self.history.append({
+            "reward": float(scores.mean()),
+            "kl": float((kl * mask).sum() / mask.sum().clamp(min=1)),
+            "kl_per_completion": float((kl * mask).sum(-1).mean()),
+            "completion_tokens": float(mask.sum(-1).float().mean()),
+            "finished": float(r.finished.float().mean()),
+        })  # fmt: skip
+
+    def report(self, record: dict[str, Any]) -> None:
+        """Add the latest rollout's reward, KL and lengths to a metrics record."""
+        if self.history and "loss" in record:
+            record.update({f"rollout/{k}": v for k, v in self.history[-1].items()})
+
+    def summary(self) -> dict[str, Any]:
+        """The rollouts: how many, and their reward and KL at the start and the end (means of a tenth each)."""
+        h = self.history
+        if not h:
+            return {"rollouts": 0}
+        k = max(1, len(h) // 10)
+        first, last = h[:k], h[-k:]
+        mean = lambda part, key: float(np.mean([x[key] for x in part]))  # noqa: E731
+        return {"rollouts": len(h), **{f"{key}_first": mean(first, key) for key in h[0]},
+                **{f"{key}_last": mean(last, key) for key in h[0]}}  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cursor: prompts taken, rollouts done, micro-batches of the last rollout not yet trained on."""
+        return {"cursor": self.cursor, "rollouts": self.rollouts, "pending": len(self.pending)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after a checkpoint taken between rollouts."""
+        if state["pending"]:
+            raise LmforgeError(
+                "this checkpoint was taken inside a rollout (train.checkpoint_every not a multiple of rl.epochs): "
+                "it cannot be resumed exactly; start the run again with --overwrite"
+            )
+        self.cursor, self.rollouts = state["cursor"], state["rollouts"]
+
+
+def _completion_counts(batch: Batch) -> Counts:
+    return {"tokens": int((batch["targets"] != IGNORE_INDEX).sum())}
+
+
+def _grpo_objective(cfg: AlignConfig) -> Objective:
+    """GRPO: the clipped surrogate with group-relative advantages + β k3 KL, a token-level mean over the step."""
+
+    def losses(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        logp = token_logprobs(model, batch)  # (B, T)
+        mask = batch["targets"] != IGNORE_INDEX
+        ref = batch["ref_logprobs"] if cfg.rl.kl_coef else None
+        loss, metrics = grpo_loss(logp, batch["old_logprobs"], ref, batch["advantages"], mask, clip=cfg.rl.clip,
+                                  kl_coef=cfg.rl.kl_coef, num_tokens=1)  # fmt: skip
+        n = (
+            mask.sum()
+        )  # the statistics are token means: summed here, divided by the step's tokens by the loop
+        return {"tokens": loss, **{k: v * n for k, v in metrics.items()}}
+
+    return Objective(_completion_counts, losses, stat_unit="tokens")
+
+
+def _ppo_objective(cfg: AlignConfig, value_head: ValueHead) -> Objective:
+    """PPO: the clipped policy loss on GAE advantages + value_coef x the clipped value loss, one forward."""
+
+    def losses(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        logp, vals = policy_and_values(model, value_head, batch)  # (B, T) each
+        mask = batch["targets"] != IGNORE_INDEX
+        policy, metrics = clipped_policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, cfg.rl.clip,
+                                              num_tokens=1)  # fmt: skip
+        value = clipped_value_loss(
+            vals, batch["old_values"], batch["returns"], mask, cfg.rl.value_clip, num_tokens=1
+        )
+        n = mask.sum()
+        return {"tokens": policy + cfg.rl.value_coef * value, "value_loss": value.detach(),
+                **{k: v * n for k, v in metrics.items()}}  # fmt: skip
+
+    return Objective(_completion_counts, losses, stat_unit="tokens")
