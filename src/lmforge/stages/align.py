@@ -141,6 +141,8 @@ class Align(Stage):
         self.trainable, self.total = parameter_counts(model)
         self.reference_model = self._reference(model, frozen)
         self.eval_items = read_prompts(cfg.eval.prompts, limit=cfg.eval.limit) if cfg.eval.prompts else []
+        # The judge is loaded now: a directory that is no reward model is refused before anything is written.
+        self.judge = RewardModel.from_dir(cfg.eval.judge) if cfg.eval.judge is not None else None
         plan = self._rl_plan(model) if cfg.method in RL_METHODS else self._preference_plan(model)
         log.info("align %s (%s): %s, %s trainable of %s parameters", cfg.method, cfg.tuning, base_dir,
                  f"{self.trainable:,}", f"{self.total:,}")  # fmt: skip
@@ -173,7 +175,7 @@ class Align(Stage):
                     f"model_adapter {cfg.model_adapter}: only a LoRA adapter merges into its base; give a merged "
                     "model directory (`lmforge merge`) instead"
                 )
-            model = merge_lora(model)
+            model = merge_lora(model).requires_grad_(True)  # loading the adapter froze the base
         return model.train()
 
     def _tune(self, model: nn.Module) -> nn.Module:
@@ -415,8 +417,8 @@ class Align(Stage):
         if after and "reward" in after[0]:
             result["reward_before"] = float(np.mean([a["reward"] for a in before]))
             result["reward_after"] = float(np.mean([a["reward"] for a in after]))
-        if self.cfg.eval.judge is not None:
-            judge = RewardModel.from_dir(self.cfg.eval.judge)
+        if self.judge is not None:
+            judge = self.judge
             pairs = [(it.messages, a["answer"]) for it, a in zip(self.eval_items, after, strict=True)]
             old = [(it.messages, b["answer"]) for it, b in zip(self.eval_items, before, strict=True)]
             new_scores, old_scores = judge.score(pairs), judge.score(old)
