@@ -228,7 +228,9 @@ def test_bad_input(world, tmp_path):
     same.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Hello."}) + "\n")
     missing = tmp_path / "missing.jsonl"
     good = json.dumps({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go."}) + "\n"
-    missing.write_text(good * 21 + json.dumps({"prompt": "Hi?", "chosen": "Hello."}) + "\n")  # format read from 20
+    missing.write_text(
+        good * 21 + json.dumps({"prompt": "Hi?", "chosen": "Hello."}) + "\n"
+    )  # format read from 20
     cases = {
         f"data.dataset={same}": f"{same}:1: chosen and rejected are the same reply",
         f"data.dataset={missing}": f"{missing}:22: missing field 'rejected'",
