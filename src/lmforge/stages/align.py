@@ -17,6 +17,7 @@ before the first step (preference methods), or by a frozen copy (grpo, ppo).
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -36,7 +37,7 @@ from lmforge.data.batches import preference_rows
 from lmforge.data.dataset import PreparedDataset
 from lmforge.data.samplers import EpochSampler, Rows, fixed
 from lmforge.errors import LmforgeError
-from lmforge.eval.rewards import PromptItem, RewardModel, batched, load_reward, read_prompts
+from lmforge.eval.rewards import PromptItem, RewardModel, batched, load_reward, pair_inputs, read_prompts
 from lmforge.eval.stats import wilson
 from lmforge.model.configs import DecoderConfig
 from lmforge.model.decoder import IGNORE_INDEX, CausalLM, DecoderForSequenceClassification
@@ -199,24 +200,30 @@ class Align(Stage):
 
     def _preference_plan(self, model: nn.Module) -> Plan:
         cfg = self.cfg
-        ds = PreparedDataset(ensure_prepared(cfg.data.dataset, tokenizer=cfg.data.tokenizer or self.base_dir))
-        if ds.manifest["kind"] != "preference":
-            raise LmforgeError(
-                f"{ds.path} holds {ds.manifest['kind']} data; align {cfg.method} reads preference pairs "
-                "(prompt/chosen/rejected or HH-RLHF records)"
+        if isinstance(model.config, DecoderConfig):
+            ds = PreparedDataset(
+                ensure_prepared(cfg.data.dataset, tokenizer=cfg.data.tokenizer or self.base_dir)
             )
-        if ds.manifest["tokenizer"]["vocab_size"] > model.config.vocab_size:
-            raise LmforgeError(
-                f"{ds.path} was tokenised with a larger vocabulary than {self.base_dir}'s model"
+            if ds.manifest["kind"] != "preference":
+                raise LmforgeError(
+                    f"{ds.path} holds {ds.manifest['kind']} data; align {cfg.method} reads preference pairs "
+                    "(prompt/chosen/rejected or HH-RLHF records)"
+                )
+            if ds.manifest["tokenizer"]["vocab_size"] > model.config.vocab_size:
+                raise LmforgeError(
+                    f"{ds.path} was tokenised with a larger vocabulary than {self.base_dir}'s model"
+                )
+            self.subsets, data_id = ds.manifest.get("subsets") or {}, ds.id
+            pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+            (train, self.stats), (val, _) = (self._pairs(ds, split, pad) for split in ("train", "val"))
+        else:  # an encoder scores "[CLS] prompt [SEP] response [SEP]": pairs straight from the raw records
+            (train, val), self.subsets, self.stats, data_id = _encoder_pairs(
+                Path(cfg.data.dataset), self.tokenizer, cfg.train.seq_len
             )
-        self.dataset, self.subsets = ds, ds.manifest.get("subsets") or {}
-        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
-        train, self.stats = self._pairs(ds, "train", pad)
         if len(train) == 0:
             raise LmforgeError(
-                f"{ds.path}: no training pair has a reply within train.seq_len={cfg.train.seq_len}"
+                f"{cfg.data.dataset}: no training pair has a reply within train.seq_len={cfg.train.seq_len}"
             )
-        val, _ = self._pairs(ds, "val", pad)
         self.val = val
         B = cfg.train.micro_batch_size
         self.val_batches = [val.batch(np.arange(i, min(i + B, len(val))), torch.Generator())
@@ -234,7 +241,7 @@ class Align(Stage):
             batches=EpochSampler(fixed(train), B, seed=cfg.train.seed),
             objective=objective,
             parent=str(self.base_dir),
-            data=[ds.id],
+            data=[data_id],
             eval_batches=(lambda: self.val_batches) if self.val_batches else None,
             lineage=lineage,
         )
@@ -295,7 +302,6 @@ class Align(Stage):
         objective = _ppo_objective(cfg, value_head) if value_head is not None else _grpo_objective(cfg)
         lineage = {"method": cfg.method, "tuning": cfg.tuning, "base_fingerprint": base_fingerprint(self.base_dir),
                    "rewards": list(cfg.rl.reward)}  # fmt: skip
-        self.dataset = None
         return Plan(
             model=model,
             batches=self.batches,
@@ -351,8 +357,8 @@ class Align(Stage):
             "tokens_per_s": summary["tokens_per_s"],
             "peak_memory_mb": peak_memory(next(model.parameters()).device) / 2**20,
         }
-        if self.dataset is not None:
-            results.update(dataset=self.dataset.id, **self.stats)
+        if cfg.method not in RL_METHODS:
+            results.update(dataset=plan.data[0], **self.stats)
             if len(self.val):
                 results["held_out"] = self._held_out(model)
         if cfg.method in RL_METHODS:
@@ -465,16 +471,16 @@ class _PairRows(Rows):
         """The rows `rows`, cut to their longest sample."""
         b = super().batch(rows, generator)
         n = int(torch.maximum(b["chosen_length"], b["rejected_length"]).max()) if len(rows) else 0
-        for key in ("chosen_input_ids", "chosen_targets", "rejected_input_ids", "rejected_targets"):
-            b[key] = b[key][:, :n]
-        return b
+        return {k: v[:, :n] if v.dim() == 2 else v for k, v in b.items()}
 
 
 def _scores(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
     """A reward model's scalar scores of each pair's chosen and rejected rows (B,), (B,), one forward."""
-    chosen = batch["chosen_input_ids"]
-    scores = model(torch.cat([chosen, batch["rejected_input_ids"]]))[:, 0].float()  # (2B,)
-    return scores[: len(chosen)], scores[len(chosen) :]
+    both = {k: torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
+            for k in ("input_ids", "attention_mask", "token_type_ids") if f"chosen_{k}" in batch}  # fmt: skip
+    scores = model(**both)[:, 0].float()  # (2B,): a decoder pools its last non-pad token, an encoder [CLS]
+    B = len(batch["pair"])
+    return scores[:B], scores[B:]
 
 
 def _reward_objective(margin: float) -> Objective:
@@ -746,3 +752,63 @@ def _ppo_objective(cfg: AlignConfig, value_head: ValueHead) -> Objective:
                 **{k: v * n for k, v in metrics.items()}}  # fmt: skip
 
     return Objective(_completion_counts, losses, stat_unit="tokens")
+
+
+def _encoder_pairs(
+    path: Path, tokenizer: Tokenizer, seq_len: int
+) -> tuple[tuple[_PairRows, _PairRows], dict[str, str], dict[str, int], str]:
+    """An encoder reward model's pairs from raw preference records: (train, val) rows of `pair_inputs` (the same
+    encoding `RewardModel` scores with), the subset names, counts, and the data's id (sha256 of the files).
+
+    The split is `data prepare`'s: a salted hash of each record's text, its default fraction and seed."""
+    from lmforge.data.formats import detect_format, to_examples
+    from lmforge.data.prepare import PrepareConfig, _peek_records, input_digests
+    from lmforge.data.readers import iter_files, read_records
+    from lmforge.data.workers import example_texts, in_val
+
+    if (path / "manifest.json").is_file():
+        raise LmforgeError(
+            f"data.dataset {path} is prepared (token ids for a decoder's chat template); an encoder reward model "
+            "reads the raw preference records: give the .jsonl file"
+        )
+    files = list(iter_files([path]))
+    examples = [
+        ex for f in files for ex in to_examples(read_records(f), detect_format(_peek_records(f, None)))
+    ]
+    if any(ex.kind != "preference" for ex in examples):
+        raise LmforgeError(
+            f"{path}: expected preference records (prompt/chosen/rejected or HH-RLHF transcripts)"
+        )
+    defaults = PrepareConfig(inputs=files)
+    val = in_val(["\n".join(example_texts(ex)) for ex in examples], defaults.val_fraction, defaults.seed)
+    names = sorted({ex.label_name for ex in examples if ex.label_name is not None})
+    subset_id = {name: i for i, name in enumerate(names)}
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+
+    def rows(picked: list) -> _PairRows:
+        out: dict[str, Tensor] = {
+            "pair": torch.arange(len(picked)),
+            "subset": torch.tensor([subset_id.get(ex.label_name, -1) for ex in picked], dtype=torch.int64),
+        }
+        sides = {side: [pair_inputs(tokenizer, True, ex.messages, getattr(ex, side), seq_len) for ex in picked]
+                 for side in ("chosen", "rejected")}  # fmt: skip
+        T = max((len(e["input_ids"]) for encoded in sides.values() for e in encoded), default=0)
+        for side, encoded in sides.items():
+            ids = torch.full((len(encoded), T), pad, dtype=torch.int64)  # (N, T), right-padded
+            types, mask = torch.zeros_like(ids), torch.zeros_like(ids)
+            for i, e in enumerate(encoded):
+                n = len(e["input_ids"])
+                ids[i, :n], types[i, :n], mask[i, :n] = (
+                    torch.tensor(e["input_ids"]),
+                    torch.tensor(e["token_type_ids"]),
+                    1,
+                )
+            out.update({f"{side}_input_ids": ids, f"{side}_token_type_ids": types, f"{side}_attention_mask": mask,
+                        f"{side}_length": mask.sum(1)})  # fmt: skip
+        return _PairRows(out)
+
+    train = rows([ex for ex, v in zip(examples, val, strict=True) if not v])
+    held_out = rows([ex for ex, v in zip(examples, val, strict=True) if v])
+    digest = hashlib.sha256("".join(sorted(input_digests(files).values())).encode()).hexdigest()
+    stats = {"pairs": len(examples), "pairs_kept": len(examples), "pairs_cut": 0, "pairs_dropped": 0}
+    return (train, held_out), {str(i): n for n, i in subset_id.items()}, stats, digest
