@@ -7,10 +7,18 @@ from pathlib import Path
 import pytest
 
 from lmforge.config import load_config
-from lmforge.stages.configs import FinetuneConfig, PretrainConfig
+from lmforge.stages.configs import AlignConfig, FinetuneConfig, PretrainConfig
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
-STAGES = {"pretrain": PretrainConfig, "sft": FinetuneConfig, "classify": FinetuneConfig}  # by name prefix
+STAGES = {
+    "pretrain": PretrainConfig,
+    "sft": FinetuneConfig,
+    "classify": FinetuneConfig,
+    "reward": AlignConfig,
+    "dpo": AlignConfig,
+    "grpo": AlignConfig,
+    "ppo": AlignConfig,
+}  # by name prefix
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
@@ -18,7 +26,13 @@ def test_recipe_resolves(recipe):
     stage = recipe.name.split("-")[0]  # sft-*, classify-*: `lmforge finetune` recipes
     assert stage in STAGES, f"{recipe.name}: recipe names start with their stage ({', '.join(STAGES)})"
     cfg = load_config(STAGES[stage], recipe, ["train.max_steps=3"])
-    sources = cfg.data.sources() if isinstance(cfg, PretrainConfig) else [cfg.data.dataset]
+    if isinstance(cfg, PretrainConfig):
+        sources = cfg.data.sources()
+    elif isinstance(cfg, AlignConfig):
+        sources = [cfg.data.prompts if cfg.method in ("grpo", "ppo") else cfg.data.dataset]
+        assert recipe.name.startswith(cfg.method), f"{recipe.name}: an align recipe is named after its method"
+    else:
+        sources = [cfg.data.dataset]
     assert cfg.train.max_steps == 3 and all(sources)
 
 
