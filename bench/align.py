@@ -1,46 +1,51 @@
 """Alignment, lmforge `align` vs TRL's trainers, on the same model, data, batch and precision, in one run.
 
-  python bench/align.py [--preset llama-14m] [--batch 8] [--seq-len 128] [--steps 4] [--warmup 1] [--repeats 2]
-                        [--benches dpo-lora,dpo-full,grpo,reward] [--device cpu|cuda] [--dtype fp32|bf16]
+  python bench/align.py [--preset llama-14m] [--batch 8] [--seq-len 128] [--steps 4] [--warmup 1]
+                        [--repeats 2] [--benches dpo-lora,dpo-full,grpo,reward] [--device cpu|cuda]
+                        [--dtype fp32|bf16]
 
-Benches (lmforge against each TRL variant named):
-- dpo-lora: `lmforge align` method dpo, tuning lora (its reference log-probs computed once before the first step,
-  with the adapter switched off), against `DPOTrainer` with a peft `LoraConfig` (TRL's default: a reference
-  forward with the adapter disabled in every step) and with `precompute_ref_log_probs=True`.
-- dpo-full: tuning full (lmforge: reference log-probs computed once before the first step), against `DPOTrainer`
-  with its default reference (a second copy of the model, one forward per step) and with
+Benches, lmforge against each TRL variant named:
+- dpo-lora: `lmforge align` method dpo, tuning lora (the reference log-probs computed once before the first
+  step, with the adapter switched off), against `DPOTrainer` with a peft `LoraConfig` (TRL's default: a
+  reference forward with the adapter disabled in every step) and with `precompute_ref_log_probs=True`.
+- dpo-full: tuning full (lmforge: the reference log-probs computed once before the first step), against
+  `DPOTrainer` with its default reference (a second copy of the model, a forward in every step) and with
   `precompute_ref_log_probs=True`.
 - grpo: method grpo, tuning lora, against `GRPOTrainer` with the same `LoraConfig`: --prompts prompts a step,
   --samples completions each (TRL's num_generations), --new-tokens tokens at most (max_completion_length),
-  temperature 1, clip 0.2, KL coefficient 0.05 (TRL's beta; its default 0 drops the reference), one optimizer
-  step per rollout (num_iterations 1), TRL's default loss "dapo" (a token mean over the step, lmforge's), and the
-  same Python reward (`reward_score` below: words in the completion, capped at 20).
+  temperature 1, clip 0.2, KL coefficient 0.05 (TRL's beta, whose default 0 drops the reference), one
+  optimizer step per rollout (num_iterations 1), TRL's default loss "dapo" (a token mean over the step, as
+  lmforge's), and the same Python reward (`reward_score`: words in the completion, capped at 20).
 - reward: method reward, tuning full (a Bradley-Terry scalar head on the decoder), against `RewardTrainer`.
 
-Model: the preset built by lmforge from seed 0 (llama-14m: d 384, 6 layers, vocab 8192, tied embeddings), saved
-as a HF directory with a byte-level BPE (vocab 4096) trained on the pairs' texts and lmforge's ChatML template;
-TRL loads it with `transformers` (SDPA attention). Data: HH-RLHF harmless-base pairs (../shared/data/hh_rlhf), the
-first whose chosen and rejected conversations both fit in --seq-len tokens, exactly (--warmup + --steps) x --batch
-of them, so each run is one epoch; lmforge gets them prepared (`data prepare`, no validation split, no dedup) and
-TRL the same records as conversations, in lmforge's epoch order (a sequential sampler), so step i of each library
-trains on the same pairs. GRPO prompts: the synthetic world's held-out questions (eval_qa.jsonl, `synthesize`).
-Both sides: AdamW (fused; betas 0.9/0.95, eps 1e-8, no weight decay), lr --lr constant without warm-up, clipping
-to norm 1.0, micro-batch --batch (GRPO: --prompts x --samples completions), no gradient accumulation, no
-gradient checkpointing, no evaluation, no saving; TRL logs every step (logging_steps=1), as lmforge's loop does.
-LoRA: r 16, alpha 32, no dropout, on q/k/v/o/gate/up/down. Precision: fp32 (--dtype fp32), or bf16 autocast
-over fp32 weights (--dtype bf16: lmforge `train.autocast=bf16`, TRL `bf16=True`).
+Model: the preset built by lmforge from seed 0 (llama-14m: d 384, 6 layers, vocab 8192, tied embeddings),
+saved as a HF directory with a byte-level BPE (vocab 4096) trained on the pairs' texts and lmforge's ChatML
+template; TRL loads it with `transformers` (SDPA attention). Data: HH-RLHF harmless-base pairs
+(../shared/data/hh_rlhf), the first whose chosen and rejected conversations both fit in --seq-len tokens,
+(--warmup + --steps) x --batch of them, so a run is one epoch. lmforge gets them prepared (`data prepare`, no
+validation split, no dedup), TRL the same records as conversations in lmforge's epoch order (a sequential
+sampler): step i of either library trains on the same pairs. GRPO prompts: the synthetic world's held-out
+questions (`synthesize`, eval_qa.jsonl). Both libraries: fused AdamW (betas 0.9/0.95, eps 1e-8, no weight
+decay), lr --lr, constant, no warm-up, clipping to norm 1.0, micro-batch --batch (GRPO: --prompts x --samples
+completions), no gradient accumulation or checkpointing, no evaluation, no saving; TRL logs every step
+(logging_steps=1), as lmforge's loop does. LoRA: r 16, alpha 32, no dropout, on q/k/v/o/gate/up/down.
+Precision: fp32, or (--dtype bf16) bf16 autocast over fp32 weights: lmforge `train.autocast=bf16`, TRL
+`bf16=True`.
 
-Timing: every run is a fresh process (`--worker`), run after run in the order lmforge, TRL, TRL' (reversed
-every other repeat), so drift in the machine's load hits both; --repeats rounds. A step's time is the wall time
-between the ends of consecutive optimizer steps (lmforge: metrics.jsonl `elapsed`, written once a step;
-TRL: `on_step_end` of a callback, after `torch.cuda.synchronize()` on a GPU), so fetching batches, rollouts
-(GRPO) and each library's logging count; setup (loading, tokenising, precomputing reference log-probs) does not.
-The first --warmup steps are left out; a run's figure is the median of its timed steps, the speed-up of a TRL
-variant in a repeat is its figure over lmforge's in the same repeat, and the table gives the median over
-repeats. Memory: the peak of the whole run after the imports (model, reference, optimizer, data, steps): on the
-CPU the process's peak RSS (VmHWM) minus its RSS before the model is loaded, on CUDA
-`torch.cuda.max_memory_allocated()`; the median over repeats.
-Writes one JSON line per bench to bench/results/align.jsonl and prints Markdown tables.
+Timing: every run is a fresh process, run after run: lmforge, TRL, TRL' (reversed every other repeat), so
+drift in the machine's load hits both; --repeats rounds. A step's time is the wall time between the ends of
+consecutive optimizer steps (lmforge: metrics.jsonl `elapsed`, written every step; TRL: a callback's
+`on_step_end`, after `torch.cuda.synchronize()` on a GPU), so fetching batches, rollouts (GRPO) and each
+library's logging count, setup (loading, tokenising, precomputing reference log-probs) does not. The first
+--warmup steps are left out; a run's figure is the median of its timed steps; a TRL variant's speed-up in a
+repeat is its figure over lmforge's in the same repeat, and the table gives the median over repeats.
+Memory, the peak of a whole run over what the process held before loading the model (model, reference,
+optimizer, data, steps): on CUDA `torch.cuda.max_memory_allocated()` of the timed runs (median); on the CPU
+one more run of each variant, 2 steps, with glibc's mmap threshold fixed (`MEMORY_ENV`), its peak RSS
+(VmHWM) minus its RSS before loading. Tokens/s: the real tokens of the timed steps' pairs (chosen and rejected
+conversations, as lmforge renders them; the same pairs on both sides), GRPO: the completion tokens each
+library generated.
+Writes one JSON line per bench to bench/results/align.jsonl and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -129,7 +134,9 @@ def prepare(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     from lmforge.tokenizer import Tokenizer, copy_tokenizer, train_tokenizer
 
     pairs = list(to_examples(read_records(HH), "hh_rlhf"))
-    texts = [m["content"] for p in pairs for m in p.messages] + [t for p in pairs for t in (p.chosen, p.rejected)]
+    texts = [m["content"] for p in pairs for m in p.messages] + [
+        t for p in pairs for t in (p.chosen, p.rejected)
+    ]
     train_tokenizer(texts, "bpe", VOCAB, workdir / "tokenizer")
     tok = Tokenizer.from_dir(workdir / "tokenizer")
 
@@ -137,13 +144,18 @@ def prepare(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     n = args.batch * (args.warmup + args.steps)
     records, lengths = [], []
     for p in pairs:
-        rows = [render_chat(tok, [*p.messages, {"role": "assistant", "content": r}]).ids for r in (p.chosen, p.rejected)]
+        rows = [
+            render_chat(tok, [*p.messages, {"role": "assistant", "content": r}]).ids
+            for r in (p.chosen, p.rejected)
+        ]
         if max(map(len, rows)) <= args.seq_len:
             records.append({"prompt": list(p.messages), "chosen": [{"role": "assistant", "content": p.chosen}],
                             "rejected": [{"role": "assistant", "content": p.rejected}]})  # fmt: skip
             lengths.append([len(r) for r in rows])
         if len(records) == n:
             break
+    if len(records) < n:
+        sys.exit(f"only {len(records)} HH-RLHF pairs fit in --seq-len {args.seq_len}; {n} needed")
     (workdir / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     prepare_data(PrepareConfig(inputs=[workdir / "pairs.jsonl"], tokenizer=workdir / "tokenizer", val_fraction=0.0,
                                dedup="off", pii="off", num_proc=1), workdir / "pairs")  # fmt: skip
@@ -166,7 +178,9 @@ def prepare(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     save_model(model, workdir / "model")
     copy_tokenizer(workdir / "tokenizer", workdir / "model")
     params = sum(p.numel() for p in model.parameters())
-    step_pairs = [[order[i] for i in range(s * args.batch, (s + 1) * args.batch)] for s in range(n // args.batch)]
+    step_pairs = [
+        [order[i] for i in range(s * args.batch, (s + 1) * args.batch)] for s in range(n // args.batch)
+    ]
     setup = {"pairs": n, "order": order, "params": params, "vocab": tok.vocab_size,
              # real tokens of each step's pairs (chosen + rejected rows), and the positions lmforge computes:
              # both rows of every pair padded to the step's longest
@@ -246,10 +260,14 @@ def lmforge_worker(variant: str, workdir: Path, args: argparse.Namespace) -> dic
     peak = memory_peak(args.device, base)
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "loss" in r]
-    ends = [r["elapsed"] for r in steps]
-    record = {"seconds": [b - a for a, b in pairwise(ends)][args.warmup - 1 :],
-              "losses": [r["loss"] for r in steps], "peak_mb": peak, "trainable": results["trainable_params"],
-              "positions": [r["tokens"] - p for r, p in zip(steps, [0] + [s["tokens"] for s in steps[:-1]], strict=True)]}  # fmt: skip
+    ends, tokens = [r["elapsed"] for r in steps], [0] + [r["tokens"] for r in steps]
+    record = {
+        "seconds": [b - a for a, b in pairwise(ends)][args.warmup - 1 :],
+        "losses": [r["loss"] for r in steps],
+        "peak_mb": peak,
+        "trainable": results["trainable_params"],
+        "positions": [b - a for a, b in pairwise(tokens)],  # each step's, padding included
+    }
     if variant == "lmforge-grpo":
         record["completion_tokens"] = [r["rollout/completion_tokens"] for r in steps][args.warmup :]
     shutil.rmtree(out)
@@ -264,7 +282,12 @@ def trl_worker(variant: str, workdir: Path, args: argparse.Namespace) -> dict[st
     import transformers
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
     from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer
 
     logging.getLogger("trl").setLevel(logging.ERROR)
@@ -315,7 +338,9 @@ def trl_worker(variant: str, workdir: Path, args: argparse.Namespace) -> dict[st
     elif variant == "trl-reward":
         cfg = RewardConfig(**common, train_sampling_strategy="sequential", max_length=args.seq_len)
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, **load)
-        trainer = RewardTrainer(model=model, args=cfg, train_dataset=pairs, processing_class=tok, callbacks=[Timer()])
+        trainer = RewardTrainer(
+            model=model, args=cfg, train_dataset=pairs, processing_class=tok, callbacks=[Timer()]
+        )
     else:
         prompts = [json.loads(line) for line in (workdir / "prompts.jsonl").read_text().splitlines()]
         cfg = GRPOConfig(**{**common, "per_device_train_batch_size": args.prompts * args.samples},
@@ -334,79 +359,126 @@ def trl_worker(variant: str, workdir: Path, args: argparse.Namespace) -> dict[st
     return record
 
 
-def run_worker(variant: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """One measured run of `variant` in a fresh process; its record."""
-    keys = ("preset", "batch", "seq_len", "steps", "warmup", "lr", "prompts", "samples", "new_tokens", "device", "dtype")
+# glibc's mmap threshold fixed at 64 KiB for the memory runs, so freed tensors go back to the OS and the peak RSS
+# is what was live (as bench/finetune.py): at the default, glibc keeps freed memory and the peak of lmforge's
+# DPO-LoRA run was 1,120 MB against 578 MB live; the setting slows steps, hence separate runs.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def run_worker(variant: str, workdir: Path, args: argparse.Namespace, memory: bool = False) -> dict[str, Any]:
+    """One run of `variant` in a fresh process, timed (--warmup + --steps steps) or for memory (2 steps); its
+    record."""
+    keys = ("preset", "batch", "seq_len", "lr", "prompts", "samples", "new_tokens", "device", "dtype")
     cmd = [sys.executable, __file__, "--worker", variant, "--workdir", str(workdir)]
     cmd += [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+    cmd += (
+        ["--warmup", "1", "--steps", "1"]
+        if memory
+        else ["--warmup", str(args.warmup), "--steps", str(args.steps)]
+    )
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, **MEMORY_ENV} if memory else None
+    )
     if out.returncode:
         sys.exit(f"worker {variant} failed:\n{out.stderr[-6000:]}")
     record = json.loads(out.stdout.strip().splitlines()[-1])
     record["wall_s"] = time.perf_counter() - t0
-    step = statistics.median(record["seconds"])
-    print(f"  {variant}: {record['wall_s']:.0f} s in all, median step {step:.2f} s, peak {record['peak_mb']:,.0f} MB",
-          file=sys.stderr, flush=True)  # fmt: skip
+    what = "memory run" if memory else f"median step {statistics.median(record['seconds']):.2f} s"
+    print(
+        f"  {variant}: {record['wall_s']:.0f} s, {what}, peak {record['peak_mb']:,.0f} MB",
+        file=sys.stderr,
+        flush=True,
+    )
     return record
 
 
 # ------------------------------------------------------------------------------------------------ report
 
 
-def summarise(bench: str, runs: dict[str, list[dict]], setup: dict, args: argparse.Namespace) -> dict[str, Any]:
-    """Per variant: median step seconds, rates and peak memory over the repeats; per peer: the paired ratios."""
+def summarise(bench: str, runs: dict[str, list[dict]], memory: dict[str, dict], setup: dict,
+              args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    """Per variant: median step seconds, rates and peak memory over the repeats, and the memory run's peak; per
+    TRL variant: the speed-up of each repeat (its step time over lmforge's) and their median, and the ratio of
+    peaks (the memory runs' on the CPU, the timed runs' median on CUDA). Ratios > 1 favour lmforge."""
     ours = BENCHES[bench][0]
     units = args.prompts * args.samples if bench == "grpo" else args.batch
     timed = slice(args.warmup, args.warmup + args.steps)
-    out: dict[str, Any] = {"bench": bench, "unit": "completions" if bench == "grpo" else "pairs", "variants": {}}
+    out: dict[str, Any] = {
+        "bench": bench,
+        "unit": "completions" if bench == "grpo" else "pairs",
+        "variants": {},
+    }
     for v, records in runs.items():
         steps = [statistics.median(r["seconds"]) for r in records]
         if bench == "grpo":  # generated tokens of the timed steps, each library's own completions
             tokens = [units * sum(r["completion_tokens"]) / sum(r["seconds"]) for r in records]
         else:  # the same pairs in the same order on both sides: real tokens of the timed steps
             tokens = [sum(setup["step_tokens"][timed]) / sum(r["seconds"]) for r in records]
-        out["variants"][v] = {
+        peaks = [r["peak_mb"] for r in records]
+        row = out["variants"][v] = {
             "describe": DESCRIBE[v], "step_s": steps, "median_step_s": statistics.median(steps),
             "units_per_s": units / statistics.median(steps), "tokens_per_s": statistics.median(tokens),
-            "peak_mb": [r["peak_mb"] for r in records], "median_peak_mb": statistics.median(r["peak_mb"] for r in records),
+            "timed_peak_mb": peaks, "peak_mb": memory[v]["peak_mb"] if v in memory else statistics.median(peaks),
             "first_loss": [r["losses"][0] for r in records], "trainable": records[0]["trainable"],
             "wall_s": [r["wall_s"] for r in records], "seconds": [r["seconds"] for r in records],
         }  # fmt: skip
-        if v != ours:  # > 1: lmforge faster / smaller
-            paired = [a / b for a, b in zip(steps, out["variants"][ours]["step_s"], strict=True)]
-            out["variants"][v]["speedup_per_repeat"] = paired
-            out["variants"][v]["speedup"] = statistics.median(paired)
-            out["variants"][v]["memory_ratio"] = out["variants"][v]["median_peak_mb"] / out["variants"][ours]["median_peak_mb"]
         if bench == "grpo":
-            out["variants"][v]["completion_tokens"] = [statistics.mean(r["completion_tokens"]) for r in records]
+            row["completion_tokens"] = [statistics.mean(r["completion_tokens"]) for r in records]
+        if v != ours:
+            lm = out["variants"][ours]
+            row["speedup_per_repeat"] = [a / b for a, b in zip(steps, lm["step_s"], strict=True)]
+            row["speedup"] = statistics.median(row["speedup_per_repeat"])
+            row["memory_ratio"] = row["peak_mb"] / lm["peak_mb"]
     if bench != "grpo":  # lmforge's positions per step against the ones its epoch order predicts
-        got = runs[ours][0]["positions"]
-        out["order_check"] = got == setup["step_positions"]
+        out["order_check"] = all(r["positions"] == setup["step_positions"][: len(r["positions"])]
+                                 for r in runs[ours])  # fmt: skip
     return out
 
 
 def table(summaries: list[dict], args: argparse.Namespace, device: str) -> None:
-    mem = "peak GPU MB (max_memory_allocated)" if args.device == "cuda" else "peak RSS added (MB)"
+    cuda = args.device == "cuda"
+    mem = "peak MB (max_memory_allocated)" if cuda else "peak RSS added, MB (memory run)"
     print(f"\n{device}; {args.preset}, {args.dtype}; medians of {args.repeats} runs each, {args.steps} timed steps a "
           f"run after {args.warmup} warm-up\n")  # fmt: skip
-    print(f"| bench | variant | s/step | units/s | tokens/s | lmforge speed-up | {mem} | peer/lmforge memory |")
+    print(
+        f"| bench | variant | s/step | units/s | tokens/s | lmforge speed-up | {mem} | TRL/lmforge memory |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for s in summaries:
         for r in s["variants"].values():
             speed = f"**{r['speedup']:.2f}x**" if "speedup" in r else "—"
             memory = f"{r['memory_ratio']:.2f}x" if "memory_ratio" in r else "—"
             print(f"| {s['bench']} | {r['describe']} | {r['median_step_s']:.2f} | {r['units_per_s']:.1f} {s['unit']} | "
-                  f"{r['tokens_per_s']:,.0f} | {speed} | {r['median_peak_mb']:,.0f} | {memory} |")  # fmt: skip
-    print("\nper run (repeat order): step s (median of the timed steps); peak MB; first loss")
+                  f"{r['tokens_per_s']:,.0f} | {speed} | {r['peak_mb']:,.0f} | {memory} |")  # fmt: skip
+    what = "peak MB" if cuda else "peak RSS added in the timed runs (default malloc), MB"
+    print(
+        f"\nper variant, run by run: step s (median of its timed steps); {what}; first loss; trainable parameters"
+    )
     for s in summaries:
         for v, r in s["variants"].items():
-            ratio = f"; speed-up {', '.join(f'{x:.2f}' for x in r['speedup_per_repeat'])}" if "speedup" in r else ""
-            extra = f"; completion tokens {', '.join(f'{x:.1f}' for x in r['completion_tokens'])}" if "completion_tokens" in r else ""
-            print(f"- {v}: {', '.join(f'{x:.2f}' for x in r['step_s'])}; {', '.join(f'{x:,.0f}' for x in r['peak_mb'])}; "
-                  f"{', '.join(f'{x:.4f}' for x in r['first_loss'])}{ratio}{extra}")  # fmt: skip
-        if "order_check" in s and not s["order_check"]:
-            print(f"  warning: {s['bench']}: lmforge's batches are not the predicted epoch order (TRL's order differs)")
+            ratio = (
+                f"; speed-up {', '.join(f'{x:.2f}' for x in r['speedup_per_repeat'])}"
+                if "speedup" in r
+                else ""
+            )
+            extra = (
+                f"; completion tokens {', '.join(f'{x:.1f}' for x in r['completion_tokens'])}"
+                if "completion_tokens" in r
+                else ""
+            )
+            print(f"- {v}: {', '.join(f'{x:.2f}' for x in r['step_s'])}; {', '.join(f'{x:,.0f}' for x in r['timed_peak_mb'])}; "
+                  f"{', '.join(f'{x:.4f}' for x in r['first_loss'])}; {r['trainable']:,}{ratio}{extra}")  # fmt: skip
+        if s.get("order_check") is False:
+            print(
+                f"  warning: {s['bench']}: lmforge's batches are not the predicted epoch order (TRL's order differs)"
+            )
+
+
+def lmforge_revision() -> str:
+    """The commit lmforge runs from, "+changes" when src/ differs from it."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "src") else "")
 
 
 def machine(args: argparse.Namespace) -> str:
@@ -419,22 +491,39 @@ def machine(args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="llama-14m")
     parser.add_argument("--batch", type=int, default=8, help="pairs per step (dpo, reward)")
-    parser.add_argument("--seq-len", type=int, default=128, help="longest pair row (prompt + reply), in tokens")
+    parser.add_argument(
+        "--seq-len", type=int, default=128, help="longest pair row (prompt + reply), in tokens"
+    )
     parser.add_argument("--steps", type=int, default=4, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (at least 1)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant, interleaved")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--prompts", type=int, default=4, help="grpo: prompts per step")
-    parser.add_argument("--samples", type=int, default=4, help="grpo: completions per prompt (num_generations)")
+    parser.add_argument(
+        "--samples", type=int, default=4, help="grpo: completions per prompt (num_generations)"
+    )
     parser.add_argument("--new-tokens", type=int, default=32, help="grpo: max completion length")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, fp32 weights")
-    parser.add_argument("--benches", default=",".join(BENCHES), help=f"comma-separated, from: {', '.join(BENCHES)}")
-    parser.add_argument("--variants", default="", help="only these variants (lmforge's of each bench always runs)")
-    parser.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS.relative_to(ROOT)}")
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, fp32 weights"
+    )
+    parser.add_argument(
+        "--benches", default=",".join(BENCHES), help=f"comma-separated, from: {', '.join(BENCHES)}"
+    )
+    parser.add_argument(
+        "--variants", default="", help="only these variants (lmforge's of each bench always runs)"
+    )
+    parser.add_argument(
+        "--no-memory", action="store_true", help="CPU: skip the memory runs (report the timed runs' peaks)"
+    )
+    parser.add_argument(
+        "--no-record", action="store_true", help=f"do not append to {RESULTS.relative_to(ROOT)}"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -455,8 +544,8 @@ def main() -> None:
     import trl
 
     device = machine(args)
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                "trl": trl.__version__}  # fmt: skip
+    versions = {"lmforge": lmforge_revision(), "torch": torch.__version__, "transformers": transformers.__version__,
+                "peft": peft.__version__, "trl": trl.__version__}  # fmt: skip
     print(f"{device}; " + ", ".join(f"{k} {v}" for k, v in versions.items()), file=sys.stderr)
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -464,16 +553,24 @@ def main() -> None:
         setup = prepare(workdir, args)
         print(f"setup: {setup['pairs']} pairs ({setup['mean_pair_tokens']:.0f} tokens a pair, chosen + rejected), "
               f"{setup['prompts']} prompts, {setup['params']:,} parameters, vocab {setup['vocab']}", file=sys.stderr)  # fmt: skip
-        plan = {b: [v for v in BENCHES[b] if only is None or v in only or v.startswith("lmforge")] for b in benches}
+        plan = {
+            b: [v for v in BENCHES[b] if only is None or v in only or v.startswith("lmforge")]
+            for b in benches
+        }
         runs: dict[str, dict[str, list]] = {b: {v: [] for v in plan[b]} for b in benches}
         for r in range(args.repeats):
             for b in benches:
                 for v in plan[b] if r % 2 == 0 else plan[b][::-1]:
                     runs[b][v].append(run_worker(v, workdir, args))
-        summaries = [summarise(b, runs[b], setup, args) for b in benches]
+        memory: dict[str, dict] = {}
+        if args.device == "cpu" and not args.no_memory:
+            memory = {v: run_worker(v, workdir, args, memory=True) for b in benches for v in plan[b]}
+        summaries = [summarise(b, runs[b], memory, setup, args) for b in benches]
     table(summaries, args, device)
     seconds = time.perf_counter() - t_start
-    print(f"\n{seconds:.0f} s in all; load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+    print(
+        f"\n{seconds:.0f} s in all; load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    )
     if not args.no_record:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,7 +1,9 @@
-"""Helpers shared by the parity tests."""
+"""Helpers shared by the tests."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -62,3 +64,22 @@ def error(result, code: int = 2) -> str:
     assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr
     assert "Traceback" not in result.output
     return errors[0]
+
+
+@contextmanager
+def interrupted_at(step: int) -> Iterator[None]:
+    """Inside the block the one training loop gets Ctrl-C when it asks for step `step`'s micro-batch."""
+    import lmforge.train.loop as loop
+
+    real_next = loop._next
+
+    def stop(batches, at):
+        if at == step:
+            raise KeyboardInterrupt
+        return real_next(batches, at)
+
+    loop._next = stop
+    try:
+        yield
+    finally:
+        loop._next = real_next

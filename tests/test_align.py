@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import interrupted_at
 from typer.testing import CliRunner
 
 from lmforge.cli import app
@@ -217,29 +218,19 @@ def test_rl_raises_the_reward_on_held_out_prompts(world, tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("method", ["dpo", "grpo"])
-def test_resume_is_bit_identical(world, tmp_path, monkeypatch, method):
+def test_resume_is_bit_identical(world, tmp_path, method):
     """An align run stopped after its step-4 checkpoint and resumed with `--resume RUN` logs the same numbers and
     writes the same adapter as a run never stopped (GRPO: the checkpoint falls between rollouts)."""
-    import lmforge.train.loop as loop
-
     data = (f"data.dataset={world['world'] / 'preferences.jsonl'}" if method == "dpo"
             else f"data.prompts={world['world'] / 'sft_a.jsonl'}")  # fmt: skip
     args = sets(f"method={method}", data, "rl.reward=[format]", "train.seq_len=128", "train.micro_batch_size=8",
                 "train.max_steps=8", "train.checkpoint_every=2", "train.deterministic=true", "optim.lr=1e-3")  # fmt: skip
     invoke("align", "--init-from", str(world["base"]), "--out", str(tmp_path / "whole"), *args)
-    real_next = loop._next
-
-    def stop_at_5(batches, step):
-        if step == 5:
-            raise KeyboardInterrupt
-        return real_next(batches, step)
-
-    monkeypatch.setattr(loop, "_next", stop_at_5)
-    stopped = runner.invoke(
-        app, ["align", "--init-from", str(world["base"]), "--out", str(tmp_path / "run"), *args]
-    )
+    with interrupted_at(5):
+        stopped = runner.invoke(
+            app, ["align", "--init-from", str(world["base"]), "--out", str(tmp_path / "run"), *args]
+        )
     assert stopped.exit_code == 130 and "lmforge align --resume" in stopped.output
-    monkeypatch.setattr(loop, "_next", real_next)
     invoke("align", "--resume", str(tmp_path / "run"))
 
     def lines(run: str) -> list[dict]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import interrupted_at
 from typer.testing import CliRunner
 
 from lmforge.cli import app
@@ -341,12 +342,10 @@ def test_recipe_banking77_minilm(tmp_path, shared_data, method):
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_resume_is_bit_identical(world, tmp_path, monkeypatch, method):
+def test_resume_is_bit_identical(world, tmp_path, method):
     """A finetune run stopped (Ctrl-C) after its step-4 checkpoint and continued with `--resume RUN` logs the
     same losses and writes the same weights, bit for bit, as a run never stopped; checkpoint_every and
     keep_checkpoints are honoured (an adapter run checkpoints only its trained tensors)."""
-    import lmforge.train.loop as loop
-
     sets = (f"method={method}", "train.max_steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=2",
             "train.deterministic=true", "train.eval_every=4")  # fmt: skip
     whole = finetune(world, tmp_path / "whole", *sets)
@@ -356,17 +355,9 @@ def test_resume_is_bit_identical(world, tmp_path, monkeypatch, method):
     trained = tmp_path / "whole" / "checkpoints" / "step-000008" / "train_state" / "trained.safetensors"
     assert trained.is_file() == (method == "lora")
 
-    real_next = loop._next
-
-    def stop_at_5(batches, step):
-        if step == 5:
-            raise KeyboardInterrupt
-        return real_next(batches, step)
-
-    monkeypatch.setattr(loop, "_next", stop_at_5)
-    stopped = finetune(world, tmp_path / "run", *sets)
+    with interrupted_at(5):
+        stopped = finetune(world, tmp_path / "run", *sets)
     assert stopped.exit_code == 130 and "lmforge finetune --resume" in stopped.output
-    monkeypatch.setattr(loop, "_next", real_next)
     resumed = runner.invoke(app, ["finetune", "--resume", str(tmp_path / "run"), "--json"])
     assert resumed.exit_code == 0, resumed.output
 
