@@ -15,7 +15,15 @@ from helpers import randomize_, save_random_hf_decoder
 from safetensors.torch import load_file, save_file
 
 from lmforge.adapters.base import AdapterLayer, adapter_parameter_names, disable_adapter, parameter_counts
-from lmforge.adapters.lora import LoraLinear, apply_lora, load_lora, lora_layers, merge_lora, save_lora
+from lmforge.adapters.lora import (
+    LoraLinear,
+    apply_lora,
+    load_lora,
+    lora_layers,
+    lora_merged,
+    merge_lora,
+    save_lora,
+)
 from lmforge.errors import LmforgeError
 from lmforge.model.configs import DecoderConfig, preset
 from lmforge.model.hf import build_model, load_model
@@ -137,6 +145,22 @@ def test_merge_is_exact_and_leaves_the_base_layout(decoder_dir, variant):
     assert list(model.state_dict()) == base_keys
     assert not any(isinstance(m, AdapterLayer) for m in model.modules())
     assert {type(m) for m in model.modules() if isinstance(m, torch.nn.Linear)} == {Linear}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_lora_merged_samples_like_the_adapter_and_restores_every_weight(decoder_dir, variant):
+    """RL's sampling context: inside, the merged weights give the adapter's outputs (1e-5) with no adapter
+    branch; after, every tensor is bit-identical to before and the adapter is back on."""
+    model = load_model(decoder_dir)
+    apply_lora(model, LoraSection(r=4, alpha=8, **VARIANTS[variant])).eval()
+    train_lora_(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapted = out(model)
+    with lora_merged(model):
+        assert not any(m.adapter_active for _, m in lora_layers(model))
+        torch.testing.assert_close(out(model), adapted, atol=1e-5, rtol=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(out(model), adapted)
 
 
 def test_merge_refuses_a_tied_weight():

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,30 @@ def merge_lora(model: nn.Module) -> nn.Module:
         plain.train(layer.training)
         model.set_submodule(name, plain)
     return model
+
+
+@contextmanager
+def lora_merged(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block each active, untied LoraLinear computes with W + s B A folded into its weight and its
+    adapter branch off: one matmul per layer, as fast as the base (RL's sampling). The exact weights come back
+    after (a copy of them is held meanwhile)."""
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    layers = [m for _, m in lora_layers(model) if m.adapter_active and owners[id(m.weight)] == 1]
+    saved = []
+    with torch.no_grad():
+        for m in layers:
+            saved.append(m.weight.detach().clone())
+            m.weight.copy_(m.merged_weight().to(m.weight.dtype))
+            m.adapter_active = False
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for m, weight in zip(layers, saved, strict=True):
+                m.weight.copy_(weight)
+                m.adapter_active = True
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLinear]]:

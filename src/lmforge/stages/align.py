@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from lmforge.adapters.base import disable_adapter, parameter_counts
 from lmforge.adapters.io import base_fingerprint, load_adapter, save_adapter
+from lmforge.adapters.lora import lora_merged, merge_lora
 from lmforge.adapters.registry import ADAPTER_KINDS
 from lmforge.data.auto import ensure_prepared
 from lmforge.data.batches import preference_rows
@@ -60,6 +61,7 @@ from lmforge.train.rl import (
     group_advantages,
     grpo_loss,
     kl_per_token,
+    masked_mean,
     policy_and_values,
     ppo_token_rewards,
     rollout,
@@ -168,8 +170,6 @@ class Align(Stage):
         else:
             model = load_model(self.base_dir)
         if cfg.model_adapter is not None:
-            from lmforge.adapters.lora import merge_lora
-
             model = load_adapter(model, cfg.model_adapter, self.base_dir)
             if not any("lora_" in name for name, _ in model.named_parameters()):
                 raise LmforgeError(
@@ -378,8 +378,6 @@ class Align(Stage):
         model = model.cpu()
         if cfg.method == "reward" or cfg.tuning == "full":
             if cfg.tuning == "lora":  # the new head trains with the adapter: one plain model holds both
-                from lmforge.adapters.lora import merge_lora
-
                 model = merge_lora(model)
             target = save_model(model, out / "model")
         else:
@@ -643,51 +641,59 @@ class RolloutBatches:
 
     @torch.no_grad()
     def _rollout(self) -> None:
-        cfg, rl = self.cfg, self.cfg.rl
+        cfg, rl, model = self.cfg, self.cfg.rl, self.model
         rows = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
         chosen = self._next_prompts(rows // rl.samples)
-        r = rollout(self.model, self.tokenizer, [self.prompt_ids[i] for i in chosen], n=rl.samples,
-                    max_new_tokens=rl.max_new_tokens, temperature=1.0,
-                    seed=cfg.train.seed * 1_000_003 + self.rollouts)  # fmt: skip
+        # Sampling reads a LoRA folded into its weights (as fast as the base); every log-prob below comes from
+        # the training forward, so the policy ratio compares one computation with itself.
+        with lora_merged(model):
+            r = rollout(model, self.tokenizer, [self.prompt_ids[i] for i in chosen], n=rl.samples,
+                        max_new_tokens=rl.max_new_tokens, temperature=1.0,
+                        seed=cfg.train.seed * 1_000_003 + self.rollouts, score=False)  # fmt: skip
         items = [self.items[i] for i in chosen for _ in range(rl.samples)]
         finished = r.finished.tolist()
         scores = torch.zeros(len(items), dtype=torch.float32)
         for reward in self.rewards:
             scores += torch.tensor(reward(items, r.texts, finished), dtype=torch.float32)
         scores = scores.to(r.input_ids.device)  # (B,)
-        batch = r.batch()
+        batch, mask = r.batch(), r.completion_mask
         with self.reference() as ref:
             ref_logp = token_logprobs(ref, batch)  # (B, T)
-        mask = r.completion_mask
-        data = {**batch, "old_logprobs": r.old_logprobs, "ref_logprobs": ref_logp}
+        data = {**batch, "ref_logprobs": ref_logp}
+        # The sampling policy's log-probs: with one step per rollout they are the first forward's own (detached),
+        # so GRPO needs no extra forward for them (as TRL); PPO's per-token KL penalty needs them up front.
+        old_logp = None
+        if rl.epochs > 1 or self.value_head is not None:
+            was_training = model.training
+            model.eval()
+            old_logp = token_logprobs(model, batch)  # (B, T)
+            old_values = values(model, self.value_head, batch) if self.value_head is not None else None
+            model.train(was_training)
+            data["old_logprobs"] = old_logp
+            kl = float(masked_mean(kl_per_token(old_logp, ref_logp, "k3"), mask))  # the sampling policy's
         if self.value_head is None:  # GRPO: one advantage per completion, relative to its group
             data["advantages"] = group_advantages(scores, rl.samples)
         else:  # PPO: per-token rewards (score at the end, KL penalty at every token), GAE on the critic's values
-            was_training = self.model.training
-            self.model.eval()
-            old_values = values(self.model, self.value_head, batch)  # (B, T)
-            self.model.train(was_training)
-            token_rewards = ppo_token_rewards(scores, r.old_logprobs, ref_logp, mask, rl.kl_coef)
+            token_rewards = ppo_token_rewards(scores, old_logp, ref_logp, mask, rl.kl_coef)
             advantages, returns = gae(token_rewards, old_values, mask, rl.gamma, rl.lam)
             data.update(advantages=whiten(advantages, mask), returns=returns, old_values=old_values)
         micro = cfg.train.micro_batch_size
         for _ in range(rl.epochs):
             self.pending += [{k: v[i : i + micro] for k, v in data.items()} for i in range(0, rows, micro)]
-        kl = kl_per_token(
-            r.old_logprobs, ref_logp, "k1"
-        )  # unbiased per-token estimate on the policy's samples
         self.rollouts += 1
         self.history.append({
+            **({"kl": kl} if old_logp is not None else {}),  # else the step measures it (see `report`)
             "reward": float(scores.mean()),
-            "kl": float((kl * mask).sum() / mask.sum().clamp(min=1)),
-            "kl_per_completion": float((kl * mask).sum(-1).mean()),
             "completion_tokens": float(mask.sum(-1).float().mean()),
             "finished": float(r.finished.float().mean()),
         })  # fmt: skip
 
     def report(self, record: dict[str, Any]) -> None:
-        """Add the latest rollout's reward, KL and lengths to a metrics record."""
+        """Add the latest rollout's reward and lengths to a metrics record, and keep the policy's KL to the
+        reference that the step measured (k3 per completion token) with the rollout."""
         if self.history and "loss" in record:
+            if "kl" in record:
+                self.history[-1].setdefault("kl", record["kl"])
             record.update({f"rollout/{k}": v for k, v in self.history[-1].items()})
 
     def summary(self) -> dict[str, Any]:
@@ -725,8 +731,9 @@ def _grpo_objective(cfg: AlignConfig) -> Objective:
     def losses(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         logp = token_logprobs(model, batch)  # (B, T)
         mask = batch["targets"] != IGNORE_INDEX
-        ref = batch["ref_logprobs"] if cfg.rl.kl_coef else None
-        loss, metrics = grpo_loss(logp, batch["old_logprobs"], ref, batch["advantages"], mask, clip=cfg.rl.clip,
+        ref = batch["ref_logprobs"]
+        old = batch["old_logprobs"] if "old_logprobs" in batch else logp.detach()  # one step per rollout
+        loss, metrics = grpo_loss(logp, old, ref, batch["advantages"], mask, clip=cfg.rl.clip,
                                   kl_coef=cfg.rl.kl_coef, num_tokens=1)  # fmt: skip
         n = (
             mask.sum()

@@ -50,7 +50,7 @@ class Rollout:
     completion_ids: list[list[int]]  # each row's completion, its closing EOS/end-of-turn id included
     texts: list[str]  # decoded completions, no special tokens
     finished: Tensor  # (B,) bool: ended with EOS/end-of-turn (False: hit max_new_tokens)
-    old_logprobs: Tensor  # (B, T) fp32 completion tokens' log-probs under the sampling policy, else 0
+    old_logprobs: Tensor | None  # (B, T) fp32 completion tokens' log-probs under the sampling policy, else 0
 
     def batch(self) -> Batch:
         """The rows as a batch for `token_logprobs` / `values`: {"input_ids", "targets"} (B, T)."""
@@ -67,6 +67,7 @@ def rollout(
     temperature: float,
     top_p: float = 1.0,
     seed: int,
+    score: bool = True,
 ) -> Rollout:
     """Sample n completions per prompt with the inference engine (batched, KV cache) and score them.
 
@@ -76,7 +77,7 @@ def rollout(
     exp(logp - old_logp) must compare one computation with itself, so it is exactly 1 before the first update
     (without dropout: they are computed in eval mode) and no sampling processor (top-p) enters it. They are
     the model's raw distribution (temperature 1), like every `token_logprobs`; TRL divides the logits by the
-    sampling temperature first.
+    sampling temperature first. `score=False` leaves them None (the caller computes them, or needs none).
     """
     was_training = model.training
     cfg = GenerationConfig(
@@ -100,8 +101,12 @@ def rollout(
         device = next(model.parameters()).device
         input_ids = torch.tensor(input_rows, dtype=torch.long, device=device)  # (B, T)
         targets = torch.tensor(target_rows, dtype=torch.long, device=device)  # (B, T)
-        with torch.no_grad():
-            old_logprobs = token_logprobs(model, {"input_ids": input_ids, "targets": targets})  # (B, T)
+        old_logprobs = (
+            None  # without `score` the caller computes them (e.g. after sampling from merged weights)
+        )
+        if score:
+            with torch.no_grad():
+                old_logprobs = token_logprobs(model, {"input_ids": input_ids, "targets": targets})  # (B, T)
     finally:
         model.train(was_training)
     return Rollout(
@@ -219,9 +224,10 @@ def grpo_loss(
     """
     per_token, ratio, clipped = _clipped_surrogate(logp, old_logp, advantages, clip)  # (B, T) each
     metrics = {"clipfrac": masked_mean(clipped.float(), mask), "ratio": masked_mean(ratio, mask)}
-    if ref_logp is not None and kl_coef != 0:
+    if ref_logp is not None:  # measured whenever a reference is given, a penalty only with kl_coef
         kl = kl_per_token(logp, ref_logp, "k3")  # (B, T)
-        per_token = per_token + kl_coef * kl
+        if kl_coef != 0:
+            per_token = per_token + kl_coef * kl
         metrics["kl"] = masked_mean(kl, mask)
     loss = _token_mean(per_token, mask, num_tokens)
     return loss, {k: v.detach() for k, v in metrics.items()}
