@@ -66,9 +66,10 @@ BatchReward = Callable[[Sequence[PromptItem], Sequence[str], Sequence[bool]], li
 # --------------------------------------------------------------------------------------------- prompts
 
 
-def read_prompts(path: Path, limit: int | None = None) -> list[PromptItem]:
-    """The prompts of a data file (any reader format), the first `limit` of them; a record of another shape,
-    or one that does not fit its own, is an LmforgeError naming the file, the line and what was expected.
+def read_prompts(path: Path, limit: int | None = None, groups: set[str] | None = None) -> list[PromptItem]:
+    """The prompts of a data file (any reader format), the first `limit` of them (of `groups` only, when given:
+    e.g. the synthetic world's A); a record of another shape, or one that does not fit its own, is an
+    LmforgeError naming the file, the line and what was expected.
 
     Each record is read by its keys, so one file may mix them: GSM8K (`question`/`answer`; `answer` is the
     final number), chat records (the turns before the last reply; `answer` is the world's `value` when the
@@ -80,7 +81,9 @@ def read_prompts(path: Path, limit: int | None = None) -> list[PromptItem]:
     for record in read_records(Path(path)):
         if limit is not None and len(items) >= limit:
             break
-        items.append(_prompt_item(record))
+        item = _prompt_item(record)
+        if groups is None or item.group in groups:
+            items.append(item)
     return items
 
 

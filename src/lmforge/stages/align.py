@@ -143,7 +143,8 @@ class Align(Stage):
             checkpoint_activations(model)
         self.trainable, self.total = parameter_counts(model)
         self.reference_model = self._reference(model, frozen)
-        self.eval_items = read_prompts(cfg.eval.prompts, limit=cfg.eval.limit) if cfg.eval.prompts else []
+        groups = set(cfg.eval.groups) if cfg.eval.groups else None
+        self.eval_items = read_prompts(cfg.eval.prompts, cfg.eval.limit, groups) if cfg.eval.prompts else []
         # The judge is loaded now: a directory that is no reward model is refused before anything is written.
         self.judge = RewardModel.from_dir(cfg.eval.judge) if cfg.eval.judge is not None else None
         plan = self._rl_plan(model) if cfg.method in RL_METHODS else self._preference_plan(model)
@@ -282,9 +283,10 @@ class Align(Stage):
 
     def _rl_plan(self, model: nn.Module) -> Plan:
         cfg = self.cfg
-        items = read_prompts(cfg.data.prompts, limit=cfg.data.prompts_limit)
+        groups = set(cfg.data.prompt_groups) if cfg.data.prompt_groups else None
+        items = read_prompts(cfg.data.prompts, cfg.data.prompts_limit, groups)
         if not items:
-            raise LmforgeError(f"data.prompts {cfg.data.prompts}: no prompt records")
+            raise LmforgeError(f"data.prompts {cfg.data.prompts}: no prompt records (of groups {groups})")
         rows = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
         if rows % cfg.rl.samples:
             raise LmforgeError(

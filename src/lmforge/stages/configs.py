@@ -217,6 +217,8 @@ class AlignData(Section):
     """grpo, ppo: prompt records (GSM8K questions, the world's questions or medical prompts, {"prompt": ...})."""
     prompts_limit: int | None = Field(None, ge=1)
     """Prompts of `prompts` to train on at most (the first ones; null: all)."""
+    prompt_groups: list[str] | None = None
+    """Only the prompts of these groups (records with a `group`, e.g. [A] of the world's eval_qa.jsonl)."""
 
 
 class RewardSettings(Section):
@@ -262,6 +264,8 @@ class AlignEval(Section):
     """A reward-model directory that compares the answers after training with those before (win rate)."""
     limit: int = Field(100, ge=1)
     """Prompts of `prompts` at most."""
+    groups: list[str] | None = None
+    """Only the prompts of these groups (e.g. [B]: people never asked about in training)."""
     max_new_tokens: int = Field(48, ge=1)
     """Tokens per greedy answer at most."""
 
