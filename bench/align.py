@@ -229,14 +229,16 @@ def lmforge_config(variant: str, workdir: Path, args: argparse.Namespace) -> dic
         "method": method,
         "model": str(workdir / "model"),
         "tuning": "full" if variant.endswith("full") or method == "reward" else "lora",
-        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0, "target_modules": LORA_TARGETS},
-        "beta": DPO_BETA,
         "train": {"max_steps": args.warmup + args.steps, "micro_batch_size": args.batch, "grad_accum_steps": 1,
                   "seq_len": args.seq_len, "eval_every": 0, "log_every": 1, "device": args.device,
                   "autocast": "bf16" if args.dtype == "bf16" else "off", "seed": 0},
         "optim": {"lr": args.lr, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0, "betas": BETAS,
                   "eps": EPS, "grad_clip": CLIP},
     }  # fmt: skip
+    if cfg["tuning"] == "lora":  # a config refuses the settings of what it does not train
+        cfg["lora"] = {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0, "target_modules": LORA_TARGETS}
+    if method == "dpo":
+        cfg["beta"] = DPO_BETA
     if method == "grpo":
         cfg["data"] = {"prompts": str(workdir / "prompts.jsonl")}
         cfg["train"]["micro_batch_size"] = args.prompts * args.samples

@@ -5,6 +5,7 @@ programmatic reward, the reference through `disable_adapter`, resume, and bad in
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -223,7 +224,8 @@ def test_resume_is_bit_identical(world, tmp_path, method):
     writes the same adapter as a run never stopped (GRPO: the checkpoint falls between rollouts)."""
     data = (f"data.dataset={world['world'] / 'preferences.jsonl'}" if method == "dpo"
             else f"data.prompts={world['world'] / 'sft_a.jsonl'}")  # fmt: skip
-    args = sets(f"method={method}", data, "rl.reward=[format]", "train.seq_len=128", "train.micro_batch_size=8",
+    rl = ["rl.reward=[format]"] if method == "grpo" else []
+    args = sets(f"method={method}", data, *rl, "train.seq_len=128", "train.micro_batch_size=8",
                 "train.max_steps=8", "train.checkpoint_every=2", "train.deterministic=true", "optim.lr=1e-3")  # fmt: skip
     invoke("align", "--init-from", str(world["base"]), "--out", str(tmp_path / "whole"), *args)
     with interrupted_at(5):
@@ -240,6 +242,36 @@ def test_resume_is_bit_identical(world, tmp_path, method):
     assert lines("run") == lines("whole")
     weights = "adapter/adapter_model.safetensors"
     assert (tmp_path / "whole" / weights).read_bytes() == (tmp_path / "run" / weights).read_bytes()
+
+
+UNREAD = {  # a setting: (a method/tuning that would not read it, one that does)
+    "label_smoothing=0.1": ("method=ipo", "method=dpo"),
+    "gamma=1.0": ("method=dpo", "method=simpo"),
+    "beta=0.3": ("method=grpo", "method=orpo"),
+    "reward.margin=1.0": ("method=dpo", "method=reward"),
+    "rl.samples=8": ("method=dpo", "method=grpo"),
+    "lora.r=4": ("tuning=full", "tuning=lora"),
+    "adapter.size=8": ("tuning=lora", "tuning=adapter"),
+    "prompt.num_virtual_tokens=4": ("tuning=lora", "tuning=prompt"),
+    "forgetting.max_increase_pct=5": ("method=reward", "method=dpo"),
+    "eval.limit=5": ("method=reward", "method=dpo"),
+    "data.prompt_groups=[A]": ("method=dpo", "method=ppo"),
+    "data.prompts_limit=5": ("method=dpo", "method=grpo"),
+}
+
+
+@pytest.mark.parametrize("setting", list(UNREAD))
+def test_every_field_a_method_does_not_read_is_refused(setting):
+    """A field set away from its default that the method or tuning ignores is an error naming it and why; the
+    same setting is accepted where it is read."""
+    from lmforge.config import load_config
+    from lmforge.errors import LmforgeError
+    from lmforge.stages.configs import AlignConfig
+
+    refused, read = UNREAD[setting]
+    with pytest.raises(LmforgeError, match=re.escape(setting.split("=")[0]) + " is set but"):
+        load_config(AlignConfig, None, [refused, setting])
+    load_config(AlignConfig, None, [read, setting])
 
 
 def test_bad_input(world, tmp_path):

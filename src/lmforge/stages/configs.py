@@ -334,4 +334,43 @@ class AlignConfig(StageConfig):
             )
         if self.method == "grpo" and self.rl.samples < 2:
             raise ValueError("grpo compares completions within a group: rl.samples must be at least 2")
+        self._refuse_unused()
         return self
+
+    def _refuse_unused(self) -> None:
+        """A field set away from its default that this method or tuning would not read is an error, not a no-op."""
+        m = self.method
+        unused = {
+            "label_smoothing": (m != "dpo", "only dpo smooths its labels"),
+            "gamma": (m != "simpo", "only simpo has a target margin"),
+            "beta": (
+                m in ("reward", *RL_METHODS),
+                f"{m} has no β (rl.kl_coef weighs the KL of grpo and ppo)",
+            ),
+            "reward": (m != "reward", "it configures method reward"),
+            "rl": (m not in RL_METHODS, "it configures methods grpo and ppo"),
+            "lora": (self.tuning != "lora", "it configures tuning lora"),
+            "adapter": (self.tuning != "adapter", "it configures tuning adapter"),
+            "prompt": (self.tuning != "prompt", "it configures tuning prompt"),
+            "forgetting": (m == "reward", "a reward model has no LM head to measure forgetting with"),
+            "eval": (m == "reward", "a reward model gives no answers (its held-out pairs are always scored)"),
+            "data.prompt_groups": (m not in RL_METHODS, "it filters data.prompts (grpo, ppo)"),
+            "data.prompts_limit": (m not in RL_METHODS, "it limits data.prompts (grpo, ppo)"),
+        }
+        for key, (ignored, why) in unused.items():
+            if not ignored:
+                continue
+            *path, name = key.split(".")
+            owner = self
+            for part in path:
+                owner = getattr(owner, part)
+            value = getattr(owner, name)
+            default = type(owner).model_fields[name].get_default(call_default_factory=True)
+            if value != default:
+                if isinstance(value, Section):  # name the field that was set
+                    key += "." + next(
+                        k for k in type(value).model_fields if getattr(value, k) != getattr(default, k)
+                    )
+                raise ValueError(
+                    f"{key} is set but method {m} with tuning {self.tuning} does not read it: {why}"
+                )
