@@ -123,6 +123,5 @@ def test_ctrl_c_during_finetune_says_how_to_start_again(tmp_path, story_dataset,
     result = runner.invoke(app, argv)
     assert result.exit_code == 130, result.output
     assert result.stderr.strip().splitlines()[-1] == (
-        f"interrupted at step 2 of 5; a finetune run is not resumable: run the same command again with "
-        f"--overwrite to start {out} afresh"
+        f"interrupted at step 2 of 5; no checkpoint yet: lmforge finetune --resume {out} starts it again from step 0"
     )

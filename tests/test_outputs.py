@@ -119,7 +119,7 @@ def test_refused_resume_changes_nothing(tmp_path, story_dataset):
     (run / "notes.md").write_text("mine")
     before = snapshot(run)
     result = invoke("finetune", "--resume", run, "--set", f"data.dataset={story_dataset}")
-    assert "not resumable" in error(result)
+    assert "reads chat data" in error(result)  # refused on its inputs, after --resume was accepted
     assert snapshot(run) == before  # config.yaml not rewritten
 
 

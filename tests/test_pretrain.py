@@ -72,7 +72,7 @@ def test_pretrain_bad_input(tmp_path, dataset):
     cases = {
         "data.dataset (or data.datasets) is required": (),
         "exceeds the model's max_position_embeddings": (f"data.dataset={dataset}", "train.seq_len=4096"),
-        "has no manifest.json; expected a prepared dataset directory": (
+        "data.dataset: " + str(tmp_path / "empty") + ": the directory holds no data files": (
             f"data.dataset={tmp_path / 'empty'}",
         ),
         "lies inside the input": (f"data.dataset={tmp_path}",),  # --out tmp_path/bad

@@ -234,8 +234,10 @@ class Pretrain(Stage):
         """The datasets (one tokenizer), the model (preset or init_from) wrapped for the strategy, the samplers."""
         cfg = self.cfg
         tokenizer = cfg.data.tokenizer or cfg.model.init_from
-        datasets = {name: PreparedDataset(ensure_prepared(path, tokenizer=tokenizer, purpose=f"data.datasets.{name}"))
-                    for name, path in cfg.data.sources().items()}  # fmt: skip
+        datasets = {}
+        for name, path in cfg.data.sources().items():  # raw files prepared on first use
+            purpose = "data.dataset" if cfg.data.dataset else f"data.datasets.{name}"
+            datasets[name] = PreparedDataset(ensure_prepared(path, tokenizer=tokenizer, purpose=purpose))
         first = next(iter(datasets.values()))
         tok = first.manifest["tokenizer"]
         for name, ds in datasets.items():
@@ -247,7 +249,8 @@ class Pretrain(Stage):
         self.tokenizer, self.world_size = Tokenizer.from_dir(tok["path"]), dist.world_size
         model, parent = _build_model(cfg, tok)
         _check(cfg, model, parent, self.tokenizer, first.path)
-        self.decoder = isinstance(model.config, DecoderConfig)
+        config = model.config  # (wrapping below hides it behind DDP)
+        self.decoder = isinstance(config, DecoderConfig)
         self.n_params = sum(p.numel() for p in model.parameters())
         model = model.to(dist.device)
         if cfg.train.activation_checkpointing:
@@ -290,7 +293,7 @@ class Pretrain(Stage):
             parent=parent,
             data=data_ids,
             eval_batches=(lambda: every_val) if every_val else None,
-            flops_per_token=flops_per_token(model.config, cfg.train.seq_len),
+            flops_per_token=flops_per_token(config, cfg.train.seq_len),
             lineage={"objective": cfg.objective},
             on_record=self._sample,
         )
