@@ -137,7 +137,8 @@ class FinetuneEval(Section):
     """What the fine-tuned model is measured on after training (and the base before, for comparison)."""
 
     dataset: Path | None = None
-    """task (classification): a prepared test set; its accuracy is reported (every split of it)."""
+    """task (classification): a test set (prepared, or raw files prepared on first use); its accuracy is reported
+    (every split of it)."""
     qa: Path | None = None
     """A question file (chat records with a `value`, or GSM8K `question`/`answer`): exact-match accuracy of
     greedy answers before and after fine-tuning, overall and per `group`."""

@@ -243,7 +243,9 @@ def _fixed_batches(examples: Rows | None, size: int, most: int) -> list[dict]:
 
 def _test_accuracy(model: nn.Module, cfg: FinetuneConfig, ds: PreparedDataset, tokenizer: Tokenizer) -> dict:
     """Accuracy on every split of the `eval.dataset` test set, with the majority-class baseline."""
-    test = PreparedDataset(cfg.eval.dataset)
+    test = PreparedDataset(
+        ensure_prepared(cfg.eval.dataset, tokenizer=Path(tokenizer.path), purpose="eval.dataset")
+    )
     if (
         test.manifest["kind"] != "classification"
         or test.manifest["tokenizer"]["hash"] != ds.manifest["tokenizer"]["hash"]
