@@ -50,6 +50,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train.activations import checkpoint_activations
 from lmforge.train.distributed import Dist
 from lmforge.train.logprobs import token_logprobs
+from lmforge.train.loop import evaluate
 from lmforge.train.objectives import Batch, Counts, Metrics, Objective
 from lmforge.train.preference import PREFERENCE_LOSSES, bradley_terry_loss, preference_loss
 from lmforge.train.reporting import peak_memory
@@ -215,8 +216,9 @@ class Align(Stage):
                     f"{ds.path} was tokenised with a larger vocabulary than {self.base_dir}'s model"
                 )
             self.subsets, data_id = ds.manifest.get("subsets") or {}, ds.id
-            pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
-            (train, self.stats), (val, _) = (self._pairs(ds, split, pad) for split in ("train", "val"))
+            # A reward model pools each row's last token that is not its config's pad id: pad with that one.
+            pad = model.config.pad_token_id if cfg.method == "reward" else self.tokenizer.pad_id
+            (train, self.stats), (val, _) = (self._pairs(ds, split, pad or 0) for split in ("train", "val"))
         else:  # an encoder scores "[CLS] prompt [SEP] response [SEP]": pairs straight from the raw records
             (train, val), self.subsets, self.stats, data_id = _encoder_pairs(
                 Path(cfg.data.dataset), self.tokenizer, cfg.train.seq_len
@@ -552,8 +554,6 @@ def _preference_objective(cfg: AlignConfig) -> Objective:
 
 def _evaluate(model: nn.Module, plan: Plan) -> dict[str, float]:
     """The validation metrics of `plan` for `model` now."""
-    from lmforge.train.loop import evaluate
-
     return evaluate(model, plan.objective, plan.eval_batches())
 
 
