@@ -665,6 +665,51 @@ def chat(
     run_chat(ChatSession(engine, cfg, system))
 
 
+@app.command()
+@_reflow
+def serve(
+    model: Annotated[Path, typer.Argument(help="A Hugging Face decoder directory (with its tokenizer).")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="LMFORGE_API_KEY",
+            help="Key every /v1 request must send as 'Authorization: Bearer KEY' (or LMFORGE_API_KEY).",
+            show_default=False,
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="The model's name in requests (default: the directory's name).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu or cuda (default: cuda when available).", show_default=False)
+    ] = None,
+    adapter: AdapterFlag = None,
+) -> None:
+    """Serve a model over OpenAI's API: GET /v1/models, POST /v1/chat/completions and /v1/completions (streamed
+    as server-sent events or not), GET /health.
+
+    Any OpenAI client works: base_url http://HOST:PORT/v1. Without --api-key the server listens on 127.0.0.1
+    only. Requests are decoded one at a time for now (continuous batching is the next step).
+    """
+    import uvicorn
+
+    from lmforge.infer.engine import Engine
+    from lmforge.serve.app import create_app
+
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        raise LmforgeError(
+            f"--host {host} without --api-key (or LMFORGE_API_KEY) would serve anyone: give a key"
+        )
+    engine = Engine.from_dir(model, device=device, adapter=adapter)
+    served = name or Path(model).resolve().name
+    if api_key is None:
+        log.info("no API key: listening on %s only", host)
+    log.info("serving %s as %r on http://%s:%d/v1", model, served, host, port)
+    uvicorn.run(create_app(engine, served, api_key=api_key), host=host, port=port, log_level="warning")
+
+
 GENERATION_FLAGS = (
     "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
     "presence_penalty", "no_repeat_ngram_size", "stop", "seed", "n", "logprobs", "speculate",

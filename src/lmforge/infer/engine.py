@@ -146,6 +146,12 @@ class Engine:
             if isinstance(item, Delta):
                 yield item
 
+    def run(
+        self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig | None = None
+    ) -> Iterator[Delta | list[Completion]]:
+        """Text deltas as they are decoded, then the list of every sample (what `stream` and `generate` read)."""
+        return self._run(prompts, cfg or self.defaults)
+
     # ----------------------------------------------------------------------------------------- decoding
 
     @torch.no_grad()

@@ -1,0 +1,1 @@
+"""`lmforge serve`: an OpenAI-compatible HTTP server over the one inference engine."""

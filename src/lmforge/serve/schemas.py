@@ -1,0 +1,72 @@
+"""The OpenAI request bodies `lmforge serve` reads (pydantic; a field it does not know is a 400 naming it)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+    """What chat and text completions share: the model and the sampling settings of `lmforge generate`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    """The served model's name (`GET /v1/models`)."""
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    """Tokens to generate at most (default: the model's generation_config or 256)."""
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    """0: greedy; default: the model's generation_config (greedy when it does not sample)."""
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    """Nucleus sampling mass."""
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    """Samples per prompt."""
+    stop: str | list[str] | None = None
+    """Up to 4 strings that end a sample (not included in its text)."""
+    seed: Annotated[int, Field(ge=0)] | None = None
+    """Seed of this request's samples."""
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    """OpenAI's presence penalty."""
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    """OpenAI's frequency penalty."""
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    """Token id (as a string) → bias added to its logit."""
+    stream: bool = False
+    """Server-sent events, ending with `data: [DONE]`."""
+    stream_options: dict[Literal["include_usage"], bool] | None = None
+    """{"include_usage": true}: a last chunk with the usage."""
+    user: str | None = None
+    """An end-user id (recorded nowhere yet; accepted for client compatibility)."""
+
+
+class ChatMessage(BaseModel):
+    """One turn of a conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+    name: str | None = None
+
+
+class ChatRequest(_Request):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    """The newer name of max_tokens."""
+    logprobs: bool = False
+    """Log-probs of the chosen tokens."""
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    """Alternatives per token (needs logprobs)."""
+
+
+class CompletionRequest(_Request):
+    """POST /v1/completions (one text prompt)."""
+
+    prompt: str
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    """Alternatives per token (OpenAI's legacy integer form)."""
+    echo: Literal[False] = False
+    """Echoing the prompt is not supported."""
