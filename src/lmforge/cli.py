@@ -688,26 +688,35 @@ def serve(
     adapter: AdapterFlag = None,
 ) -> None:
     """Serve a model over OpenAI's API: GET /v1/models, POST /v1/chat/completions and /v1/completions (streamed
-    as server-sent events or not), GET /health.
+    as server-sent events or not) for a decoder, POST /v1/embeddings for an encoder (e.g. all-MiniLM-L6-v2),
+    GET /health.
 
     Any OpenAI client works: base_url http://HOST:PORT/v1. Without --api-key the server listens on 127.0.0.1
     only. Requests are decoded one at a time for now (continuous batching is the next step).
     """
     import uvicorn
 
+    from lmforge.infer.embed import Embedder
     from lmforge.infer.engine import Engine
+    from lmforge.model.configs import EncoderConfig
+    from lmforge.model.hf import read_config
     from lmforge.serve.app import create_app
 
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         raise LmforgeError(
             f"--host {host} without --api-key (or LMFORGE_API_KEY) would serve anyone: give a key"
         )
-    engine = Engine.from_dir(model, device=device, adapter=adapter)
+    if isinstance(read_config(model)[0], EncoderConfig):  # an encoder serves embeddings
+        if adapter is not None:
+            raise LmforgeError("--adapter: an encoder is served for embeddings, without adapters")
+        served_model: Engine | Embedder = Embedder(model, device=device or "cpu")
+    else:
+        served_model = Engine.from_dir(model, device=device, adapter=adapter)
     served = name or Path(model).resolve().name
     if api_key is None:
         log.info("no API key: listening on %s only", host)
     log.info("serving %s as %r on http://%s:%d/v1", model, served, host, port)
-    uvicorn.run(create_app(engine, served, api_key=api_key), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(served_model, served, api_key=api_key), host=host, port=port, log_level="warning")
 
 
 GENERATION_FLAGS = (

