@@ -151,6 +151,24 @@ def test_errors_are_openai_error_objects(server, client):
     assert http(f"{server}/health") == (200, {"status": "ok"})  # no key needed
 
 
+def test_metrics_count_requests_and_tokens_and_gauges_return_to_zero(server, client):
+    """GET /metrics (Prometheus text): requests by route and status, tokens, latency and TTFT histograms, the
+    queue and running gauges at 0 when nothing is in flight; a body over the limit is a 413."""
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                        stream=True))  # fmt: skip
+    status, _ = http(f"{server}/v1/completions", {"model": "tiny", "prompt": "x" * (1 << 20)}, KEY)
+    assert status == 413
+    with urllib.request.urlopen(f"{server}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    counts = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert int(counts['lmforge_requests_total{route="/v1/chat/completions",status="200"}']) >= 2
+    assert int(counts['lmforge_requests_total{route="/v1/completions",status="413"}']) == 1
+    assert int(counts['lmforge_tokens_total{kind="completion"}']) > 0
+    assert int(counts["lmforge_time_to_first_token_seconds_count"]) >= 2
+    assert counts["lmforge_queue_depth"] == "0" and counts["lmforge_running_requests"] == "0"
+
+
 def test_serve_refuses_an_open_host_without_a_key(model_dir, monkeypatch):
     monkeypatch.delenv("LMFORGE_API_KEY", raising=False)
     result = CliRunner().invoke(app, ["serve", str(model_dir), "--host", "0.0.0.0"])

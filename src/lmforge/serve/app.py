@@ -18,13 +18,14 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.embed import Embedder
 from lmforge.infer.engine import Completion, Engine, TokenText, prompt_ids
 from lmforge.infer.sampling import GenerationConfig
+from lmforge.serve.metrics import Metrics
 from lmforge.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,15 @@ def _error(status: int, message: str, kind: str, param: str | None = None) -> JS
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
 
 
-def create_app(model: Engine | Embedder, name: str, *, api_key: str | None = None) -> FastAPI:
+def create_app(
+    model: Engine | Embedder, name: str, *, api_key: str | None = None, max_body: int = 1 << 20
+) -> FastAPI:
     """The app serving `model` as `name`: a decoder's engine (chat and text completions) or an encoder's embedder
-    (embeddings); with `api_key`, every /v1 route needs `Authorization: Bearer KEY`."""
+    (embeddings); with `api_key`, every /v1 route needs `Authorization: Bearer KEY`; a body over `max_body`
+    bytes is a 413."""
     app = FastAPI(title="lmforge", version="1", docs_url=None, redoc_url=None)
-    lock = threading.Lock()  # one forward pass at a time until the scheduler lands
+    metrics = Metrics()
+    lock = _Slot(metrics)  # one forward pass at a time until the scheduler lands
     engine = model if isinstance(model, Engine) else None
     text = TokenText(engine.tokenizer) if engine is not None else None
     created = int(time.time())
@@ -78,9 +83,24 @@ def create_app(model: Engine | Embedder, name: str, *, api_key: str | None = Non
                 401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error"
             )
 
+    @app.middleware("http")
+    async def measured(request: Request, call_next: Any) -> Any:
+        start = time.perf_counter()
+        if int(request.headers.get("content-length") or 0) > max_body:
+            response = _error(413, f"the request body is over {max_body:,} bytes", "invalid_request_error")
+        else:
+            response = await call_next(request)
+        # A streamed response counts when its headers go out; its tokens when its last event does.
+        metrics.request(request.url.path, response.status_code, time.perf_counter() - start)
+        return response
+
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus() -> str:
+        return metrics.render()
 
     @app.get("/v1/models", dependencies=[Depends(authorised)])
     def models() -> dict[str, Any]:
@@ -123,9 +143,10 @@ def create_app(model: Engine | Embedder, name: str, *, api_key: str | None = Non
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         ids = _ids(engine, messages, cfg.max_new_tokens, chat=True)
         if body.stream:
-            return _stream(engine, lock, ids, cfg, body, "chat.completion.chunk", name)
+            return _stream(engine, lock, metrics, ids, cfg, body, "chat.completion.chunk", name)
         with lock:
             completions = engine.generate([ids], cfg)
+        metrics.generation(len(ids), sum(len(c.token_ids) for c in completions), _ttft(completions))
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
                     "logprobs": {"content": text.logprobs(c)} if body.logprobs else None}
                    for i, c in enumerate(completions)]  # fmt: skip
@@ -138,15 +159,37 @@ def create_app(model: Engine | Embedder, name: str, *, api_key: str | None = Non
         cfg = _config(engine, body, body.max_tokens, body.logprobs or 0)
         ids = _ids(engine, body.prompt, cfg.max_new_tokens, chat=False)
         if body.stream:
-            return _stream(engine, lock, ids, cfg, body, "text_completion", name)
+            return _stream(engine, lock, metrics, ids, cfg, body, "text_completion", name)
         with lock:
             done = engine.generate([ids], cfg)
+        metrics.generation(len(ids), sum(len(c.token_ids) for c in done), _ttft(done))
         choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
                     "logprobs": _legacy_logprobs(text, c) if body.logprobs is not None else None}
                    for i, c in enumerate(done)]  # fmt: skip
         return _response("cmpl", "text_completion", name, choices, ids, done)
 
     return app
+
+
+class _Slot:
+    """The engine's one slot: a lock whose waiting and running requests are the metrics' gauges."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.lock, self.metrics = threading.Lock(), metrics
+
+    def __enter__(self) -> None:
+        self.metrics.queue(waiting=1)
+        self.lock.acquire()
+        self.metrics.queue(waiting=-1, running=1)
+
+    def __exit__(self, *exc: object) -> None:
+        self.metrics.queue(running=-1)
+        self.lock.release()
+
+
+def _ttft(completions: list[Completion]) -> float | None:
+    """The first sample's time to its first token (None without samples)."""
+    return min((c.time_to_first_token for c in completions), default=None)
 
 
 def _check_model(asked: str, name: str) -> None:
@@ -219,7 +262,8 @@ def _legacy_logprobs(text: TokenText, c: Completion) -> dict[str, Any]:
 
 def _stream(
     engine: Engine,
-    lock: threading.Lock,
+    lock: _Slot,
+    metrics: Metrics,
     ids: list[int],
     cfg: GenerationConfig,
     body: ChatRequest | CompletionRequest,
@@ -254,6 +298,7 @@ def _stream(
                         yield chunk([choice(item.index, item.text, None)])
                     if item.finish_reason:
                         yield chunk([choice(item.index, None, item.finish_reason)])
+        metrics.generation(len(ids), sum(len(c.token_ids) for c in completions), _ttft(completions))
         if body.stream_options and body.stream_options.get("include_usage"):
             yield chunk([], usage=_usage(ids, completions))
         yield "data: [DONE]\n\n"
