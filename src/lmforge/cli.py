@@ -455,6 +455,12 @@ def demo(
         f"saved and reloaded {result['model_dir']}: logits bit-exact = {result['reload_bit_exact']}"
     )
     console.print(f"seconds: {result['seconds']}")
+    model, adapter = result["pretrain"]["model_dir"], result["sft"]["adapter"]
+    console.print(
+        f"serve the fine-tuned model over OpenAI's API: lmforge serve {model} --adapter {adapter} --name world "
+        "(then any OpenAI client with base_url http://127.0.0.1:8000/v1 and model 'world')",
+        highlight=False,
+    )
 
 
 WHERE = {"A": "in SFT + pretraining", "B": "in pretraining only", "C": "never seen: the control"}
