@@ -24,6 +24,7 @@ from lmforge.model.hf import build_model, load_model
 from lmforge.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from lmforge.train.distributed import (
     Dist,
+    barrier,
     close_distributed,
     init_distributed,
     shard_rows,
@@ -103,6 +104,9 @@ def worker(rank: int, port: int, strategy: str, out: Path) -> None:
         torch.save(
             {"summary": summary, "resumed": resumed, "logits": logits.detach()}, out / f"rank{rank}.pt"
         )
+        # Leave together: a rank that destroys the group while the other still uses it can abort at exit
+        # (gloo: "terminate called without an active exception"), as the stages' own barrier avoids.
+        barrier(dist)
     finally:
         close_distributed()
 
