@@ -45,3 +45,20 @@ def story_dataset(tmp_path_factory) -> Path:
     tok = train_tokenizer(docs, "bpe", 300, root / "tok")
     prepare(PrepareConfig(inputs=[src], tokenizer=tok, num_proc=1, dedup="off"), root / "data")
     return root / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random tiny Llama with a 300-id BPE (and its chat template): for the engine's command-line and server
+    tests."""
+    import torch
+
+    from lmforge.model.configs import preset
+    from lmforge.model.hf import build_model, save_model
+    from lmforge.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    train_tokenizer(["the cat sat on the mat", "a dog ran"] * 40, "bpe", 300, path)
+    torch.manual_seed(0)
+    save_model(build_model(preset("tiny-llama", vocab_size=300, eos_token_id=3, pad_token_id=0)), path)
+    return path

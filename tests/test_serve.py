@@ -16,9 +16,6 @@ import torch
 from typer.testing import CliRunner
 
 from lmforge.cli import app
-from lmforge.model.configs import preset
-from lmforge.model.hf import build_model, save_model
-from lmforge.tokenizer import train_tokenizer
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -26,12 +23,8 @@ KEY = "test-key"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    train_tokenizer(["the cat sat on the mat", "a dog ran"] * 40, "bpe", 300, path)
-    torch.manual_seed(0)
-    save_model(build_model(preset("tiny-llama", vocab_size=300, eos_token_id=3, pad_token_id=0)), path)
-    return path
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def running(model, name: str):
