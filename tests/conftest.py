@@ -62,3 +62,31 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     save_model(build_model(preset("tiny-llama", vocab_size=300, eos_token_id=3, pad_token_id=0)), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two PEFT LoRA adapters of the tiny Llama, saved by PEFT itself: "a" (r 4 on q, v) and "b" (r 8 on q, o,
+    down), their B scaled up so that the three models' greedy outputs differ."""
+    import torch
+
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny-loras")
+    out = {}
+    for name, seed, r, targets in [
+        ("a", 1, 4, ["q_proj", "v_proj"]),
+        ("b", 2, 8, ["q_proj", "o_proj", "down_proj"]),
+    ]:
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False)
+        model = peft.get_peft_model(base, config)
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if "lora_B" in key:
+                    p.mul_(20)
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out

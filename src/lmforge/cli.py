@@ -457,8 +457,9 @@ def demo(
     console.print(f"seconds: {result['seconds']}")
     model, adapter = result["pretrain"]["model_dir"], result["sft"]["adapter"]
     console.print(
-        f"serve the fine-tuned model over OpenAI's API: lmforge serve {model} --adapter {adapter} --name world "
-        "(then any OpenAI client with base_url http://127.0.0.1:8000/v1 and model 'world')",
+        f"serve the base and the fine-tuned adapter over OpenAI's API: lmforge serve {model} --name world "
+        f"--adapter sft={adapter} (then any OpenAI client with base_url http://127.0.0.1:8000/v1 and model "
+        "'world' or 'sft', or the chat page at http://127.0.0.1:8000/)",
         highlight=False,
     )
 
@@ -675,30 +676,47 @@ def chat(
 @_reflow
 def serve(
     model: Annotated[Path, typer.Argument(help="A Hugging Face decoder directory (with its tokenizer).")],
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=DIR: a LoRA adapter served as model NAME beside the base, sharing its batches (repeat "
+            "for more). A bare DIR (any adapter kind) is applied to the base itself.",
+            show_default=False,
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     api_key: Annotated[
         str | None,
         typer.Option(
             envvar="LMFORGE_API_KEY",
-            help="Key every /v1 request must send as 'Authorization: Bearer KEY' (or LMFORGE_API_KEY).",
+            help="Key every /v1 and /admin request must send as 'Authorization: Bearer KEY' (or LMFORGE_API_KEY).",
             show_default=False,
         ),
     ] = None,
     name: Annotated[
-        str | None, typer.Option(help="The model's name in requests (default: the directory's name).")
+        str | None, typer.Option(help="The base model's name in requests (default: the directory's name).")
     ] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Samples decoded together at most.")] = 32,
+    max_queue: Annotated[
+        int, typer.Option(min=0, help="Requests waiting at most; past it a request gets 429 and Retry-After.")
+    ] = 256,
+    timeout: Annotated[
+        float, typer.Option(min=0, help="Seconds a request may take before it ends with a 504 (0: no limit).")
+    ] = 600.0,
     device: Annotated[
         str | None, typer.Option(help="cpu or cuda (default: cuda when available).", show_default=False)
     ] = None,
-    adapter: AdapterFlag = None,
 ) -> None:
-    """Serve a model over OpenAI's API: GET /v1/models, POST /v1/chat/completions and /v1/completions (streamed
-    as server-sent events or not) for a decoder, POST /v1/embeddings for an encoder (e.g. all-MiniLM-L6-v2),
-    GET /health.
+    """Serve a model over OpenAI's API, with continuous batching and LoRA adapters chosen per request.
+
+    A decoder serves POST /v1/chat/completions and /v1/completions (streamed as server-sent events or not), an
+    encoder (e.g. all-MiniLM-L6-v2) POST /v1/embeddings; both GET /v1/models, /health, /metrics (Prometheus)
+    and a chat page at /. A request's "model" names the base or an adapter; with a key, POST /admin/adapters
+    {"name", "path"} loads one and DELETE /admin/adapters/NAME unloads it.
 
     Any OpenAI client works: base_url http://HOST:PORT/v1. Without --api-key the server listens on 127.0.0.1
-    only. Requests are decoded one at a time for now (continuous batching is the next step).
+    only.
     """
     import uvicorn
 
@@ -712,17 +730,34 @@ def serve(
         raise LmforgeError(
             f"--host {host} without --api-key (or LMFORGE_API_KEY) would serve anyone: give a key"
         )
+    named: dict[str, Path] = {}
+    applied: Path | None = None
+    for value in adapter or []:
+        key, sep, path = value.partition("=")
+        if not sep:
+            if applied is not None:
+                raise LmforgeError(
+                    f"--adapter {value}: one bare DIR at most is applied to the base; name others NAME=DIR"
+                )
+            applied = Path(value)
+        elif not key or not path or key in named:
+            raise LmforgeError(f"--adapter {value}: expected NAME=DIR with a name used once")
+        else:
+            named[key] = Path(path)
     if isinstance(read_config(model)[0], EncoderConfig):  # an encoder serves embeddings
-        if adapter is not None:
+        if adapter:
             raise LmforgeError("--adapter: an encoder is served for embeddings, without adapters")
         served_model: Engine | Embedder = Embedder(model, device=device or "cpu")
     else:
-        served_model = Engine.from_dir(model, device=device, adapter=adapter)
+        served_model = Engine.from_dir(model, device=device, adapter=applied)
     served = name or Path(model).resolve().name
+    served_app = create_app(served_model, served, adapters=named, base_dir=model, api_key=api_key,
+                            max_batch=max_batch, max_queue=max_queue, timeout=timeout or None)  # fmt: skip
     if api_key is None:
         log.info("no API key: listening on %s only", host)
-    log.info("serving %s as %r on http://%s:%d/v1", model, served, host, port)
-    uvicorn.run(create_app(served_model, served, api_key=api_key), host=host, port=port, log_level="warning")
+    log.info("serving %s as %r%s on http://%s:%d/v1", model, served,
+             "".join(f", {a!r}" for a in named), host, port)  # fmt: skip
+    uvicorn.run(served_app, host=host, port=port, log_level="warning")
 
 
 GENERATION_FLAGS = (

@@ -52,17 +52,23 @@ def load_adapter(model: nn.Module, adapter_dir: Path, base_dir: Path | None = No
     """`model` with the adapter of `adapter_dir` applied; with `base_dir`, refuse an adapter trained on other weights."""
     adapter_dir = Path(adapter_dir)
     kind = adapter_kind(adapter_dir)
-    lineage_file = adapter_dir / "lmforge.json"
-    if base_dir is not None and lineage_file.is_file():
-        expected = json.loads(lineage_file.read_text()).get("base_fingerprint")
-        found = base_fingerprint(base_dir)
-        if expected and expected != found:
-            parent = json.loads(lineage_file.read_text()).get("parent")
-            raise LmforgeError(
-                f"{adapter_dir} was trained on {parent} (weights fingerprint {expected[:12]}); {base_dir} has other "
-                f"weights (fingerprint {found[:12]}): load it on its own base"
-            )
+    if base_dir is not None:
+        check_base(adapter_dir, base_dir)
     return ADAPTER_KINDS[kind].load(model, adapter_dir)
+
+
+def check_base(adapter_dir: Path, base_dir: Path) -> None:
+    """Refuse an adapter whose lineage says it was trained on other weights than `base_dir`'s."""
+    lineage_file = Path(adapter_dir) / "lmforge.json"
+    if not lineage_file.is_file():
+        return
+    lineage = json.loads(lineage_file.read_text())
+    expected, found = lineage.get("base_fingerprint"), base_fingerprint(base_dir)
+    if expected and expected != found:
+        raise LmforgeError(
+            f"{adapter_dir} was trained on {lineage.get('parent')} (weights fingerprint {expected[:12]}); {base_dir} "
+            f"has other weights (fingerprint {found[:12]}): load it on its own base"
+        )
 
 
 def load_with_adapter(

@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -297,10 +298,40 @@ def load_lora(model: nn.Module, adapter_dir: Path) -> nn.Module:
     The file is checked against the layers it targets before the model changes: a missing or unexpected
     tensor, or one of another shape (an adapter for another base model), is an LmforgeError.
     """
+    lora = read_lora(model, adapter_dir)
+    _inject(model, lora.layers, lora.r, lora.alpha, lora.dropout, rslora=lora.rslora, dora=lora.dora)
+    with torch.no_grad():
+        for name, tensor in lora.tensors.items():
+            model.get_parameter(name).copy_(tensor)
+    return model
+
+
+@dataclass
+class LoraWeights:
+    """A PEFT LoRA directory read against a model: the Linear layers it adapts, its options, and its tensors by
+    the model's parameter names (`<layer>.lora_A.weight` (r, in), `<layer>.lora_B.weight` (out, r))."""
+
+    layers: list[str]
+    r: int
+    alpha: float
+    dropout: float
+    rslora: bool
+    dora: bool
+    tensors: dict[str, Tensor]
+
+    @property
+    def scaling(self) -> float:
+        """s of W x + s B A x."""
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+
+
+def read_lora(model: nn.Module, adapter_dir: Path) -> LoraWeights:
+    """A PEFT LoRA adapter directory's options and tensors, checked against the layers of `model` it targets
+    (a missing or unexpected tensor, or one of another shape, is an LmforgeError); `model` is not changed."""
     adapter_dir = Path(adapter_dir)
     config_file = adapter_dir / CONFIG_FILE
     config = read_adapter_config(adapter_dir)
-    weights = weights_file(adapter_dir)  # checked before the model changes
+    weights = weights_file(adapter_dir)
     target, r, alpha, dora = read_lora_options(config, config_file)
 
     inside = tuple(f"{name}." for name, _ in adapter_layers(model))
@@ -321,7 +352,7 @@ def load_lora(model: nn.Module, adapter_dir: Path) -> nn.Module:
             "(an adapter for another model family?)"
         )
 
-    # Expected tensors and shapes, from the layers' shapes: checked before the model is changed.
+    # Expected tensors and shapes, from the layers' shapes.
     expected: dict[str, tuple[int, ...]] = {}
     for name in names:
         layer = model.get_submodule(name)
@@ -349,13 +380,9 @@ def load_lora(model: nn.Module, adapter_dir: Path) -> nn.Module:
             raise LmforgeError(
                 f"{weights}: tensor {PEFT_PREFIX + missing[0]!r} is missing ({len(missing)} missing in all)"
             )
-
-        dropout, rslora = config.get("lora_dropout") or 0.0, bool(config.get("use_rslora"))
-        _inject(model, names, r, alpha, dropout, rslora=rslora, dora=dora)
-        with torch.no_grad():
-            for key in keys:
-                model.get_parameter(key.removeprefix(PEFT_PREFIX)).copy_(f.get_tensor(key))
-    return model
+        tensors = {key.removeprefix(PEFT_PREFIX): f.get_tensor(key) for key in keys}
+    dropout, rslora = config.get("lora_dropout") or 0.0, bool(config.get("use_rslora"))
+    return LoraWeights(names, r, alpha, dropout, rslora, dora, tensors)
 
 
 def read_lora_options(config: dict[str, Any], config_file: Path) -> tuple[str | list[str], int, float, bool]:

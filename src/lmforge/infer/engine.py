@@ -53,6 +53,9 @@ class Delta:
     index: int
     text: str
     finish_reason: str | None = None
+    tokens: tuple[int, int] | None = None
+    """The sample's tokens [start, end) generated since its previous delta (set by the scheduler, for streamed
+    log-probs)."""
 
 
 @dataclass
@@ -78,12 +81,13 @@ class Completion:
         return (len(self.token_ids) - 1) / decode if len(self.token_ids) > 1 and decode > 0 else 0.0
 
 
-class _Row:
+class Row:
     """Decoding state of one sample: its ids, the text released so far, and whether it has finished."""
 
     def __init__(self, completion: Completion) -> None:
         self.completion = completion
         self.released = 0  # characters of the text already streamed
+        self.reported = 0  # tokens already streamed
 
     @property
     def done(self) -> bool:
@@ -123,6 +127,11 @@ class Engine:
         if not hasattr(model, "lm_head"):
             raise LmforgeError(f"{path}: a {type(model).__name__} cannot generate text (a decoder is needed)")
         return cls(model, Tokenizer.from_dir(path), defaults=GenerationConfig.from_model_dir(path))
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """The end-of-turn and EOS ids that finish a sample."""
+        return {i for i in self.tokenizer.eot_ids if i is not None}
 
     def encode(self, prompt: str) -> list[int]:
         """A plain-text prompt's ids, with the tokenizer's BOS as in training data."""
@@ -179,10 +188,9 @@ class Engine:
         cache = KVCache(self.config, B, extra + P + N, dev, dtype)
         generator = sampling_generator(cfg.seed, dev)
         rows = [
-            _Row(Completion(i // cfg.n, i % cfg.n, prompt_tokens=len(ids))) for i, ids in enumerate(rows_ids)
+            Row(Completion(i // cfg.n, i % cfg.n, prompt_tokens=len(ids))) for i, ids in enumerate(rows_ids)
         ]
-        stop_ids = {i for i in self.tokenizer.eot_ids if i is not None}
-        hold = max((len(s) for s in cfg.stop), default=1) - 1  # characters a stop string could still claim
+        stop_ids, hold = self.stop_ids, held_back(cfg)
 
         logits = self.model(tokens[:, :P], attention_mask=valid[:, :P] if padded else None, cache=cache,
                             last_only=True)[:, -1].float()  # (B, V)  # fmt: skip
@@ -198,12 +206,12 @@ class Engine:
             tokens[:, pos], valid[:, pos], generated[:, pos] = next_ids, True, True
             now = time.perf_counter() - start
             # Per new token, every row's (id, log-prob, top alternatives); one device-to-host copy each.
-            steps = [_host(next_ids, chosen, top_ids, top_logp, cfg.logprobs)]
+            steps = [host_step(next_ids, chosen, top_ids, top_logp, cfg.logprobs)]
             draft = drafter.draft(int(next_ids[0]), min(cfg.speculate, N - t - 1)) if drafter else []
             if draft:
                 logits, accepted = self._verify(tokens, valid, generated, pos, draft, cache, cfg)
                 steps += [
-                    _host(d[None], lp[None], ti[None], tl[None], cfg.logprobs) for d, lp, ti, tl in accepted
+                    host_step(d[None], lp[None], ti[None], tl[None], cfg.logprobs) for d, lp, ti, tl in accepted
                 ]
             for j, (step_ids, step_logp, step_top) in enumerate(steps):
                 for i, row in enumerate(rows):
@@ -212,12 +220,12 @@ class Engine:
                     c = row.completion
                     if t + j == 0:
                         c.time_to_first_token = now
-                    self._take(c, step_ids[i], step_logp[i], step_top[i] if step_top else None, cfg, stop_ids)
+                    self.take(c, step_ids[i], step_logp[i], step_top[i] if step_top else None, cfg, stop_ids)
                     if not row.done and t + j == N - 1:
                         c.finish_reason = "length"
                     c.seconds = time.perf_counter() - start if j else now
             for i, row in enumerate(rows):
-                if (delta := self._release(row, i, hold)) is not None:
+                if (delta := release(row, i, hold)) is not None:
                     yield delta
             t += len(steps)
             if all(row.done for row in rows):
@@ -229,7 +237,7 @@ class Engine:
                                     cache=cache, last_only=True)[:, -1].float()  # fmt: skip
         yield [row.completion for row in rows]
 
-    def _take(
+    def take(
         self,
         c: Completion,
         token: int,
@@ -283,23 +291,29 @@ class Engine:
         logp, top_logp, top_ids = token_logprobs(raw[:n], drafted[:n], cfg.logprobs)
         return raw[n : n + 1], list(zip(drafted[:n], logp, top_ids, top_logp, strict=True))
 
-    def _release(self, row: _Row, index: int, hold: int) -> Delta | None:
-        """The text a row can stream now: all of it once finished, else up to a possibly partial character
-        or stop string."""
-        c = row.completion
-        end = len(c.text)
-        if not row.done:
-            end = max(row.released, end - hold)
-            while end > row.released and c.text[end - 1] == REPLACEMENT:
-                end -= 1  # an incomplete multi-byte character: wait for its last byte
-        if end == row.released and not row.done:
-            return None
-        delta = Delta(index, c.text[row.released : end], c.finish_reason)
-        row.released = end
-        return delta
+
+def held_back(cfg: GenerationConfig) -> int:
+    """Characters of a sample's text not yet streamed because a stop string could still claim them."""
+    return max((len(s) for s in cfg.stop), default=1) - 1
 
 
-def _host(
+def release(row: Row, index: int, hold: int) -> Delta | None:
+    """The text a row can stream now: all of it once finished, else up to a possibly partial character
+    or stop string."""
+    c = row.completion
+    end = len(c.text)
+    if not row.done:
+        end = max(row.released, end - hold)
+        while end > row.released and c.text[end - 1] == REPLACEMENT:
+            end -= 1  # an incomplete multi-byte character: wait for its last byte
+    if end == row.released and not row.done:
+        return None
+    delta = Delta(index, c.text[row.released : end], c.finish_reason)
+    row.released = end
+    return delta
+
+
+def host_step(
     ids: Tensor, logp: Tensor, top_ids: Tensor, top_logp: Tensor, top: int
 ) -> tuple[list, list, list | None]:
     """One new token of every row on the host: ids, log-probs and {id: log-prob} of the top alternatives."""

@@ -1,32 +1,40 @@
-"""The OpenAI-compatible app: FastAPI routes over the one inference engine.
+"""The OpenAI-compatible app: FastAPI routes over the one inference engine's continuous-batching scheduler.
 
-First increment (issue 18): one request decodes at a time (a lock around the engine); continuous batching,
-per-request adapters, embeddings, metrics and the web page come next. Every error is OpenAI's error object; no
-stack trace reaches a client.
+A completion request becomes a `Request` of the `Scheduler`, which decodes it in the running batch (with the
+LoRA adapter its `model` names) and hands its events to the route through an asyncio queue. A client that goes
+away cancels its request: its rows leave the batch at the next step. A full queue is a 429 with Retry-After.
+Every error is OpenAI's error object; no stack trace reaches a client.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from lmforge.adapters.multilora import LoraBank
 from lmforge.errors import LmforgeError
 from lmforge.infer.embed import Embedder
-from lmforge.infer.engine import Completion, Engine, TokenText, prompt_ids
+from lmforge.infer.engine import Completion, Delta, Engine, TokenText, prompt_ids
 from lmforge.infer.sampling import GenerationConfig
+from lmforge.infer.scheduler import Event, QueueFull, Scheduler, TimedOut
+from lmforge.infer.scheduler import Request as Job
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest
+from lmforge.serve.web import mount_web
 
 log = logging.getLogger(__name__)
 
@@ -35,32 +43,87 @@ class ApiError(Exception):
     """An error answered as OpenAI's error object with this status."""
 
     def __init__(
-        self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
 
 
-def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+class AdapterLoad(BaseModel):
+    """POST /admin/adapters: load a LoRA adapter directory (on the server's disk) under a name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    path: str
+
+
+def _error(
+    status: int, message: str, kind: str, param: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status, headers=headers)
 
 
 def create_app(
-    model: Engine | Embedder, name: str, *, api_key: str | None = None, max_body: int = 1 << 20
+    model: Engine | Embedder,
+    name: str,
+    *,
+    adapters: Mapping[str, str | Path] | None = None,
+    base_dir: str | Path | None = None,
+    api_key: str | None = None,
+    max_body: int = 1 << 20,
+    max_batch: int = 32,
+    max_queue: int = 256,
+    timeout: float | None = 600.0,
 ) -> FastAPI:
-    """The app serving `model` as `name`: a decoder's engine (chat and text completions) or an encoder's embedder
-    (embeddings); with `api_key`, every /v1 route needs `Authorization: Bearer KEY`; a body over `max_body`
-    bytes is a 413."""
-    app = FastAPI(title="lmforge", version="1", docs_url=None, redoc_url=None)
-    metrics = Metrics()
-    lock = _Slot(metrics)  # one forward pass at a time until the scheduler lands
+    """The app serving `model` as `name`: a decoder's engine (chat and text completions, continuous batching of
+    up to `max_batch` samples, `max_queue` requests waiting, each ending after `timeout` seconds) with LoRA
+    `adapters` (name → directory) chosen per request, or an encoder's embedder (embeddings). With `api_key`,
+    every /v1 and /admin route needs `Authorization: Bearer KEY`; a body over `max_body` bytes is a 413.
+    `base_dir` (the base model's directory) lets adapters be checked against the weights they trained on."""
     engine = model if isinstance(model, Engine) else None
+    scheduler = bank = None
+    if engine is not None:
+        bank = LoraBank(engine.model, Path(base_dir) if base_dir is not None else None)
+        for adapter, path in (adapters or {}).items():
+            _check_name(adapter, name, bank)
+            bank.add(adapter, Path(path))
+        scheduler = Scheduler(engine, bank=bank, max_batch=max_batch, max_queue=max_queue)
+    elif adapters:
+        raise LmforgeError("an encoder is served for embeddings, without adapters")
+    embed_slot = _Slot()  # an encoder embeds one request at a time
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if scheduler is not None:
+            scheduler.start()
+        yield
+        if scheduler is not None:
+            scheduler.stop()
+
+    def gauges() -> dict[str, int]:
+        if scheduler is None:
+            return {"waiting": embed_slot.waiting, "running": embed_slot.running, "batch": embed_slot.running}
+        return {
+            "waiting": len(scheduler.waiting),
+            "running": scheduler.running,
+            "batch": scheduler.batch_size,
+        }
+
+    app = FastAPI(title="lmforge", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
+    metrics = Metrics(gauges)
     text = TokenText(engine.tokenizer) if engine is not None else None
     created = int(time.time())
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
-        return _error(e.status, e.message, e.kind, e.param)
+        return _error(e.status, e.message, e.kind, e.param, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -83,6 +146,12 @@ def create_app(
                 401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error"
             )
 
+    def admin(request: Request) -> None:
+        if api_key is None:
+            raise ApiError(403, "adapters are managed with the server's key: start it with --api-key",
+                           "permission_error")  # fmt: skip
+        authorised(request)
+
     @app.middleware("http")
     async def measured(request: Request, call_next: Any) -> Any:
         start = time.perf_counter()
@@ -104,27 +173,62 @@ def create_app(
 
     @app.get("/v1/models", dependencies=[Depends(authorised)])
     def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [{"id": name, "object": "model", "created": created, "owned_by": "lmforge"}],
-        }
+        base = {"id": name, "object": "model", "created": created, "owned_by": "lmforge"}
+        served = [{**base, "id": a, "parent": name} for a in (bank.names if bank else [])]
+        return {"object": "list", "data": [base, *served]}
 
-    def generator() -> Engine:
-        if engine is None:
+    def adapter_of(asked: str) -> str | None:
+        """The adapter a request's `model` names (None: the base); a 404 for a model not served here."""
+        if asked == name:
+            return None
+        if bank is not None and asked in bank.names:
+            return asked
+        served = ", ".join(repr(m) for m in [name, *(bank.names if bank else [])])
+        raise ApiError(
+            404, f"model {asked!r} is not served here; GET /v1/models lists {served}", param="model"
+        )
+
+    def generator() -> tuple[Engine, Scheduler]:
+        if engine is None or scheduler is None:
             raise ApiError(
                 400, f"{name} is an encoder: it serves /v1/embeddings, not completions", param="model"
             )
-        return engine
+        return engine, scheduler
+
+    @app.post("/admin/adapters", dependencies=[Depends(admin)])
+    def load_adapter(body: AdapterLoad) -> dict[str, Any]:
+        _, scheduler = generator()
+        try:
+            _check_name(body.name, name, bank)
+        except LmforgeError as e:
+            raise ApiError(409, str(e), param="name") from None
+        try:
+            scheduler.load(body.name, Path(body.path))
+        except LmforgeError as e:
+            raise ApiError(400, str(e), param="path") from None
+        return {"id": body.name, "object": "model", "parent": name, "loaded": True}
+
+    @app.delete("/admin/adapters/{adapter}", dependencies=[Depends(admin)])
+    def unload_adapter(adapter: str) -> dict[str, Any]:
+        _, scheduler = generator()
+        if bank is None or adapter not in bank.names:
+            raise ApiError(404, f"no adapter {adapter!r} is loaded", param="adapter")
+        try:
+            scheduler.unload(adapter)
+        except LmforgeError as e:
+            raise ApiError(409, str(e), param="adapter") from None
+        return {"id": adapter, "object": "model", "deleted": True}
 
     @app.post("/v1/embeddings", dependencies=[Depends(authorised)])
     def embeddings(body: EmbeddingRequest) -> Any:
-        _check_model(body.model, name)
-        if engine is not None:
+        if body.model != name:
+            adapter_of(body.model)  # the 404
+        if not isinstance(model, Embedder):
             raise ApiError(
                 400, f"{name} is a decoder: it serves completions, not /v1/embeddings", param="model"
             )
         texts = [body.input] if isinstance(body.input, str) else body.input
-        with lock:
+        with embed_slot:
             vectors, tokens = model.embed(texts)  # (N, C)
         if body.encoding_format == "base64":  # float32 little-endian bytes, as OpenAI sends them
             encoded = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vectors]
@@ -134,57 +238,99 @@ def create_app(
         return {"object": "list", "data": data, "model": name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
-    def chat(body: ChatRequest) -> Any:
-        _check_model(body.model, name)
-        engine = generator()
-        cfg = _config(engine, body, body.max_completion_tokens or body.max_tokens,
-                      (body.top_logprobs or 0) if body.logprobs else 0)  # fmt: skip
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        ids = _ids(engine, messages, cfg.max_new_tokens, chat=True)
+    async def completion(
+        request: Request, body: ChatRequest | CompletionRequest, prompt: str | list[dict], top: int | None
+    ) -> Any:
+        """Decode one chat or text completion in the running batch: the whole response, or its events."""
+        adapter = adapter_of(body.model)
+        engine, scheduler = generator()
+        chat = isinstance(body, ChatRequest)
+        max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
+        cfg = _config(engine, body, max_tokens, top or 0)
+        ids = _ids(engine, prompt, cfg.max_new_tokens, chat=chat)
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        job = Job(ids, cfg, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e), adapter, timeout)
+        try:
+            scheduler.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, str(e), "rate_limit_error", headers={"Retry-After": "1"}) from None
+        except LmforgeError as e:
+            raise ApiError(400, str(e)) from None
+        kind = "chat.completion" if chat else "text_completion"
         if body.stream:
-            return _stream(engine, lock, metrics, ids, cfg, body, "chat.completion.chunk", name)
-        with lock:
-            completions = engine.generate([ids], cfg)
-        metrics.generation(len(ids), sum(len(c.token_ids) for c in completions), _ttft(completions))
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-                    "logprobs": {"content": text.logprobs(c)} if body.logprobs else None}
-                   for i, c in enumerate(completions)]  # fmt: skip
-        return _response("chatcmpl", "chat.completion", name, choices, ids, completions)
+            events = _stream(job, queue, scheduler, metrics, text, body, kind, name)
+            return StreamingResponse(events, media_type="text/event-stream")
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), 0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return None  # nobody to answer; `finally` frees the slot
+                    continue
+                if isinstance(event, list):
+                    break
+                if isinstance(event, LmforgeError):
+                    raise _failed(event)
+        finally:
+            scheduler.cancel(job)  # a no-op once it finished
+        done: list[Completion] = event
+        metrics.generation(len(ids), sum(len(c.token_ids) for c in done), _ttft(done))
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
+                        "finish_reason": c.finish_reason,
+                        "logprobs": {"content": text.logprobs(c)} if body.logprobs else None}
+                       for i, c in enumerate(done)]  # fmt: skip
+        else:
+            choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
+                        "logprobs": _legacy_logprobs(text, c) if body.logprobs is not None else None}
+                       for i, c in enumerate(done)]  # fmt: skip
+        prefix = "chatcmpl" if chat else "cmpl"
+        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+                "model": body.model, "choices": choices, "usage": _usage(ids, done)}  # fmt: skip
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
+    async def chat(request: Request, body: ChatRequest) -> Any:
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        return await completion(request, body, messages, (body.top_logprobs or 0) if body.logprobs else None)
 
     @app.post("/v1/completions", dependencies=[Depends(authorised)])
-    def completions(body: CompletionRequest) -> Any:
-        _check_model(body.model, name)
-        engine = generator()
-        cfg = _config(engine, body, body.max_tokens, body.logprobs or 0)
-        ids = _ids(engine, body.prompt, cfg.max_new_tokens, chat=False)
-        if body.stream:
-            return _stream(engine, lock, metrics, ids, cfg, body, "text_completion", name)
-        with lock:
-            done = engine.generate([ids], cfg)
-        metrics.generation(len(ids), sum(len(c.token_ids) for c in done), _ttft(done))
-        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                    "logprobs": _legacy_logprobs(text, c) if body.logprobs is not None else None}
-                   for i, c in enumerate(done)]  # fmt: skip
-        return _response("cmpl", "text_completion", name, choices, ids, done)
+    async def completions(request: Request, body: CompletionRequest) -> Any:
+        return await completion(request, body, body.prompt, body.logprobs)
 
+    mount_web(app)
     return app
 
 
 class _Slot:
-    """The engine's one slot: a lock whose waiting and running requests are the metrics' gauges."""
+    """One request at a time, counted as waiting or running (an encoder's embeddings)."""
 
-    def __init__(self, metrics: Metrics) -> None:
-        self.lock, self.metrics = threading.Lock(), metrics
+    def __init__(self) -> None:
+        self.lock, self.waiting, self.running = threading.Lock(), 0, 0
 
     def __enter__(self) -> None:
-        self.metrics.queue(waiting=1)
+        self.waiting += 1
         self.lock.acquire()
-        self.metrics.queue(waiting=-1, running=1)
+        self.waiting, self.running = self.waiting - 1, self.running + 1
 
     def __exit__(self, *exc: object) -> None:
-        self.metrics.queue(running=-1)
+        self.running -= 1
         self.lock.release()
+
+
+def _check_name(adapter: str, name: str, bank: LoraBank | None) -> None:
+    """Refuse an adapter name that is empty or already serves the base or another adapter."""
+    if not adapter or adapter == name or (bank is not None and adapter in bank.names):
+        raise LmforgeError(
+            f"adapter name {adapter!r}: it is empty or taken (the base is {name!r}); pick another"
+        )
+
+
+def _failed(e: LmforgeError) -> ApiError:
+    """The API error of a request the scheduler ended."""
+    if isinstance(e, TimedOut):
+        return ApiError(504, str(e), "timeout_error")
+    return ApiError(400, str(e))
 
 
 def _ttft(completions: list[Completion]) -> float | None:
@@ -192,19 +338,13 @@ def _ttft(completions: list[Completion]) -> float | None:
     return min((c.time_to_first_token for c in completions), default=None)
 
 
-def _check_model(asked: str, name: str) -> None:
-    if asked != name:
-        raise ApiError(
-            404, f"model {asked!r} is not served here; GET /v1/models lists {name!r}", param="model"
-        )
-
-
 def _config(
     engine: Engine, body: ChatRequest | CompletionRequest, max_tokens: int | None, top: int
 ) -> GenerationConfig:
     """The request's sampling settings over the model's generation_config defaults."""
     update: dict[str, Any] = {"n": body.n, "presence_penalty": body.presence_penalty,
-                              "frequency_penalty": body.frequency_penalty, "logprobs": top, "seed": body.seed}  # fmt: skip
+                              "frequency_penalty": body.frequency_penalty, "logprobs": top, "seed": body.seed,
+                              "speculate": 0}  # fmt: skip
     if max_tokens is not None:
         update["max_new_tokens"] = max_tokens
     if body.temperature is not None:
@@ -241,16 +381,10 @@ def _usage(ids: list[int], completions: list[Completion]) -> dict[str, int]:
     return {"prompt_tokens": len(ids), "completion_tokens": generated, "total_tokens": len(ids) + generated}
 
 
-def _response(
-    prefix: str, kind: str, name: str, choices: list, ids: list[int], done: list[Completion]
-) -> dict:
-    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": name,
-            "choices": choices, "usage": _usage(ids, done)}  # fmt: skip
-
-
-def _legacy_logprobs(text: TokenText, c: Completion) -> dict[str, Any]:
-    """The legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset."""
-    entries = text.logprobs(c)
+def _legacy_logprobs(text: TokenText, c: Completion, tokens: slice = slice(None)) -> dict[str, Any]:
+    """The legacy completions `logprobs` object of `c`'s `tokens`: tokens, token_logprobs, top_logprobs,
+    text_offset."""
+    entries = text.logprobs(c)[tokens]
     offsets, at = [], 0
     for e in entries:
         offsets.append(at)
@@ -260,47 +394,61 @@ def _legacy_logprobs(text: TokenText, c: Completion) -> dict[str, Any]:
             "text_offset": offsets}  # fmt: skip
 
 
-def _stream(
-    engine: Engine,
-    lock: _Slot,
+async def _stream(
+    job: Job,
+    queue: asyncio.Queue[Event],
+    scheduler: Scheduler,
     metrics: Metrics,
-    ids: list[int],
-    cfg: GenerationConfig,
+    text: TokenText,
     body: ChatRequest | CompletionRequest,
     kind: str,
     name: str,
-) -> StreamingResponse:
-    """Server-sent events: one chunk per text delta (chat: a first chunk with the role), a last chunk per sample
-    with its finish reason, the usage when `stream_options.include_usage`, then `data: [DONE]`."""
-    rid, created = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
-    chat = kind.startswith("chat")
+) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per text delta with its tokens' log-probs when asked (chat: a first chunk
+    with the role), a last chunk per sample with its finish reason, the usage when
+    `stream_options.include_usage`, then `data: [DONE]`; an error ends the stream with an error event."""
+    chat = kind == "chat.completion"
+    rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+    kind = f"{kind}.chunk" if chat else kind
+    logprobs = body.logprobs if chat else body.logprobs is not None
 
     def chunk(choices: list[dict], **extra: Any) -> str:
-        data = {"id": rid, "object": kind, "created": created, "model": name, "choices": choices, **extra}
+        data = {"id": rid, "object": kind, "created": created, "model": body.model, "choices": choices,
+                **extra}  # fmt: skip
         return f"data: {json.dumps(data)}\n\n"
 
-    def choice(index: int, piece: str | None, finish: str | None, role: bool = False) -> dict:
+    def choice(delta: Delta | None, index: int, role: bool = False) -> dict:
+        piece, finish = (delta.text, delta.finish_reason) if delta else ("", None)
+        lp = None
+        if logprobs and delta is not None and delta.tokens is not None:
+            c = job.rows[index].completion
+            tokens = slice(*delta.tokens)
+            lp = {"content": text.logprobs(c)[tokens]} if chat else _legacy_logprobs(text, c, tokens)
         if chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": piece} if piece else {})
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": index, "text": piece or "", "logprobs": None, "finish_reason": finish}
+            content = {"role": "assistant", "content": ""} if role else ({"content": piece} if piece else {})
+            return {"index": index, "delta": content, "logprobs": lp, "finish_reason": finish}
+        return {"index": index, "text": piece, "logprobs": lp, "finish_reason": finish}
 
-    def events() -> Iterator[str]:
-        with lock:  # a client that goes away closes this generator: the lock is released at once
-            if chat:
-                yield chunk([choice(i, None, None, role=True) for i in range(cfg.n)])
-            completions: list[Completion] = []
-            for item in engine.run([ids], cfg):
-                if isinstance(item, list):
-                    completions = item
-                elif item.text or item.finish_reason:
-                    if item.text:
-                        yield chunk([choice(item.index, item.text, None)])
-                    if item.finish_reason:
-                        yield chunk([choice(item.index, None, item.finish_reason)])
-        metrics.generation(len(ids), sum(len(c.token_ids) for c in completions), _ttft(completions))
-        if body.stream_options and body.stream_options.get("include_usage"):
-            yield chunk([], usage=_usage(ids, completions))
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream")
+    try:
+        if chat:
+            yield chunk([choice(None, i, role=True) for i in range(job.cfg.n)])
+        while True:
+            event = await queue.get()
+            if isinstance(event, list):
+                break
+            if isinstance(event, LmforgeError):
+                e = _failed(event)
+                error = {"message": e.message, "type": e.kind, "param": None, "code": None}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                return
+            news = logprobs and event.tokens is not None and event.tokens[0] < event.tokens[1]
+            if event.text or news:
+                yield chunk([choice(Delta(event.index, event.text, None, event.tokens), event.index)])
+            if event.finish_reason:
+                yield chunk([choice(Delta(event.index, "", event.finish_reason), event.index)])
+    finally:  # also when the client goes away (the response is cancelled): its rows leave the batch
+        scheduler.cancel(job)
+    metrics.generation(len(job.ids), sum(len(c.token_ids) for c in event), _ttft(event))
+    if body.stream_options and body.stream_options.get("include_usage"):
+        yield chunk([], usage=_usage(job.ids, event))
+    yield "data: [DONE]\n\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import Counter
+from collections.abc import Callable
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Upper bounds (seconds) of the time-to-first-token and request-latency histograms."""
@@ -32,13 +33,12 @@ class Histogram:
 class Metrics:
     """What the server counts; thread-safe (routes run in a thread pool)."""
 
-    def __init__(self) -> None:
+    def __init__(self, gauges: Callable[[], dict[str, int]]) -> None:
         self.lock = threading.Lock()
+        self.gauges = gauges  # now: {"waiting": requests queued, "running": requests decoding, "batch": rows}
         self.requests: Counter[tuple[str, int]] = Counter()  # (route, status) -> requests
         self.tokens: Counter[str] = Counter()  # "prompt" / "completion" -> tokens
         self.ttft, self.latency = Histogram(), Histogram()
-        self.waiting = 0  # requests queued for the engine
-        self.running = 0  # requests the engine is decoding
 
     def request(self, route: str, status: int, seconds: float) -> None:
         """One finished request."""
@@ -54,14 +54,9 @@ class Metrics:
             if ttft is not None:
                 self.ttft.observe(ttft)
 
-    def queue(self, waiting: int = 0, running: int = 0) -> None:
-        """Change the gauges by these amounts."""
-        with self.lock:
-            self.waiting += waiting
-            self.running += running
-
     def render(self) -> str:
         """Every metric in Prometheus' text exposition format."""
+        now = self.gauges()
         with self.lock:
             lines = ["# TYPE lmforge_requests_total counter"]
             lines += [f'lmforge_requests_total{{route="{r}",status="{s}"}} {n}'
@@ -73,6 +68,7 @@ class Metrics:
             lines += ["# TYPE lmforge_time_to_first_token_seconds histogram",
                       *self.ttft.lines("lmforge_time_to_first_token_seconds"),
                       "# TYPE lmforge_request_seconds histogram", *self.latency.lines("lmforge_request_seconds"),
-                      "# TYPE lmforge_queue_depth gauge", f"lmforge_queue_depth {self.waiting}",
-                      "# TYPE lmforge_running_requests gauge", f"lmforge_running_requests {self.running}"]  # fmt: skip
+                      "# TYPE lmforge_queue_depth gauge", f"lmforge_queue_depth {now['waiting']}",
+                      "# TYPE lmforge_running_requests gauge", f"lmforge_running_requests {now['running']}",
+                      "# TYPE lmforge_batch_size gauge", f"lmforge_batch_size {now['batch']}"]  # fmt: skip
         return "\n".join(lines) + "\n"
