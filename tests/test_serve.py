@@ -419,3 +419,22 @@ def test_64_clients_with_dropped_streams(tiny_model_dir, tiny_lora_dirs):
         ) * 3
         statuses = {k: v for k, v in now.items() if k.startswith("lmforge_requests_total")}
         assert not [k for k in statuses if 'status="5' in k]
+
+
+def test_generate_settings_beyond_openais_are_accepted_and_act(client, model_dir):
+    """top_k, min_p, repetition_penalty and no_repeat_ngram_size (vLLM's names, through `extra_body`) act as
+    `lmforge generate`'s flags do; top_k alone asks to sample, as in `generate`."""
+    extra = {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2}
+    reply = client.completions.create(
+        model="tiny", prompt="the cat", max_tokens=10, temperature=0, extra_body=extra
+    )
+    expected = generated(model_dir, "-p", "the cat", "--max-new-tokens", "10", "--temperature", "0",
+                         "--repetition-penalty", "1.5", "--no-repeat-ngram-size", "2")  # fmt: skip
+    assert reply.choices[0].text == expected["text"]
+    plain = client.completions.create(model="tiny", prompt="the cat", max_tokens=10, temperature=0)
+    assert plain.choices[0].text != reply.choices[0].text  # the settings changed something
+    sampled = client.completions.create(
+        model="tiny", prompt="the cat", max_tokens=10, seed=3, extra_body={"top_k": 5}
+    )
+    expected = generated(model_dir, "-p", "the cat", "--max-new-tokens", "10", "--top-k", "5", "--seed", "3")
+    assert sampled.choices[0].text == expected["text"]

@@ -102,6 +102,7 @@ class Engine:
         self.config = model.config
         self.defaults = defaults or GenerationConfig()
         self.device = next(model.parameters()).device
+        self.model_dir: Path | None = None  # the directory `from_dir` read (its generation_config.json)
 
     @property
     def context(self) -> int:
@@ -126,7 +127,9 @@ class Engine:
         model = load_with_adapter(Path(path), adapter, device=device, dtype=dtype)
         if not hasattr(model, "lm_head"):
             raise LmforgeError(f"{path}: a {type(model).__name__} cannot generate text (a decoder is needed)")
-        return cls(model, Tokenizer.from_dir(path), defaults=GenerationConfig.from_model_dir(path))
+        engine = cls(model, Tokenizer.from_dir(path), defaults=GenerationConfig.from_model_dir(path))
+        engine.model_dir = Path(path)
+        return engine
 
     @property
     def stop_ids(self) -> set[int]:
@@ -211,7 +214,8 @@ class Engine:
             if draft:
                 logits, accepted = self._verify(tokens, valid, generated, pos, draft, cache, cfg)
                 steps += [
-                    host_step(d[None], lp[None], ti[None], tl[None], cfg.logprobs) for d, lp, ti, tl in accepted
+                    host_step(d[None], lp[None], ti[None], tl[None], cfg.logprobs)
+                    for d, lp, ti, tl in accepted
                 ]
             for j, (step_ids, step_logp, step_top) in enumerate(steps):
                 for i, row in enumerate(rows):

@@ -23,13 +23,13 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from lmforge.adapters.multilora import LoraBank
 from lmforge.errors import LmforgeError
 from lmforge.infer.embed import Embedder
 from lmforge.infer.engine import Completion, Delta, Engine, TokenText, prompt_ids
-from lmforge.infer.sampling import GenerationConfig
+from lmforge.infer.sampling import GenerationConfig, generation_config
 from lmforge.infer.scheduler import Event, QueueFull, Scheduler, TimedOut
 from lmforge.infer.scheduler import Request as Job
 from lmforge.serve.metrics import Metrics
@@ -347,10 +347,9 @@ def _config(
                               "speculate": 0}  # fmt: skip
     if max_tokens is not None:
         update["max_new_tokens"] = max_tokens
-    if body.temperature is not None:
-        update["temperature"] = body.temperature
-    if body.top_p is not None:
-        update["top_p"] = body.top_p
+    for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "no_repeat_ngram_size"):
+        if getattr(body, key) is not None:
+            update[key] = getattr(body, key)
     if body.stop is not None:
         update["stop"] = [body.stop] if isinstance(body.stop, str) else body.stop
     if body.logit_bias:
@@ -358,11 +357,12 @@ def _config(
             update["logit_bias"] = {int(k): v for k, v in body.logit_bias.items()}
         except ValueError:
             raise ApiError(400, "logit_bias keys must be token ids", param="logit_bias") from None
-    try:
-        return GenerationConfig.model_validate({**engine.defaults.model_dump(), **update})
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise ApiError(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    try:  # the model's generation_config.json < the request, with generate's rule for when filters ask to sample
+        if engine.model_dir is not None:
+            return generation_config(update, engine.model_dir)
+        return generation_config({**engine.defaults.model_dump(), **update})
+    except LmforgeError as e:
+        raise ApiError(400, str(e)) from None
 
 
 def _ids(engine: Engine, prompt: str | list[dict], max_new_tokens: int, *, chat: bool) -> list[int]:

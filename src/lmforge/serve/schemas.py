@@ -32,6 +32,15 @@ class _Request(BaseModel):
     """OpenAI's frequency penalty."""
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     """Token id (as a string) → bias added to its logit."""
+    # lmforge generate's other settings, under vLLM's names (the openai client sends them with `extra_body`)
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    """Sample among the k most likely tokens; 0 = off."""
+    min_p: Annotated[float, Field(ge=0, lt=1)] | None = None
+    """Drop tokens less likely than min_p x the top token's probability; 0 = off."""
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    """HF's repetition penalty over prompt + output; 1 = off."""
+    no_repeat_ngram_size: Annotated[int, Field(ge=0)] | None = None
+    """Never repeat an n-gram of this size; 0 = off."""
     stream: bool = False
     """Server-sent events, ending with `data: [DONE]`."""
     stream_options: dict[Literal["include_usage"], bool] | None = None
