@@ -438,3 +438,9 @@ def test_generate_settings_beyond_openais_are_accepted_and_act(client, model_dir
     )
     expected = generated(model_dir, "-p", "the cat", "--max-new-tokens", "10", "--top-k", "5", "--seed", "3")
     assert sampled.choices[0].text == expected["text"]
+
+
+def test_without_max_tokens_a_reply_may_fill_the_rest_of_the_context(client, model_dir):
+    """No max_tokens: the model's default (256) capped to what the 128-token context leaves, not a 400."""
+    reply = client.completions.create(model="tiny", prompt="the cat", temperature=0, logit_bias={"3": -100})
+    assert reply.usage.total_tokens == 128 and reply.choices[0].finish_reason == "length"

@@ -213,6 +213,12 @@ class Scheduler:
         self.thread = threading.Thread(target=self._loop, name="lmforge-scheduler", daemon=True)
         self.thread.start()
 
+    def ensure_started(self) -> None:
+        """Start the loop unless it runs (an app used without its startup event, e.g. a bare TestClient)."""
+        with self.wake:
+            if self.thread is None:
+                self.start()
+
     def stop(self) -> None:
         """End the loop after its current step."""
         with self.wake:

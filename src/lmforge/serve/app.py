@@ -102,7 +102,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if scheduler is not None:
-            scheduler.start()
+            scheduler.ensure_started()
         yield
         if scheduler is not None:
             scheduler.stop()
@@ -247,7 +247,10 @@ def create_app(
         chat = isinstance(body, ChatRequest)
         max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
         cfg = _config(engine, body, max_tokens, top or 0)
-        ids = _ids(engine, prompt, cfg.max_new_tokens, chat=chat)
+        ids = _ids(engine, prompt, cfg.max_new_tokens if max_tokens else 1, chat=chat)
+        if not max_tokens:  # the default: the model's, or the rest of the context when that is less (OpenAI's)
+            cfg = cfg.model_copy(update={"max_new_tokens": min(cfg.max_new_tokens, engine.context - len(ids))})
+        scheduler.ensure_started()
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(ids, cfg, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e), adapter, timeout)
         try:
