@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.adapters.multilora import LoraBank
 from lmforge.errors import LmforgeError
@@ -128,10 +129,19 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def bad_body(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0]
+        if first["type"] == "json_invalid":
+            return _error(400, f"the body is not valid JSON ({first['ctx'].get('error', 'invalid')})",
+                          "invalid_request_error")  # fmt: skip
         param = ".".join(str(p) for p in first["loc"] if p != "body") or None
         return _error(
             400, f"{param}: {first['msg']}" if param else first["msg"], "invalid_request_error", param
         )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        # The framework's own answers (no route, wrong method, an unreadable body) as OpenAI's error object.
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error(e.status_code, str(e.detail), kind, headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal(_: Request, e: Exception) -> JSONResponse:
@@ -248,8 +258,12 @@ def create_app(
         max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
         cfg = _config(engine, body, max_tokens, top or 0)
         ids = _ids(engine, prompt, cfg.max_new_tokens if max_tokens else 1, chat=chat)
-        if not max_tokens:  # the default: the model's, or the rest of the context when that is less (OpenAI's)
-            cfg = cfg.model_copy(update={"max_new_tokens": min(cfg.max_new_tokens, engine.context - len(ids))})
+        if (
+            not max_tokens
+        ):  # the default: the model's, or the rest of the context when that is less (OpenAI's)
+            cfg = cfg.model_copy(
+                update={"max_new_tokens": min(cfg.max_new_tokens, engine.context - len(ids))}
+            )
         scheduler.ensure_started()
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(ids, cfg, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e), adapter, timeout)
@@ -292,17 +306,54 @@ def create_app(
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
                 "model": body.model, "choices": choices, "usage": _usage(ids, done)}  # fmt: skip
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorised)], responses=COMPLETION_RESPONSES)
     async def chat(request: Request, body: ChatRequest) -> Any:
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        # OpenAI's "developer" role is the system prompt's newer name; chat templates know "system"
+        messages = [{**m.model_dump(exclude_none=True), "role": "system" if m.role == "developer" else m.role}
+                    for m in body.messages]  # fmt: skip
         return await completion(request, body, messages, (body.top_logprobs or 0) if body.logprobs else None)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorised)])
+    @app.post("/v1/completions", dependencies=[Depends(authorised)], responses=COMPLETION_RESPONSES)
     async def completions(request: Request, body: CompletionRequest) -> Any:
         return await completion(request, body, body.prompt, body.logprobs)
 
     mount_web(app)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+        "code": {"type": ["string", "null"]}}}},
+}  # fmt: skip
+COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The completion (JSON), or with `stream: true` its server-sent events ending with "
+          "`data: [DONE]`", "content": {"text/event-stream": {}}},
+}  # fmt: skip
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, with what the server really answers a bad body: a 400 with OpenAI's error object
+    (not FastAPI's 422)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        error = {"content": {"application/json": {"schema": ERROR_SCHEMA}}}
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.setdefault("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses["400"] = {"description": "A bad request (OpenAI's error object)", **error}
+                # 401, 403, 404, 409, 413, 429 (with Retry-After), 504: all OpenAI's error object
+                responses["default"] = {"description": "An error (OpenAI's error object)", **error}
+        schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+        schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 class _Slot:
@@ -376,7 +427,10 @@ def _ids(engine: Engine, prompt: str | list[dict], max_new_tokens: int, *, chat:
     try:
         return prompt_ids(engine, prompt, chat=chat, system=None, room=engine.context - max_new_tokens)
     except LmforgeError as e:
-        raise ApiError(400, str(e), param="messages" if chat else "prompt") from None
+        message = str(e)
+        if engine.model_dir is not None:  # the server's paths are not the client's business
+            message = message.replace(str(engine.model_dir), "the model")
+        raise ApiError(400, message, param="messages" if chat else "prompt") from None
 
 
 def _usage(ids: list[int], completions: list[Completion]) -> dict[str, int]:

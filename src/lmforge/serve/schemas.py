@@ -24,7 +24,7 @@ class _Request(BaseModel):
     """Samples per prompt."""
     stop: str | list[str] | None = None
     """Up to 4 strings that end a sample (not included in its text)."""
-    seed: Annotated[int, Field(ge=0)] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**64 - 1)] | None = None
     """Seed of this request's samples."""
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     """OpenAI's presence penalty."""
