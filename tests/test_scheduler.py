@@ -129,3 +129,28 @@ def test_cancelled_and_late_requests_leave_the_batch(engine):
     assert not any(isinstance(e, list) for e in events[0])  # the cancelled request hears no completion
     assert len(events[2][-1][0].token_ids) == 40
     assert scheduler.slots == [] and scheduler.batch_size == 0
+
+
+@pytest.mark.parametrize("family", ["tiny-smollm", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"])
+def test_every_family_decodes_in_a_running_batch_as_alone(family, tiny_model_dir, tmp_path):
+    """Tied embeddings, a sliding window of 8 (the re-laid-out cache columns must stay each row's positions),
+    attention biases and q/k norms: requests joining at different steps equal `Engine.generate` alone."""
+    import torch
+
+    from lmforge.model.configs import preset
+    from lmforge.model.hf import build_model, save_model
+    from lmforge.tokenizer import copy_tokenizer
+
+    torch.manual_seed(0)
+    save_model(build_model(preset(family, vocab_size=300, eos_token_id=3, pad_token_id=0)), tmp_path)
+    copy_tokenizer(tiny_model_dir, tmp_path)
+    engine = Engine.from_dir(tmp_path, device="cpu")
+    scheduler, events = Scheduler(engine, max_batch=4), {}
+    requests = [request(engine, k, GenerationConfig(max_new_tokens=12 + 5 * k), events) for k in range(4)]
+    for r in requests:
+        scheduler.submit(r)
+        scheduler.step()
+        scheduler.step()
+    scheduler.run_until_done()
+    for k, r in enumerate(requests):
+        assert_alone(events[k][-1][0], engine.generate([r.ids], r.cfg)[0])
