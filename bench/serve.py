@@ -8,7 +8,11 @@ The model: `--model DIR` (a HF decoder directory with a tokenizer that has a cha
 with seeded random weights (as bench/models.py's `build_pair`, saved with lmforge's `save_model`) and a byte-level
 BPE of the preset's vocabulary size trained on ../shared/data's TinyStories + TinyShakespeare (the repo's docs
 without them), so that every id the random model emits decodes to text; its vocabulary is the tokenizer's when
-that falls short. fp32 on the CPU, `--threads` threads for both servers (OMP_NUM_THREADS / MKL_NUM_THREADS).
+that falls short. fp32 on the CPU, `--threads` threads for both servers (OMP_NUM_THREADS / MKL_NUM_THREADS):
+by default the cores less one, which the load generator and the servers' HTTP threads need. A server whose
+OpenMP threads fill every core stalls whenever another process takes one (on 2 cores with a test run beside it,
+lmforge at 16 streams swung between 30 and 530 tok/s with 2 threads, 400-430 with 1): run it on an idle machine
+(the load average is printed at the start and end of the run and of each level in the JSON lines).
 
 Each server runs alone as a subprocess on a free 127.0.0.1 port, never two at once; it is ready when GET /health
 answers. The peer is `transformers serve MODEL --device cpu` (FORCE_MODEL is the local directory, loaded offline
@@ -276,6 +280,7 @@ class Result:
     usage: int | None = None  # completion_tokens of the usage chunk
     finish: str | None = None
     error: str | None = None
+    text: str = ""
 
     @property
     def tokens(self) -> int:
@@ -342,7 +347,8 @@ async def stream_request(port: int, body: dict) -> Result:
                 if event.get("usage"):
                     result.usage = event["usage"]["completion_tokens"]
                 for choice in event.get("choices") or []:
-                    if (choice.get("delta") or {}).get("content"):
+                    if content := (choice.get("delta") or {}).get("content"):
+                        result.text += content
                         result.first = result.first or now
                         result.last, result.chunks = now, result.chunks + 1
                     result.finish = choice.get("finish_reason") or result.finish
@@ -365,16 +371,23 @@ def request_body(
 async def drive(
     port: int, bodies: list[dict], concurrency: int, timeout: float
 ) -> tuple[list[Result], float]:
-    """Send `bodies` from `concurrency` workers (closed loop); the results and the wall time of them all."""
-    todo = iter(bodies)
-    results: list[Result] = []
+    """Send `bodies` from `concurrency` workers (closed loop); their results, in order, and the wall time."""
+    todo = iter(enumerate(bodies))
+    results: list[Result] = [Result(0.0, error="not sent")] * len(bodies)
 
     async def worker() -> None:
-        for body in todo:
+        for i, body in todo:
             try:
-                results.append(await asyncio.wait_for(stream_request(port, body), timeout))
-            except (OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
-                results.append(Result(time.perf_counter(), error=f"{type(e).__name__}: {e}"))
+                results[i] = await asyncio.wait_for(stream_request(port, body), timeout)
+            except (
+                OSError,
+                ValueError,
+                KeyError,
+                IndexError,
+                asyncio.TimeoutError,
+                asyncio.IncompleteReadError,
+            ) as e:
+                results[i] = Result(time.perf_counter(), error=f"{type(e).__name__}: {e}")
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -404,7 +417,7 @@ def summarise(runs: list[tuple[list[Result], float]], max_tokens: int, cpu_s: fl
             "ttft_ms": {"p50": percentile(ttft, 50), "p95": percentile(ttft, 95), "mean": sum(ttft) / max(len(ttft), 1)},
             "itl_ms": {"p50": percentile(itl, 50), "p95": percentile(itl, 95)},
             "short": sum(r.tokens < max_tokens for r in ok), "errors": len(errors), "first_error": errors[0] if errors else None,
-            "client_cpu_s": cpu_s}  # fmt: skip
+            "client_cpu_s": cpu_s, "texts": [r.text for r in results]}  # fmt: skip
 
 
 def measure(server: Server, args, prompts: list[str], banned: list[int], concurrency: int, requests: int,
@@ -504,7 +517,8 @@ def main() -> None:
     parser.add_argument("--requests-per-level", type=int, help="default: max(8, 2 x concurrency)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="measured runs per level on each server")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both servers")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                        help="torch threads of both servers (default: the cores less one, left to the client)")  # fmt: skip
     parser.add_argument("--peer", choices=["cb", "plain", "both"], default="cb",
                         help="transformers serve with --continuous-batching, without, or both")  # fmt: skip
     parser.add_argument(
@@ -519,9 +533,7 @@ def main() -> None:
     parser.add_argument("--adapter-streams", type=int, default=16)
     parser.add_argument("--adapter-requests", type=int, default=32, help="requests per multi-LoRA round")
     parser.add_argument("--request-timeout", type=float, default=900.0)
-    parser.add_argument(
-        "--no-record", action="store_true", help=f"do not append to {RESULTS.relative_to(ROOT)}"
-    )
+    parser.add_argument("--no-record", action="store_true", help="do not append to bench/results/serve.jsonl")
     args = parser.parse_args()
     args.max_batch = args.max_batch or max([*args.concurrency, args.adapter_streams])
     peers = {
@@ -543,6 +555,9 @@ def main() -> None:
         "transformers": transformers.__version__,
     }
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
+    if load_start > 1.0:
+        print(f"warning: load average {load_start:.2f} before the run: other work skews these numbers",
+              file=sys.stderr)  # fmt: skip
     print(
         f"{device}; "
         + ", ".join(f"{k} {v}" for k, v in versions.items())
@@ -592,9 +607,19 @@ def main() -> None:
                 print(f"{c} streams, {label}: {stats['tok_s']:,.1f} tok/s{flags(stats)}, TTFT p50 "
                       f"{stats['ttft_ms']['p50']:,.0f} ms, ITL p50 {stats['itl_ms']['p50']:,.1f} ms, "
                       f"{stats['tokens']} tokens in {stats['wall_s']:.1f} s (started in {server.start_s:.0f} s, "
-                      f"client CPU {stats['client_cpu_s']:.1f} s)", file=sys.stderr, flush=True)  # fmt: skip
+                      f"client CPU {stats['client_cpu_s']:.2f} s)", file=sys.stderr, flush=True)  # fmt: skip
                 if stats["first_error"]:
                     print(f"  first error: {stats['first_error']}", file=sys.stderr)
+            texts = {label: stats.pop("texts") for label, stats in levels[c].items()}
+            for peer in peers:  # the same greedy text for the same request: the same work on both servers
+                same = sum(a == b for a, b in zip(texts["lmforge"], texts[peer], strict=True)) / len(
+                    texts[peer]
+                )
+                levels[c][peer]["same_text_as_lmforge"] = same
+                print(
+                    f"{c} streams: {same:.0%} of {peer}'s answers are lmforge's, word for word",
+                    file=sys.stderr,
+                )
             records.append({"bench": "serve", "concurrency": c, "requests": requests, "order": order,
                             "servers": levels[c], "load_average": [load, os.getloadavg()[0]]})  # fmt: skip
 
@@ -620,8 +645,12 @@ def main() -> None:
             for variant, done in runs.items():
                 lora[variant] = {**summarise(done, args.max_tokens, cpu[variant]),
                                  "rounds_tok_s": [sum(r.tokens for r in rs if r.error is None) / w for rs, w in done]}  # fmt: skip
-            print(f"multi-LoRA: base {lora['base']['rounds_tok_s']}, mixed {lora['mixed']['rounds_tok_s']} tok/s",
-                  file=sys.stderr)  # fmt: skip
+            base_texts, mixed_texts = lora["base"].pop("texts"), lora["mixed"].pop("texts")
+            lora["differ_from_base"] = sum(
+                a != b for a, b in zip(base_texts, mixed_texts, strict=True)
+            ) / len(base_texts)
+            print(f"multi-LoRA: base {lora['base']['rounds_tok_s']}, mixed {lora['mixed']['rounds_tok_s']} tok/s; "
+                  f"{lora['differ_from_base']:.0%} of the adapters' answers differ from the base's", file=sys.stderr)  # fmt: skip
             records.append({"bench": "serve-multi-lora", **lora, "ratio": lora["mixed"]["tok_s"] / lora["base"]["tok_s"],
                             "load_average": [load, os.getloadavg()[0]]})  # fmt: skip
 
