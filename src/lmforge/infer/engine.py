@@ -415,12 +415,13 @@ class TokenText:
         data = self.bytes(token)
         return {"id": token, "token": self.text(data), "logprob": logprob, "bytes": list(data)}
 
-    def logprobs(self, c: Completion) -> list[dict]:
-        """OpenAI's `logprobs.content` of one sample: each token's entry and its `top_logprobs` entries."""
+    def logprobs(self, c: Completion, tokens: slice = slice(None)) -> list[dict]:
+        """OpenAI's `logprobs.content` of one sample's `tokens` (all by default): each token's entry and its
+        `top_logprobs` entries."""
         tops = c.top_logprobs or [{} for _ in c.token_ids]  # empty when no alternatives were asked for
         return [
             {**self.entry(token, logprob), "top_logprobs": [self.entry(t, lp) for t, lp in top.items()]}
-            for token, logprob, top in zip(c.token_ids, c.logprobs, tops, strict=True)
+            for token, logprob, top in zip(c.token_ids[tokens], c.logprobs[tokens], tops[tokens], strict=True)
         ]
 
 

@@ -258,12 +258,9 @@ def create_app(
         max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
         cfg = _config(engine, body, max_tokens, top or 0)
         ids = _ids(engine, prompt, cfg.max_new_tokens if max_tokens else 1, chat=chat)
-        if (
-            not max_tokens
-        ):  # the default: the model's, or the rest of the context when that is less (OpenAI's)
-            cfg = cfg.model_copy(
-                update={"max_new_tokens": min(cfg.max_new_tokens, engine.context - len(ids))}
-            )
+        if not max_tokens:  # the model's default, or the rest of the context when that is less (OpenAI's)
+            room = min(cfg.max_new_tokens, engine.context - len(ids))
+            cfg = cfg.model_copy(update={"max_new_tokens": room})
         scheduler.ensure_started()
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(ids, cfg, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e), adapter, timeout)
@@ -275,7 +272,7 @@ def create_app(
             raise ApiError(400, str(e)) from None
         kind = "chat.completion" if chat else "text_completion"
         if body.stream:
-            events = _stream(job, queue, scheduler, metrics, text, body, kind, name)
+            events = _stream(job, queue, scheduler, metrics, text, body, kind)
             return StreamingResponse(events, media_type="text/event-stream")
         try:
             while True:
@@ -441,7 +438,7 @@ def _usage(ids: list[int], completions: list[Completion]) -> dict[str, int]:
 def _legacy_logprobs(text: TokenText, c: Completion, tokens: slice = slice(None)) -> dict[str, Any]:
     """The legacy completions `logprobs` object of `c`'s `tokens`: tokens, token_logprobs, top_logprobs,
     text_offset."""
-    entries = text.logprobs(c)[tokens]
+    entries = text.logprobs(c, tokens)
     offsets, at = [], 0
     for e in entries:
         offsets.append(at)
@@ -459,7 +456,6 @@ async def _stream(
     text: TokenText,
     body: ChatRequest | CompletionRequest,
     kind: str,
-    name: str,
 ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per text delta with its tokens' log-probs when asked (chat: a first chunk
     with the role), a last chunk per sample with its finish reason, the usage when
@@ -480,7 +476,7 @@ async def _stream(
         if logprobs and delta is not None and delta.tokens is not None:
             c = job.rows[index].completion
             tokens = slice(*delta.tokens)
-            lp = {"content": text.logprobs(c)[tokens]} if chat else _legacy_logprobs(text, c, tokens)
+            lp = {"content": text.logprobs(c, tokens)} if chat else _legacy_logprobs(text, c, tokens)
         if chat:
             content = {"role": "assistant", "content": ""} if role else ({"content": piece} if piece else {})
             return {"index": index, "delta": content, "logprobs": lp, "finish_reason": finish}
