@@ -41,6 +41,7 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/decode.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/prepare.py --repeat 5
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/governance.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/serve.py
 	$(BIN)/pip install -q -e '.[bench]'  # TRL, for bench/finetune.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/finetune.py --threads 1
 
