@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from live_server import serving
 from typer.testing import CliRunner
 
 from lmforge.cli import app
@@ -36,23 +37,7 @@ def running(model, name: str, **options):
     stops it after."""
     from lmforge.serve.app import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(model, name, **{"api_key": KEY, **options})
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if http(f"{url}/health")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.05)
-    yield url
-    srv.should_exit = True
-    thread.join(timeout=10)
+    yield from serving(create_app(model, name, **{"api_key": KEY, **options}))
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ switches between per-request adapters."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -27,6 +25,7 @@ pytestmark = pytest.mark.skipif(
 )
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the dev extra)")
 uvicorn = pytest.importorskip("uvicorn")
+from live_server import serving  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -43,26 +42,6 @@ class Pace:
     def __call__(self, *_: object) -> None:
         if self.seconds:
             time.sleep(self.seconds)
-
-
-def serving(app):
-    """`app` on a free 127.0.0.1 port in a thread: yields its URL, stops it after."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=5).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield url
-    srv.should_exit = True
-    thread.join(timeout=10)
 
 
 def post(url: str, body: dict) -> dict:
