@@ -3,7 +3,6 @@ lmforge's bottleneck layout), and the base-model fingerprint that ties an adapte
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -14,17 +13,12 @@ from lmforge.adapters.base import CONFIG_FILE, read_adapter_config
 from lmforge.adapters.registry import ADAPTER_KINDS
 from lmforge.config import Section
 from lmforge.errors import LmforgeError
-from lmforge.fileio import sha256_file
-from lmforge.model.hf import load_model, weight_files
+from lmforge.model.hf import load_model, weights_fingerprint
 
 
 def base_fingerprint(model_dir: Path) -> str:
     """sha256 over a model directory's config.json and weight files: which base an adapter belongs on."""
-    h = hashlib.sha256()
-    for f in [Path(model_dir) / "config.json", *weight_files(Path(model_dir))]:
-        h.update(f.name.encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
+    return weights_fingerprint(model_dir)
 
 
 def adapter_kind(adapter_dir: Path) -> str:

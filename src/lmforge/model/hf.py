@@ -414,6 +414,20 @@ def open_safetensors(file: str | Path, device: str = "cpu") -> Any:
         ) from None
 
 
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over a model directory's config.json and weight files: which weights an adapter or an index was
+    made with."""
+    import hashlib
+
+    from lmforge.fileio import sha256_file
+
+    h = hashlib.sha256()
+    for f in [Path(model_dir) / "config.json", *weight_files(Path(model_dir))]:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a model dir: the index's shards, or model.safetensors."""
     index = path / "model.safetensors.index.json"

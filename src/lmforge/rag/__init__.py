@@ -1,0 +1,1 @@
+"""Retrieval-augmented generation: indexes, retrieval, prompts with passages and citations."""
