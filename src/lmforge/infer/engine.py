@@ -525,6 +525,12 @@ def fit_prompts(
     return [list(p[-room:]) for p in prompts]
 
 
+def as_messages(prompt: str | list[dict], system: str | None = None) -> list[dict]:
+    """A prompt as chat messages: a text is one user turn; `system` comes first when given."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return [{"role": "system", "content": system}, *messages] if system is not None else messages
+
+
 def prompt_ids(
     engine: Engine,
     prompt: str | list[dict],
@@ -540,10 +546,7 @@ def prompt_ids(
     from lmforge.chat import render_chat
 
     if chat or system is not None or not isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if system is not None:
-            messages = [{"role": "system", "content": system}, *messages]
-        ids = render_chat(engine.tokenizer, messages, add_generation_prompt=True).ids
+        ids = render_chat(engine.tokenizer, as_messages(prompt, system), add_generation_prompt=True).ids
     else:
         ids = engine.encode(prompt)
     if room is not None and len(ids) > room:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from typing import TextIO
+from typing import Any, TextIO
 
 import yaml
 
@@ -26,8 +26,11 @@ HELP = "commands: /reset, /system TEXT, /set NAME VALUE (e.g. /set temperature 0
 class ChatSession:
     """One conversation: its messages, system prompt and sampling settings."""
 
-    def __init__(self, engine: Engine, cfg: GenerationConfig, system: str | None = None) -> None:
+    def __init__(
+        self, engine: Engine, cfg: GenerationConfig, system: str | None = None, retriever: Any = None
+    ) -> None:
         self.engine, self.cfg, self.system = engine, cfg, system
+        self.retriever = retriever  # lmforge.rag.prompt.Retriever: passages for each message
         self.turns: list[dict[str, str]] = []
 
     def messages(self) -> list[dict[str, str]]:
@@ -39,10 +42,10 @@ class ChatSession:
         """Stream the assistant's answer to `text`; the exchange joins the history once it is complete."""
         self.turns.append({"role": "user", "content": text})
         context, new = self.engine.context, self.cfg.max_new_tokens
-        ids = render_chat(self.engine.tokenizer, self.messages(), add_generation_prompt=True).ids
+        ids, rag = self._render()
         while len(ids) + new > context and len(self.turns) > 1:
             self.turns = self.turns[2:] if len(self.turns) > 2 else self.turns[1:]  # oldest exchange first
-            ids = render_chat(self.engine.tokenizer, self.messages(), add_generation_prompt=True).ids
+            ids, rag = self._render()
             yield "[older turns dropped to fit the context]\n"
         if len(ids) + new > context:
             self.turns.pop()
@@ -61,6 +64,24 @@ class ChatSession:
             answer.append(delta.text)
             yield delta.text
         self.turns.append({"role": "assistant", "content": "".join(answer)})
+        if rag is not None:  # the passages it was given, after the answer
+            cited = rag.citations(self.turns[-1]["content"])
+            sources = ", ".join(f"[{c['index']}]{'*' if c['cited'] else ''} {c['doc_id']}" for c in cited)
+            yield f"\n[{rag.note or 'passages: ' + sources}{' (* cited)' if any(c['cited'] for c in cited) else ''}]"
+
+    def _render(self) -> tuple[list[int], Any]:
+        """The history's ids, with the last message's passages when retrieving (their RagPrompt, else None)."""
+        if self.retriever is None:
+            return render_chat(self.engine.tokenizer, self.messages(), add_generation_prompt=True).ids, None
+        from lmforge.rag.prompt import rag_prompt_ids
+
+        room = self.engine.context - self.cfg.max_new_tokens
+        try:
+            return rag_prompt_ids(self.engine.tokenizer, self.retriever, self.messages(), room)
+        except (
+            LmforgeError
+        ):  # not even one passage fits: report the plain prompt's length, the loop drops turns
+            return render_chat(self.engine.tokenizer, self.messages(), add_generation_prompt=True).ids, None
 
     def command(self, line: str) -> str:
         """Run a /command; return what to print. Raises EOFError on /exit."""

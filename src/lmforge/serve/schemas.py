@@ -69,6 +69,11 @@ class ChatRequest(_Request):
     """Log-probs of the chosen tokens."""
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     """Alternatives per token (needs logprobs)."""
+    rag: bool | str | None = None
+    """lmforge: retrieve passages for the last user turn from the server's RAG index (true: the first one
+    `--rag` gave; a string: the index of that name); the response carries `citations`."""
+    rag_k: Annotated[int, Field(ge=1, le=50)] | None = None
+    """lmforge: passages to retrieve (default 5)."""
 
 
 class CompletionRequest(_Request):
