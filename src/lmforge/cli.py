@@ -1211,6 +1211,40 @@ def rag_query(
         console.print(escape(h.chunk.text), highlight=False)
 
 
+@rag_app.command("augment")
+@_reflow
+def rag_augment(
+    index: Annotated[Path, typer.Argument(help="An index directory (lmforge rag index).")],
+    data: Annotated[Path, typer.Argument(help="Chat records (JSONL with 'messages').")],
+    out: Annotated[Path, typer.Option("--out", help="The chat JSONL to write (with the passages).")],
+    k: RagKFlag = 3,
+    mode: RagModeOption = None,
+    min_score: MinScoreFlag = None,
+    cite: Annotated[
+        bool, typer.Option(help="End each answer with [n] for the passages holding its record's 'value'.")
+    ] = False,
+    overwrite: OverwriteFlag = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Put each chat record's retrieved passages into its system turn, exactly as --rag does at inference: data to
+    fine-tune a model that answers from passages and cites them (lmforge finetune on the output)."""
+    from lmforge.data.readers import read_records
+    from lmforge.fileio import atomic_write
+    from lmforge.rag.prompt import augment
+
+    if out.exists() and not overwrite:
+        raise LmforgeError(f"{out}: exists; pass --overwrite to replace it")
+    records = []
+    for record in read_records(data):
+        if not isinstance(record.data, dict) or not isinstance(record.data.get("messages"), list):
+            raise LmforgeError(f"{record.where}: expected a chat record with 'messages'")
+        records.append(record.data)
+    retriever = _retriever(index, k, mode, min_score)
+    lines = [json.dumps(r, ensure_ascii=False) for r in augment(retriever, records, cite=cite)]
+    atomic_write(out, ("\n".join(lines) + "\n").encode())
+    emit({"out": str(out), "records": len(lines)}, as_json)
+
+
 @rag_app.command("eval")
 @_reflow
 def rag_eval(

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.model.hf import weights_fingerprint
@@ -368,6 +369,7 @@ class RagIndex:
         self._queries: dict[str, np.ndarray] = {}
         if (path / "vectors.npy").is_file():
             self.vectors = np.load(path / "vectors.npy")
+            self.matrix = torch.from_numpy(self.vectors)  # (N, C), shares the array's memory
             want = Path(embedder) if embedder is not None else Path(self.config["embedder"])
             if embedder is not None and weights_fingerprint(want) != self.config["embedder_fingerprint"]:
                 raise LmforgeError(
@@ -388,8 +390,9 @@ class RagIndex:
         """The modes this index answers."""
         return ["bm25", "dense", "hybrid"] if self.vectors is not None else ["bm25"]
 
-    def search(self, query: str, k: int = 5, mode: Mode | None = None) -> list[Hit]:
-        """The `k` best chunks for `query` (mode: hybrid when the index has vectors, else bm25)."""
+    def search(self, query: str, k: int = 5, mode: Mode | None = None, *, cosines: bool = False) -> list[Hit]:
+        """The `k` best chunks for `query` (mode: hybrid when the index has vectors, else bm25); the cosine of each
+        hit is known in dense and hybrid modes, and in bm25 mode with `cosines` (it costs the query's embedding)."""
         mode = mode or ("hybrid" if self.vectors is not None else "bm25")
         if mode not in self.modes:
             raise LmforgeError(
@@ -413,8 +416,9 @@ class RagIndex:
                     fused[i] = fused.get(i, 0.0) + 1.0 / (RRF_K + rank)
             order = sorted(fused, key=lambda i: (-fused[i], i))
             scores = fused
-        cosines = self._cosines(query, order[:k]) if self.vectors is not None and mode == "bm25" else dense
-        return [Hit(self.chunks[i], r, float(scores[i]), lexical.get(i), cosines.get(i))
+        if mode == "bm25":
+            dense = self._cosines(query, order[:k]) if cosines and self.vectors is not None else {}
+        return [Hit(self.chunks[i], r, float(scores[i]), lexical.get(i), dense.get(i))
                 for r, i in enumerate(order[:k], 1)]  # fmt: skip
 
     def _bm25(self, query: str, k: int) -> dict[int, float]:
@@ -431,14 +435,14 @@ class RagIndex:
         """{chunk index: cosine} of the best `k`, best first (exact: one matrix-vector product)."""
         if k == 0:
             return {}
-        sims = self.vectors @ self._embedded(query)  # (N,)
-        top = np.argpartition(-sims, k - 1)[:k] if k < len(sims) else np.arange(len(sims))
-        top = top[np.lexsort((top, -sims[top]))]
-        return {int(i): float(sims[i]) for i in top}
+        # torch, not numpy: numpy's BLAS threads would fight torch's for the cores (8 ms vs 0.5 ms for 10k x 384)
+        sims = torch.mv(self.matrix, torch.from_numpy(self._embedded(query)))  # (N,)
+        scores, top = sims.topk(min(k, len(sims)))
+        return {int(i): float(s) for i, s in zip(top.tolist(), scores.tolist(), strict=True)}
 
     def _cosines(self, query: str, indices: Iterable[int]) -> dict[int, float]:
-        q = self._embedded(query)
-        return {i: float(self.vectors[i] @ q) for i in indices}
+        q = torch.from_numpy(self._embedded(query))
+        return {i: float(self.matrix[i] @ q) for i in indices}
 
     def _embedded(self, query: str) -> np.ndarray:
         """The query's unit vector (C,), remembered for the last few queries (one question is often searched in

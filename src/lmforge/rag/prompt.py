@@ -10,7 +10,7 @@ needs, passages are dropped lowest-ranked first, and the response says how many.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +69,8 @@ class Retriever:
         users = [m for m in messages if m.get("role") == "user"]
         if not users:
             raise LmforgeError("RAG needs a user turn to retrieve for")
-        hits = [h for h in self.index.search(users[-1]["content"], self.k, self.mode) if self.relevant(h)]
+        found = self.index.search(users[-1]["content"], self.k, self.mode, cosines=True)
+        hits = [h for h in found if self.relevant(h)]
         if not hits:
             out = RagPrompt(with_context(messages, NO_PASSAGE), note="no supporting passage found")
             if not fits(out.messages):
@@ -129,3 +130,33 @@ def rag_prompt_ids(
 
     rag = retriever.prompt(messages, lambda msgs: len(render(msgs)) <= room)
     return render(rag.messages), rag
+
+
+def augment(
+    retriever: Retriever, records: Iterable[dict[str, Any]], *, cite: bool = False
+) -> Iterator[dict[str, Any]]:
+    """Chat records with the passages for their question in the system turn, exactly as `--rag` puts them at
+    inference (for fine-tuning a model to answer from passages); other fields are kept. With `cite`, a record's
+    answer gets " [n]" for each passage holding the fact it states (its record's "value", else the answer's
+    capitalised words and numbers that the question does not have), so the model learns to cite."""
+    for record in records:
+        messages = [dict(m) for m in record["messages"]]
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        prompt = retriever.prompt(messages[: last_user + 1], lambda _: True)
+        answer = messages[last_user + 1 :]
+        if cite and answer:
+            facts = _facts(record.get("value"), answer[0]["content"], messages[last_user]["content"])
+            marks = [f"[{i}]" for i, h in enumerate(prompt.passages, 1)
+                     if facts and all(f in h.chunk.text.lower() for f in facts)]  # fmt: skip
+            if marks:
+                answer[0]["content"] = f"{answer[0]['content']} {''.join(marks)}"
+        yield {**record, "messages": prompt.messages + answer}
+
+
+def _facts(value: Any, answer: str, question: str) -> list[str]:
+    """What an answer asserts, lower-cased: `value` when given, else its names and numbers not in the question."""
+    if isinstance(value, str) and value.strip():
+        return [value.lower()]
+    asked = set(re.findall(r"\w+", question.lower()))
+    words = (w.lower().rstrip(",") for w in re.findall(r"\b(?:[A-Z]\w*|\d[\d,]*)", answer))
+    return [w for w in words if w not in asked]
