@@ -16,13 +16,11 @@ varying 3x), 1 thread does not.
    validation sample split into stories at paragraphs that open with "Once upon a time"; skipped with a message
    when the data is not there) and of the synthetic world's biographies and medical articles
    (`lmforge.data.synthetic.synthesize`, seed --seed, default sizes), shuffled (seeded), the first --texts.
-   Three ways to embed the same texts with the same batch size: lmforge's `Embedder.embed(texts, batch_size)`
-   (batches in the order given, each padded to its longest text); the same call on the texts sorted longest first
-   by their token counts and put back in order by the caller (the caller tokenizes them once more to count: the
-   proposal for embed.py, measured without changing it); `SentenceTransformer(path, device="cpu").encode(texts,
-   batch_size, normalize_embeddings=True)` (it sorts the texts longest first by characters, pads each batch to its
-   longest, and restores the order). After one warm-up call each on two batches, the three run in turn
-   --repeats times (the order rotates every round, so drift hits all alike); each figure is the median pass.
+   Two ways to embed the same texts with the same batch size: lmforge's `Embedder.embed(texts, batch_size)`
+   (it batches the texts longest first by tokens and restores the order); `SentenceTransformer(path,
+   device="cpu").encode(texts, batch_size, normalize_embeddings=True)` (it sorts longest first by characters).
+   After one warm-up call each on two batches, they run in turn --repeats times (the order rotates every round,
+   so drift hits both alike); each figure is the median pass.
    tokens/s counts real tokens ([CLS] and [SEP] included, padding not), the same count for all three. Agreement:
    the least cosine between lmforge's and sentence-transformers' vector of the same text over all texts.
    The profile (not with --no-profile) times one pass of each in parts: tokenization (to tensors), the model's
@@ -51,7 +49,7 @@ varying 3x), 1 thread does not.
    the dense scan (vectors @ q, argpartition, sort) at k and 50 as RagIndex runs it, and two alternatives for
    the scan at k: numpy with OpenBLAS held to one thread (threadpoolctl), and torch.mv + topk on the same
    vectors (the encoder's thread pool), since numpy's OpenBLAS threads and torch's OpenMP threads share the
-   cores. On an index with vectors, `search(mode="bm25")` embeds the query too (for its hits' cosine column).
+   cores (RagIndex scans in torch).
    hit@k (world questions): a hit when one of the top k chunks belongs to the person asked about.
 
 Prints Markdown tables; appends one JSON line for the throughput run and one per size to
@@ -176,17 +174,6 @@ def token_lengths(embedder: Any, texts: list[str]) -> list[int]:
             for e in embedder.tokenizer.encode_batch(texts[at : at + 1024])]  # fmt: skip
 
 
-def sorted_embed(embedder: Any, texts: list[str], batch_size: int) -> np.ndarray:
-    """`Embedder.embed` over the texts sorted longest first by tokens (tokenized once more for that), put back in
-    order: what the proposed change to embed.py does inside."""
-    lengths = token_lengths(embedder, texts)
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-    vectors = embedder.embed([texts[i] for i in order], batch_size)[0].numpy()
-    out = np.empty_like(vectors)
-    out[order] = vectors
-    return out
-
-
 def bench_embed(args: argparse.Namespace, path: Path, embedder: Any, texts: list[str]) -> dict[str, Any]:
     from sentence_transformers import SentenceTransformer
 
@@ -195,7 +182,6 @@ def bench_embed(args: argparse.Namespace, path: Path, embedder: Any, texts: list
     tokens = sum(token_lengths(embedder, texts))
     variants = {
         "lmforge": lambda xs: embedder.embed(xs, B)[0].numpy(),
-        "lmforge, token-sorted": lambda xs: sorted_embed(embedder, xs, B),
         "sentence-transformers": lambda xs: st.encode(xs, batch_size=B, normalize_embeddings=True,
                                                       convert_to_numpy=True, show_progress_bar=False),
     }  # fmt: skip
@@ -205,7 +191,7 @@ def bench_embed(args: argparse.Namespace, path: Path, embedder: Any, texts: list
     seconds: dict[str, list[float]] = {name: [] for name in names}
     vectors: dict[str, np.ndarray] = {}
     for r in range(args.repeats):
-        for name in names[r % 3 :] + names[: r % 3]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
             vectors[name] = np.asarray(variants[name](texts), dtype=np.float32)
             seconds[name].append(time.perf_counter() - start)
@@ -220,7 +206,6 @@ def bench_embed(args: argparse.Namespace, path: Path, embedder: Any, texts: list
                             for name in names if name != "sentence-transformers"}  # fmt: skip
     v = result["variants"]
     result["ratio"] = v["lmforge"]["tokens_s"] / v["sentence-transformers"]["tokens_s"]
-    result["ratio_sorted"] = v["lmforge, token-sorted"]["tokens_s"] / v["sentence-transformers"]["tokens_s"]
     if not args.no_profile:
         result["profile"] = profile_embed(embedder, st, texts, B)
     return result
@@ -228,19 +213,23 @@ def bench_embed(args: argparse.Namespace, path: Path, embedder: Any, texts: list
 
 def profile_embed(embedder: Any, st: Any, texts: list[str], B: int) -> dict[str, dict[str, float]]:
     """One pass of each in parts: tokenization, forward, the rest; padded tokens per batch order."""
+    from tokenizers import Tokenizer
+
     from lmforge.model.encoder import mean_pool
 
+    padded = Tokenizer.from_str(embedder.tokenizer.to_str())  # embed pads its sorted batches itself
+    padded.enable_padding(pad_id=embedder.pad_id, pad_token="[PAD]")
     lengths = token_lengths(embedder, texts)
     by_tokens = sorted(range(len(texts)), key=lambda i: -lengths[i])
     by_chars = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # sentence-transformers' order
-    orders = {"lmforge, input order": list(range(len(texts))), "lmforge, token-sorted": by_tokens}
+    orders = {"input order": list(range(len(texts))), "lmforge (sorted by tokens)": by_tokens}
     out: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         for label, order in orders.items():
             parts = Counter()
             for at in range(0, len(texts), B):
                 t0 = time.perf_counter()
-                batch = embedder.tokenizer.encode_batch([texts[i] for i in order[at : at + B]])
+                batch = padded.encode_batch([texts[i] for i in order[at : at + B]])
                 ids = torch.tensor([e.ids for e in batch])
                 mask = torch.tensor([e.attention_mask for e in batch])
                 t1 = time.perf_counter()
@@ -546,9 +535,6 @@ def print_summary(e: dict[str, Any] | None, rs: list[dict[str, Any]]) -> None:
     print("\n| summary | value | goal |\n|---|---:|---:|")
     if e:
         print(f"| lmforge / sentence-transformers, tokens/s | {e['ratio']:.2f}x | >= 1.2x |")
-        print(
-            f"| lmforge token-sorted (caller) / sentence-transformers, tokens/s | {e['ratio_sorted']:.2f}x | >= 1.2x |"
-        )
         print(
             f"| min cosine, lmforge vs sentence-transformers | {e['min_cosine']['lmforge']:.7f} | >= 0.9999 |"
         )
