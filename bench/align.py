@@ -54,7 +54,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -65,6 +64,9 @@ import time
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import cpu_machine, lmforge_revision
 
 ROOT = Path(__file__).resolve().parents[1]
 HH = ROOT.parent / "shared" / "data" / "hh_rlhf" / "harmless_base_test.jsonl"
@@ -477,19 +479,12 @@ def table(summaries: list[dict], args: argparse.Namespace, device: str) -> None:
             )
 
 
-def lmforge_revision() -> str:
-    """The commit lmforge runs from, "+changes" when src/ differs from it."""
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "src") else "")
-
-
 def machine(args: argparse.Namespace) -> str:
     import torch
 
     if args.device == "cuda":
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-    return f"{cpu.group(1) if cpu else platform.processor()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return cpu_machine(torch.get_num_threads())
 
 
 def main() -> None:

@@ -64,12 +64,10 @@ import datetime
 import functools
 import json
 import os
-import platform
 import random
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -83,6 +81,9 @@ import numpy as np
 import torch
 
 from lmforge.rag.index import Document, RagIndex, build_index, chunk_document
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import append_results, cpu_machine, lmforge_revision
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -475,17 +476,6 @@ def query_parts(index: RagIndex, queries: list[dict], k: int) -> dict[str, float
 # ----- the report -----
 
 
-def lmforge_revision() -> str:
-    """The commit lmforge runs from, "+changes" when src/ differs from it."""
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "src") else "")
-
-
-def machine(threads: int) -> str:
-    cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-    return f"{cpu.group(1) if cpu else platform.processor()}, {threads} threads, torch {torch.__version__}"
-
-
 def print_embed(e: dict[str, Any]) -> None:
     st = e["variants"]["sentence-transformers"]
     print(f"\nDense indexing: {e['texts']:,} chunk texts, {e['tokens']:,} tokens ({e['tokens'] / e['texts']:.0f} a "
@@ -592,7 +582,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     path = model_dir(args)
-    device = machine(args.threads)
+    device = cpu_machine(args.threads)
     versions = {"lmforge": lmforge_revision(), "torch": torch.__version__, "transformers": transformers.__version__,
                 "sentence_transformers": sentence_transformers.__version__, "tokenizers": tokenizers.__version__,
                 "bm25s": bm25s.__version__, "numpy": np.__version__}  # fmt: skip
@@ -654,11 +644,8 @@ def main() -> None:
         f"\n{seconds:.0f} s in all; load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
     )
     if not args.no_record:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with open(RESULTS, "a", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps({"date": date, "command": " ".join(sys.argv), "machine": device,
-                                    "versions": versions, "settings": settings, "total_s": seconds, **record}) + "\n")  # fmt: skip
+        append_results(RESULTS, records, date=date, command=" ".join(sys.argv), machine=device, versions=versions,
+                       settings=settings, total_s=seconds)  # fmt: skip
 
 
 if __name__ == "__main__":

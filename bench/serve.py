@@ -57,7 +57,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import signal
@@ -69,6 +68,9 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import append_results, cpu_machine, lmforge_revision
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -449,19 +451,6 @@ def warm_up(server: Server, args, prompts: list[str], banned: list[int], concurr
 # ----- the report -----
 
 
-def lmforge_revision() -> str:
-    """The commit lmforge runs from, "+changes" when src/ differs from it."""
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "src") else "")
-
-
-def machine(threads: int) -> str:
-    import torch
-
-    cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-    return f"{cpu.group(1) if cpu else platform.processor()}, {threads} threads, torch {torch.__version__}"
-
-
 def fmt_pair(stats: dict, key: str) -> str:
     return f"{stats[key]['p50']:,.0f} / {stats[key]['p95']:,.0f}"
 
@@ -548,7 +537,7 @@ def main() -> None:
     from lmforge.tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads)  # for building the model and adapters here
-    device = machine(args.threads)
+    device = cpu_machine(args.threads)
     versions = {
         "lmforge": lmforge_revision(),
         "torch": torch.__version__,
@@ -660,11 +649,8 @@ def main() -> None:
         f"\n{seconds:.0f} s in all; load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
     )
     if not args.no_record:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with open(RESULTS, "a", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps({"date": date, "command": " ".join(sys.argv), "machine": device,
-                                    "versions": versions, "settings": settings, "total_s": seconds, **record}) + "\n")  # fmt: skip
+        append_results(RESULTS, records, date=date, command=" ".join(sys.argv), machine=device, versions=versions,
+                       settings=settings, total_s=seconds)  # fmt: skip
 
 
 if __name__ == "__main__":
