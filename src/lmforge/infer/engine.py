@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 from lmforge.errors import LmforgeError
 from lmforge.infer.sampling import (
     GenerationConfig,
+    hf_generation_defaults,
     process_logits,
     sample_next,
     sampling_generator,
@@ -102,7 +104,10 @@ class Engine:
         self.config = model.config
         self.defaults = defaults or GenerationConfig()
         self.device = next(model.parameters()).device
-        self.model_dir: Path | None = None  # the directory `from_dir` read (its generation_config.json)
+        # The settings `defaults` came from, as generation_config() takes them: generation_config.json's for
+        # `from_dir`, else the ones given.
+        self.file_settings: dict[str, Any] = self.defaults.model_dump(exclude_defaults=True)
+        self.model_dir: Path | None = None  # the directory `from_dir` read
 
     @property
     def context(self) -> int:
@@ -128,7 +133,7 @@ class Engine:
         if not hasattr(model, "lm_head"):
             raise LmforgeError(f"{path}: a {type(model).__name__} cannot generate text (a decoder is needed)")
         engine = cls(model, Tokenizer.from_dir(path), defaults=GenerationConfig.from_model_dir(path))
-        engine.model_dir = Path(path)
+        engine.model_dir, engine.file_settings = Path(path), hf_generation_defaults(path)
         return engine
 
     @property

@@ -181,8 +181,11 @@ def generation_config(
     overrides: Mapping[str, Any] | None = None,
     model_dir: str | Path | None = None,
     origin: str = "from the request",
+    *,
+    file_settings: Mapping[str, Any] | None = None,
 ) -> GenerationConfig:
     """Validate lmforge defaults < `model_dir`'s generation_config.json < `overrides`; errors are LmforgeError.
+    `file_settings`: that file's settings read once before (`hf_generation_defaults`), for callers that ask often.
 
     Greedy unless the file or the overrides ask to sample (the module docstring's rule): overrides that turn on
     top_k, top_p or min_p without a temperature sample at the file's temperature, else 1.0; overrides with
@@ -190,7 +193,10 @@ def generation_config(
     messages ("from --set", "from the request").
     """
     overrides = dict(overrides or {})
-    defaults = hf_generation_defaults(model_dir) if model_dir is not None else {}
+    if file_settings is not None:
+        defaults = dict(file_settings)
+    else:
+        defaults = hf_generation_defaults(model_dir) if model_dir is not None else {}
     file = Path(model_dir or ".") / "generation_config.json"
     source = lambda key: f"from {file}" if key in defaults and key not in overrides else origin  # noqa: E731
     settings = {**defaults, **overrides}

@@ -436,10 +436,8 @@ def _config(
             update["logit_bias"] = {int(k): v for k, v in body.logit_bias.items()}
         except ValueError:
             raise ApiError(400, "logit_bias keys must be token ids", param="logit_bias") from None
-    try:  # the model's generation_config.json < the request, with generate's rule for when filters ask to sample
-        if engine.model_dir is not None:
-            return generation_config(update, engine.model_dir)
-        return generation_config({**engine.defaults.model_dump(), **update})
+    try:  # the model's generation_config.json (read once) < the request, with generate's sampling rule
+        return generation_config(update, engine.model_dir, file_settings=engine.file_settings)
     except LmforgeError as e:
         raise ApiError(400, str(e)) from None
 
