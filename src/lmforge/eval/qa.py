@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +37,10 @@ class QAItem:
     expected: str
     match: Match
     group: str | None = None
+    where: str = ""
+    """FILE:LINE of its record, for messages."""
+    fields: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    """Its record's other fields (e.g. the person asked about, which `rag eval` finds gold documents by)."""
 
 
 def read_qa(path: Path, limit: int | None = None, groups: set[str] | None = None) -> list[QAItem]:
@@ -62,11 +66,13 @@ def read_qa(path: Path, limit: int | None = None, groups: set[str] | None = None
         taken[group] += 1
         *prompt, reply = ex.messages
         if ex.answer is not None:
-            items.append(QAItem(tuple(prompt), ex.answer, "number", group))
+            expected, match = ex.answer, "number"
         elif isinstance(data.get("value"), str):
-            items.append(QAItem(tuple(prompt), data["value"], "contains", group))
+            expected, match = data["value"], "contains"
         else:
-            items.append(QAItem(tuple(prompt), reply["content"], "exact", group))
+            expected, match = reply["content"], "exact"
+        fields = {k: v for k, v in data.items() if k != "messages"}
+        items.append(QAItem(tuple(prompt), expected, match, group, record.where, fields))
     return items
 
 

@@ -18,22 +18,13 @@ def read_questions(
 ) -> list[tuple[QAItem, str]]:
     """The questions of a QA file (as `eval/qa.py` reads them) with each one's gold value: its `gold_field`,
     which the relevant documents carry as a field of the same name."""
-    from lmforge.data.readers import read_records
-
-    items = read_qa(path)
-    records = [r for r in read_records(path)]
     out = []
-    taken: dict[Any, int] = {}
-    for item, record in zip(items, records, strict=True):
-        data = record.data if isinstance(record.data, dict) else {}
-        if gold_field not in data:
+    for item in read_qa(path, limit, groups):
+        if gold_field not in item.fields:
             raise LmforgeError(
-                f"{record.where}: no {gold_field!r} field to find its gold documents by (--gold-field)"
+                f"{item.where}: no {gold_field!r} field to find its gold documents by (--gold-field)"
             )
-        if (groups is not None and item.group not in groups) or taken.get(item.group, 0) == limit:
-            continue
-        taken[item.group] = taken.get(item.group, 0) + 1
-        out.append((item, str(data[gold_field])))
+        out.append((item, str(item.fields[gold_field])))
     if not out:
         raise LmforgeError(f"{path}: no questions (check --groups)")
     return out
