@@ -209,13 +209,13 @@ def train(
                     _emit(record, metrics_path, progress)
                 interval_tokens, interval_seconds = 0, 0.0
 
-            # ---- once in a while: a resumable checkpoint of the weights after `step + 1` updates
-            done = step + 1
-            if save is not None and (
-                done == cfg.max_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-            ):
-                save(done, tokens)
+            # ---- once in a while: a resumable checkpoint of the weights after `step` updates. The count goes up
+            # first: an interrupt once the checkpoint is written never reports a step before it.
             step += 1
+            if save is not None and (
+                step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            ):
+                save(step, tokens)
 
         # ---- after the last step: validate the final weights
         if eval_batches is not None and cfg.eval_every:
