@@ -1,7 +1,8 @@
 """Group C's facts three ways on the demo's pretrained model: fine-tuned in (LoRA SFT on `sft_c.jsonl`), retrieved
 (RAG over the world's biographies), or both — the seeds' ladder between prompting and fine-tuning, measured.
 
-  python bench/rag_vs_sft.py [--demo demo-out] [--out runs/rag-vs-sft] [--steps 300] [--k 2] [--limit 0]
+  python bench/rag_vs_sft.py [--demo demo-out] [--out runs/rag-vs-sft] [--steps 300] [--read-steps 1500] [--k 1]
+                             [--limit 0]
 
 Needs `make demo` first (demo-out/pretrain/model, demo-out/world/). Every step is the command a user runs:
 
@@ -10,10 +11,15 @@ Needs `make demo` first (demo-out/pretrain/model, demo-out/world/). Every step i
 2. `lmforge rag augment --cite`: group A's SFT Q&A with each question's 2 passages in the system turn, exactly as
    `--rag` renders them, answers ending with [n] for the passages holding their fact. A model fine-tuned on plain
    Q&A never saw passages in its prompt; this teaches reading them — on group A only, never on C.
-3. Four LoRA adapters (`lmforge finetune`, the demo's SFT settings: r 16, lr 5e-4, 16 x `seq_len` tokens a step):
+3. Reading practice: a model that has only ever seen A's facts in passages never needs to read them (it knows
+   them). RAFT's remedy: train on people it cannot know. A second world (seed 1, 4,000 people; those sharing a
+   name with the demo's world dropped) gives 8,000 Q&A records whose passages (`rag index --no-dense` over
+   its biographies, `rag augment --cite`) are the only place their answers are; full fine-tuning on them,
+   `--read-steps` steps of 16 x 256 tokens, alone ("read") and with C's plain Q&A ("read+sft-C").
+4. Four LoRA adapters (`lmforge finetune`, the demo's SFT settings: r 16, lr 5e-4, 16 x `seq_len` tokens a step):
    sft-A (plain Q&A of A: the demo's), sft-C (plain Q&A of C: facts fine-tuned in), rag-A (A with passages),
    rag-A+sft-C (both files concatenated).
-4. `lmforge rag eval --group C --model ... --adapter ...`: greedy answers to C's held-out question paraphrases
+5. `lmforge rag eval --group C --model ... --adapter ...`: greedy answers to C's held-out question paraphrases
    (`eval_qa.jsonl`), without and with retrieval (k passages), exact match with 95% Wilson intervals.
 
 Costs: each adapter's training seconds and tokens (its results.json), answer latency (seconds of the eval pass /
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import random
 import subprocess
 import sys
 import time
@@ -46,8 +53,10 @@ def size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 1e6
 
 
-def finetune(out: Path, model: Path, data: dict[str, Path], steps: int, seq_len: int) -> dict:
-    """A LoRA SFT run with the demo's settings on `data` (one file, or several concatenated)."""
+def finetune(
+    out: Path, model: Path, data: dict[str, Path], steps: int, seq_len: int, method: str = "lora"
+) -> dict:
+    """An SFT run on `data` (one file, or several concatenated): LoRA with the demo's settings, or full."""
     run = out / "runs" / "-".join(data)
     if not (run / "results.json").is_file():
         path = next(iter(data.values()))
@@ -55,8 +64,10 @@ def finetune(out: Path, model: Path, data: dict[str, Path], steps: int, seq_len:
             path = out / f"{run.name}.jsonl"
             path.write_text("".join(Path(p).read_text().rstrip("\n") + "\n" for p in data.values()))
         data_cfg = {"dataset": str(path)}
-        config = {"kind": "chat", "method": "lora", "model": str(model), "data": data_cfg,
-                  "lora": {"r": 16, "alpha": 32}, "optim": {"lr": 5.0e-4, "warmup_steps": 20},
+        method_cfg = {"lora": {"r": 16, "alpha": 32}, "optim": {"lr": 5.0e-4, "warmup_steps": 20}}
+        if method == "full":
+            method_cfg = {"optim": {"lr": 1.0e-3, "warmup_steps": 20}}
+        config = {"kind": "chat", "method": method, "model": str(model), "data": data_cfg, **method_cfg,
                   "train": {"max_steps": steps, "seq_len": seq_len, "micro_batch_size": 16, "eval_every": 0,
                             "seed": 0}}  # fmt: skip
         recipe = out / f"{run.name}.yaml"
@@ -64,8 +75,38 @@ def finetune(out: Path, model: Path, data: dict[str, Path], steps: int, seq_len:
         sh("finetune", "--config", recipe, "--out", run, "--overwrite")
     results = json.loads((run / "results.json").read_text())
     seconds = results["tokens"] / results["tokens_per_s"]  # the training loop's own clock
-    return {"run": str(run), "adapter": str(run / "adapter"), "train_seconds": seconds,
-            "train_tokens": results["tokens"], "adapter_mb": size_mb(run / "adapter")}  # fmt: skip
+    output = run / ("model" if method == "full" else "adapter")
+    return {"run": str(run), "output": str(output), "method": method, "train_seconds": seconds,
+            "train_tokens": results["tokens"], "output_mb": size_mb(output)}  # fmt: skip
+
+
+def reading_data(out: Path, world: Path, k: int, records: int = 8000) -> Path:
+    """Chat records about people of a second world (none named as in `world`), each with its k passages."""
+    path = out / "read_rag.jsonl"
+    if path.is_file():
+        return path
+    from lmforge.data.synthetic import WorldSizes, synthesize
+
+    second = out / "world-seed1"
+    sizes = WorldSizes(people_a=1, people_b=0, people_c=4000, bios_per_person=1, filler_docs=0, medical_qa=0,
+                       preference_pairs=0)  # fmt: skip
+    synthesize(second, seed=1, sizes=sizes, overwrite=True)
+    known = {p["name"] for p in json.loads((world / "world.json").read_text())["people"]}
+    fresh = {p["name"] for p in json.loads((second / "world.json").read_text())["people"]} - known
+
+    def keep(name: str, limit: int | None = None) -> Path:
+        lines = [
+            line for line in (second / name).read_text().splitlines() if json.loads(line)["person"] in fresh
+        ]
+        random.Random(0).shuffle(lines)
+        kept = out / f"read_{name}"
+        kept.write_text("\n".join(lines[:limit]) + "\n")
+        return kept
+
+    index = out / "read-index"
+    sh("rag", "index", keep("bios_c.jsonl"), "--out", index, "--no-dense")
+    sh("rag", "augment", index, keep("sft_c.jsonl", records), "--out", path, "--k", k, "--cite")
+    return path
 
 
 def main() -> None:
@@ -73,7 +114,8 @@ def main() -> None:
     parser.add_argument("--demo", type=Path, default=ROOT / "demo-out")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "rag-vs-sft")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--read-steps", type=int, default=1500)
+    parser.add_argument("--k", type=int, default=1)
     parser.add_argument("--limit", type=int, default=0, help="questions of group C at most (0: all)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
@@ -90,6 +132,7 @@ def main() -> None:
     augmented = out / "sft_a_rag.jsonl"
     if not augmented.is_file():
         sh("rag", "augment", index, world / "sft_a.jsonl", "--out", augmented, "--k", args.k, "--cite")
+    reading = reading_data(out, world, args.k)
 
     adapters = {
         "sft-A": finetune(out, model, {"sft_a": world / "sft_a.jsonl"}, args.steps, 128),
@@ -98,12 +141,21 @@ def main() -> None:
         "rag-A+sft-C": finetune(
             out, model, {"sft_a_rag": augmented, "sft_c": world / "sft_c.jsonl"}, args.steps, 512
         ),
+        "read": finetune(out, model, {"read_rag": reading}, args.read_steps, 256, "full"),
+        "read+sft-C": finetune(
+            out, model, {"read_rag": reading, "sft_c": world / "sft_c.jsonl"}, args.read_steps, 256, "full"
+        ),
     }
     rows = {}
     for name, info in adapters.items():
         extra = ["--limit", args.limit] if args.limit else []
+        tuned = (
+            ["--model", info["output"]]
+            if info["method"] == "full"
+            else ["--model", model, "--adapter", info["output"]]
+        )
         result = json.loads(sh("rag", "eval", index, "--qa", world / "eval_qa.jsonl", "--group", "C", "--k", args.k,
-                               "--model", model, "--adapter", info["adapter"], "--json", *extra))  # fmt: skip
+                               *tuned, "--json", *extra))  # fmt: skip
         rows[name] = {**info, **result["answers"], "retrieval": result["retrieval"]}
         rows[name].pop("examples", None)
 
@@ -111,12 +163,13 @@ def main() -> None:
         f"\nGroup C's held-out questions ({result['questions']}), exact match (95% interval), demo model {model}\n"
     )
     print(
-        f"| adapter | trained on | train s | train tokens | no retrieval | with RAG (k={args.k}) | "
+        f"| model | trained on | train s | train tokens | no retrieval | with RAG (k={args.k}) | "
         "ms/answer plain / RAG |"
     )
     print("|---|---|---:|---:|---:|---:|---:|")
     trained_on = {"sft-A": "A's Q&A", "sft-C": "C's Q&A", "rag-A": "A's Q&A with passages",
-                  "rag-A+sft-C": "both, concatenated"}  # fmt: skip
+                  "rag-A+sft-C": "A's with passages + C's", "read": "second world's Q&A with passages (full FT)",
+                  "read+sft-C": "second world's with passages + C's (full FT)"}  # fmt: skip
     for name, r in rows.items():
         plain, rag = r["without_retrieval"], r["with_retrieval"]
         fmt = lambda w: f"{w['accuracy']:.1%} [{w['ci95'][0]:.1%}, {w['ci95'][1]:.1%}]"  # noqa: E731
@@ -129,12 +182,12 @@ def main() -> None:
         "\nretrieval of C's biographies: "
         + ", ".join(f"{m} recall@{args.k} {v[f'recall@{args.k}']['accuracy']:.1%}" for m, v in hybrid.items())
     )
-    sizes = ", ".join(f"{n} {r['adapter_mb']:.2f} MB" for n, r in rows.items())
-    print(f"index {size_mb(index):.1f} MB; adapters {sizes}")
+    sizes = ", ".join(f"{n} {r['output_mb']:.2f} MB" for n, r in rows.items())
+    print(f"index {size_mb(index):.1f} MB; outputs {sizes}")
     print(f"{time.perf_counter() - start:.0f} s in all")
     if not args.no_record:
         line = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "command": "bench/rag_vs_sft.py " + " ".join(sys.argv[1:]), "k": args.k, "steps": args.steps,
+                "command": "bench/rag_vs_sft.py " + " ".join(sys.argv[1:]), "k": args.k, "steps": args.steps, "read_steps": args.read_steps,
                 "index_mb": size_mb(index), "rows": rows}  # fmt: skip
         with (ROOT / "bench" / "results" / "rag_vs_sft.jsonl").open("a") as f:
             f.write(json.dumps(line) + "\n")

@@ -44,13 +44,13 @@ FILES = ("README.md", "SOURCE.md", "world.json", *JSONL)
 #   .venv/bin/python -c "from lmforge.data.synthetic import *; import json; print(json.dumps({k: v['sha256']
 #   for k, v in synthesize('/tmp/tiny_world', sizes=WorldSizes.tiny())['files'].items()}, indent=4))"
 GOLDEN = {
-    "README.md": "dcf0a6d5d34681dc851a152f318c0589d48139eb9c11c22748b5af406f9380b5",
+    "README.md": "e185341db4c0e3c3bf41a546846f6041c28de2404f17a2e938754a48126fb023",
     "SOURCE.md": "07a8ea02b1a96a908f6e1ae3100c7c3af553b4bb75595eaa1d91c3f665abfe0c",
     "world.json": "b30103e3eb7c3ff157a0c3b7656e3f6aba15c31674b49fddc5723b4e8d18cfa4",
     "pretrain.jsonl": "eee19672f0e309798f42d1393622fe9b802b73b69ea079ab0f38118c981ab555",
     "bios_c.jsonl": "97a186d53cc5fc7252ac85b833fc38997434950b4fcc562e35ed31e4fdf8eb37",
-    "sft_a.jsonl": "67ac3e73c243c7497e08bc574283b220a3bfb9d71ae95705ed712ba441c0e263",
-    "sft_c.jsonl": "dc7c8546da26084c051a6b5f7299866eb5b7b1c928bc1921021b14af49c31476",
+    "sft_a.jsonl": "5e4083e715aee54f02b5f16de0c58978c5dec492cc7223c1cde2a39553a77972",
+    "sft_c.jsonl": "b3a6bdb199bd22da970742be57a86e793f30d0d8632b6dd15324851c23d88e85",
     "eval_qa.jsonl": "ef00e3b3ba9529e68540a322bd53eb20a30871239f551c8dfc8eaca1d9642485",
     "medical_corpus.jsonl": "ece063bfcd1a9ddad9bb041d7da03e8dcf7b27390b6c02527966ad7b1831f8b7",
     "medical_qa.jsonl": "7b989c8e9876d6c1f833ca4e3e3905eeb7472551e9eb22d476f86bc19fd45bf1",

@@ -262,6 +262,7 @@ def _qa_record(person: Person, attr: str, paraphrase: int) -> dict[str, Any]:
         "attribute": attr,
         "group": person.group,
         "paraphrase": paraphrase,
+        "value": getattr(person, attr),  # the fact the answer states: what --cite looks for in passages
     }
 
 
@@ -611,8 +612,8 @@ questions whose right answer sends the user to a doctor or to emergency care.
 _FILE_TABLE = (
     ("pretrain.jsonl", "`text`", "pretraining: biographies of A and B, and filler, shuffled"),
     ("bios_c.jsonl", "`text`", "group C biographies, a retrieval corpus for RAG"),
-    ("sft_a.jsonl", "`messages`", "SFT Q&A about group A"),
-    ("sft_c.jsonl", "`messages`", "SFT Q&A about group C (new facts by fine-tuning)"),
+    ("sft_a.jsonl", "`messages`", "SFT Q&A about group A, each with the `value` its answer states"),
+    ("sft_c.jsonl", "`messages`", "SFT Q&A about group C (new facts by fine-tuning), with `value`"),
     ("eval_qa.jsonl", "`messages`", "held-out questions about A, B and C, with `value` and `group`"),
     ("medical_corpus.jsonl", "`text`", "medical articles, for continued pretraining"),
     ("medical_qa.jsonl", "`messages` (with system)", "medical instruction tuning"),
@@ -657,11 +658,7 @@ def _build(seed: int, sizes: WorldSizes) -> tuple[dict[str, bytes], dict[str, in
         records = [_qa_record(p, attr, k) for p in group[g] for attr in ATTRIBUTES for k in TRAIN_PARAPHRASES]
         sft_rng.shuffle(records)
         sft[g] = records
-    eval_qa = [
-        {**_qa_record(p, attr, HELD_OUT_PARAPHRASE), "value": getattr(p, attr)}
-        for p in people
-        for attr in ATTRIBUTES
-    ]
+    eval_qa = [_qa_record(p, attr, HELD_OUT_PARAPHRASE) for p in people for attr in ATTRIBUTES]
 
     medical = _medical_items(_rng(seed, "medical-items"), diseases, drugs, interactions)
     medical_qa = [
