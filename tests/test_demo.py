@@ -32,6 +32,11 @@ def test_demo_end_to_end(tmp_path):
     assert 0 < sft["trainable_params"] < sft["total_params"] / 5  # LoRA (r=16 on a 128-wide model: 13%)
     assert set(sft["exact_match"]) == {"A", "B", "C"} and sft["questions_per_group"] == 8
     _check_knowledge(tmp_path / "demo", result)
+    compared = json.loads((tmp_path / "demo" / "compare.json").read_text())
+    assert compared["kind"] == "compare" and compared["reading"] == result["compare"]["reading"]
+    assert {p["name"] for p in compared["probes"]} >= {"fact_qa", "perplexity", "end_of_turn", "refusal"}
+    report = (tmp_path / "demo" / "report.html").read_text()
+    assert all(f'id="{s}"' in report for s in ("training", "forgetting")) and compared["reading"] in report
     assert sft["forgetting"]["reference"].endswith("pretrain") and "increase_pct" in sft["forgetting"]
     again = run_demo(tmp_path / "demo", pretrain_steps=30, sft_steps=3, questions=8, overwrite=True)
     assert all(d["cache_hit"] for d in again["datasets"].values())

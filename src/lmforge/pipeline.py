@@ -182,6 +182,8 @@ def run_demo(
                    "filler_docs": plan.sizes.filler_docs, "name_share": plan.sizes.name_share},
     }  # fmt: skip
     atomic_write(out / "knowledge.json", json.dumps(knowledge, indent=2) + "\n")
+    compared = timed("eval compare", compare_sft, base, Path(sft["adapter"]), w, out / "compare.json",
+                     limit=max(2, plan.questions // 7))  # ~20 questions per group, prompts and probes per set  # fmt: skip
 
     # A ~14M Llama sized for the world's tokenizer, saved as a HF dir with the tokenizer beside its weights.
     torch.manual_seed(seed)
@@ -229,8 +231,30 @@ def run_demo(
             "sentences": SENTENCES,
             "cosine": [[round(c, 4) for c in row] for row in similarity],
         },
+        "compare": compared,
+        "report": timed("report", write_report, out),
         "seconds": timings,
     }
+
+
+def compare_sft(base: Path, adapter: Path, world: Path, out: Path, limit: int = 20) -> dict[str, Any]:
+    """`lmforge eval compare` of the base and its SFT adapter on the world: knowledge (facts QA, perplexity of
+    the pretraining text) against behaviour (end of turn, answer shape, refusals), `limit` items per probe
+    (per group for the questions), written to `out`."""
+    from lmforge.eval.compare import compare
+    from lmforge.eval.tasks import Target
+
+    result = compare(Target(base), Target(base, adapter), qa=world / "eval_qa.jsonl", text=world / "pretrain.jsonl",
+                     prompts=world / "eval_qa.jsonl", limit=limit, max_new_tokens=48)  # fmt: skip
+    atomic_write(out, json.dumps(result, indent=2) + "\n")
+    return {"file": str(out), "reading": result["reading"], "probes": result["probes"]}
+
+
+def write_report(out: Path) -> str:
+    """demo-out/report.html: the pretraining and SFT runs and the comparison on one offline page."""
+    from lmforge.report import build_report
+
+    return build_report([out / "pretrain", out / "sft", out / "compare.json"], out / "report.html")["out"]
 
 
 def finetune_on_a(base: Path, out: Path, world: Path, seed: int, plan: DemoPlan) -> dict[str, Any]:

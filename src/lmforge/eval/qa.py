@@ -129,7 +129,8 @@ def exact_match(
                 hits[key][1] += 1
             stopped += completion.stop_token in turn_end
             answers.append({"question": item.messages[-1]["content"], "group": item.group,
-                            "expected": item.expected, "answer": completion.text, "correct": ok})  # fmt: skip
+                            "expected": item.expected, "answer": completion.text, "correct": ok,
+                            "ended": completion.stop_token in turn_end})  # fmt: skip
             if rag is not None:
                 answers[-1]["passages"] = [h.chunk.text for h in rag.passages]
                 answers[-1]["citations"] = rag.citations(completion.text)

@@ -8,7 +8,8 @@ by its method), its data builder's batches, its objective, and what it measures 
     stage.build(): data, model, objective        → the optimizer; restore the newest checkpoint (--resume)
     config.yaml written (inputs all checked)     → progress bar + report sinks → the one loop (`train`)
     checkpoints every train.checkpoint_every      → Ctrl-C: where to resume from
-    stage.finish(): the output dir and results    → tokenizer copy, lineage (lmforge.json), results.json, loss plot
+    stage.finish(): the output dir and results    → tokenizer copy, lineage (lmforge.json: `lineage.provenance`),
+                                                    results.json, loss plot
     the replaced run deleted                      → stage.after(): gates that fail a complete run
 
 A resumed run is bit-identical to an uninterrupted one: the checkpoint holds the trained weights (the whole model,
@@ -24,6 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,6 +35,7 @@ from torch import nn
 from lmforge import __version__
 from lmforge.errors import Interrupted, LmforgeError
 from lmforge.fileio import atomic_write
+from lmforge.lineage import provenance
 from lmforge.paths import check_run_dir, start_run
 from lmforge.tokenizer import copy_tokenizer
 from lmforge.train.checkpoint import (
@@ -188,8 +191,11 @@ def _run(stage: Stage, dist: Dist, replace: bool) -> dict[str, Any]:
     if dist.is_main and before:
         atomic_write(before_file, json.dumps(before, indent=2) + "\n")
 
+    # Dataset paths, the parent's weights fingerprint, config hash, code version: once (fingerprints read weights).
+    recorded = provenance(plan.parent, plan.data, run_config, plan.lineage)
+
     def lineage(**extra: Any) -> dict[str, Any]:
-        return {"parent": plan.parent, "data": plan.data, "stage": stage.name, **plan.lineage,
+        return {"parent": plan.parent, "data": plan.data, "stage": stage.name, **plan.lineage, **recorded,
                 "config": run_config, "lmforge_version": __version__, "seed": cfg.train.seed, **extra}  # fmt: skip
 
     def save(step: int, tokens: int) -> None:
@@ -243,7 +249,10 @@ def _run(stage: Stage, dist: Dist, replace: bool) -> dict[str, Any]:
     tokenizer = stage.tokenizer_dir()
     if tokenizer is not None:
         copy_tokenizer(tokenizer, output.directory)
-    atomic_write(output.directory / "lmforge.json", json.dumps(lineage(results=results), indent=2) + "\n")
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    atomic_write(
+        output.directory / "lmforge.json", json.dumps(lineage(results=results, date=date), indent=2) + "\n"
+    )
     title = f"{out.name}: {stage.name} {_what(plan)} of {plan.parent}"
     plot_loss_curve(out / "metrics.jsonl", out / "loss.png", title=title, baselines=output.baselines)
     atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")

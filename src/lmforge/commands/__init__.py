@@ -1,0 +1,1 @@
+"""The command groups of `lmforge` beyond the stages, one module each (`lmforge.cli` assembles them)."""
