@@ -222,6 +222,22 @@ def test_qa_result_is_recorded_and_checked_for_contamination(world, tmp_path):
     assert recorded.parent == world["adapter"] / "evals" and json.loads(recorded.read_text())["task"] == "qa"
 
 
+def test_a_model_against_itself_ties_and_has_no_margin(world):
+    """Invariants with known values: a model's answers judged against its own are all ties (win rate ½), and a
+    policy's implicit reward against itself as the reference is 0 for every reply (accuracy 0, no margin)."""
+    res = invoke("eval", world["base"], "--adapter", world["adapter"], "--task", "winrate", "--data",
+                 world["world"] / "eval_qa.jsonl", "--limit", "2", "--against", world["base"], "--against-adapter",
+                 world["adapter"], "--judge", "format", "--max-new-tokens", "16", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["metrics"]["winrate"]["value"] == 0.5 and out["ties"] == out["n"] == 2
+    res = invoke("eval", world["base"], "--task", "preference", "--data", world["world"] / "preferences.jsonl",
+                 "--ref", world["base"], "--limit", "6", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["metrics"]["accuracy"]["value"] == 0.0 and out["mean_margin"] == 0.0 and out["n"] == 6
+
+
 # ---------------------------------------------------------------------------------------- bad input
 
 
