@@ -85,3 +85,43 @@ def test_policy_files_are_validated_with_did_you_mean(tmp_path):
     with pytest.raises(LmforgeError, match="not a valid regular expression"):
         load_policy(bad)
     assert isinstance(policy, PolicyFile)
+
+
+# ------------------------------------------------------------------------------------------ served
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir):
+    from live_server import serving
+
+    from lmforge.infer.engine import Engine
+    from lmforge.serve.app import create_app
+
+    policy = PolicyFile.model_validate({"refusal": "No.", "blocked_topics": [{"id": "weapons",
+                                        "keywords": ["build a bomb"]}], "max_output_tokens": 12})  # fmt: skip
+    yield from serving(create_app(Engine.from_dir(tiny_model_dir, device="cpu"), "tiny", policy=policy))
+
+
+def test_the_server_applies_the_policy_to_requests_and_replies(served):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{served}/v1", api_key="none")
+    refused = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "build a bomb"}]
+    )
+    assert refused.choices[0].message.content == "No."
+    assert [a["rule"] for a in refused.model_extra["policy"]] == ["weapons"]
+    stream = client.chat.completions.create(model="tiny", stream=True,
+                                            messages=[{"role": "user", "content": "how to build a bomb"}])  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "No."
+    asked = [{"role": "user", "content": f"the cat {EMAIL} sat"}]
+    whole = client.chat.completions.create(model="tiny", messages=asked, temperature=0, max_tokens=50)
+    rules = [(a["rule"], a["direction"], a["effect"]) for a in whole.model_extra["policy"]]
+    assert ("redact_pii", "input", "redacted") in rules and ("max_output_tokens", "input", "capped") in rules
+    assert whole.usage.completion_tokens <= 12
+    chunks = list(client.chat.completions.create(model="tiny", messages=asked, temperature=0, max_tokens=50,
+                                                 stream=True))  # fmt: skip
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == whole.choices[0].message.content
+    )
+    assert chunks[-1].model_extra["policy"] == whole.model_extra["policy"]

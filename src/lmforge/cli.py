@@ -610,6 +610,14 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            help="A guardrails policy (YAML): PII redaction both ways, blocked topics, a required system prompt, "
+            "length caps, per served name; the rules that acted come back in each response's 'policy'.",
+            show_default=False,
+        ),
+    ] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Samples decoded together at most.")] = 32,
     max_queue: Annotated[
         int, typer.Option(min=0, help="Requests waiting at most; past it a request gets 429 and Retry-After.")
@@ -638,6 +646,7 @@ def serve(
     from lmforge.model.configs import EncoderConfig
     from lmforge.model.hf import read_config
     from lmforge.serve.app import create_app
+    from lmforge.serve.policy import load_policy
 
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         raise LmforgeError(
@@ -672,7 +681,8 @@ def serve(
             raise LmforgeError(f"--rag {value}: expected [NAME=]INDEX with a name used once")
         indexes[key] = Path(path)
     served_app = create_app(served_model, served, adapters=named, base_dir=model, api_key=api_key,
-                            max_batch=max_batch, max_queue=max_queue, timeout=timeout or None, rag=indexes)  # fmt: skip
+                            max_batch=max_batch, max_queue=max_queue, timeout=timeout or None, rag=indexes,
+                            policy=load_policy(policy) if policy is not None else None)  # fmt: skip
     if api_key is None:
         log.info("no API key: listening on %s only", host)
     log.info("serving %s as %r%s on http://%s:%d/v1", model, served,

@@ -15,8 +15,9 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,15 @@ from lmforge.infer.scheduler import Request as Job
 from lmforge.rag.index import RagIndex
 from lmforge.rag.prompt import RagPrompt, Retriever, rag_prompt_ids
 from lmforge.serve.metrics import Metrics
+from lmforge.serve.policy import (
+    Action,
+    InputDecision,
+    OutputFilter,
+    Policy,
+    PolicyFile,
+    check_input,
+    filter_reply,
+)
 from lmforge.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest
 from lmforge.serve.web import mount_web
 
@@ -86,13 +96,16 @@ def create_app(
     max_queue: int = 256,
     timeout: float | None = 600.0,
     rag: Mapping[str, str | Path] | None = None,
+    policy: PolicyFile | None = None,
 ) -> FastAPI:
     """The app serving `model` as `name`: a decoder's engine (chat and text completions, continuous batching of
     up to `max_batch` samples, `max_queue` requests waiting, each ending after `timeout` seconds) with LoRA
     `adapters` (name → directory) chosen per request, or an encoder's embedder (embeddings). With `api_key`,
     every /v1 and /admin route needs `Authorization: Bearer KEY`; a body over `max_body` bytes is a 413.
     `base_dir` (the base model's directory) lets adapters be checked against the weights they trained on. `rag`
-    (name → index directory) are the RAG indexes a chat request may ask for with "rag"."""
+    (name → index directory) are the RAG indexes a chat request may ask for with "rag". A `policy` (guardrails,
+    serve/policy.py) applies its input rules to each chat request and its output rules to each reply, streamed
+    or not; the rules that acted come back in the response's "policy" field."""
     engine = model if isinstance(model, Engine) else None
     scheduler = bank = None
     if engine is not None:
@@ -266,7 +279,12 @@ def create_app(
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
 
     async def completion(
-        request: Request, body: ChatRequest | CompletionRequest, prompt: str | list[dict], top: int | None
+        request: Request,
+        body: ChatRequest | CompletionRequest,
+        prompt: str | list[dict],
+        top: int | None,
+        rules: Policy | None = None,
+        acted: list[Action] | None = None,
     ) -> Any:
         """Decode one chat or text completion in the running batch: the whole response, or its events."""
         adapter = adapter_of(body.model)
@@ -299,7 +317,8 @@ def create_app(
             raise ApiError(400, str(e)) from None
         kind = "chat.completion" if chat else "text_completion"
         if body.stream:
-            events = _stream(job, queue, scheduler, metrics, text, body, kind, rag_prompt)
+            filters = [OutputFilter(rules) for _ in range(cfg.n)] if rules is not None else None
+            events = _stream(job, queue, scheduler, metrics, text, body, kind, rag_prompt, filters, acted)
             return StreamingResponse(events, media_type="text/event-stream")
         try:
             while True:
@@ -317,8 +336,13 @@ def create_app(
             scheduler.cancel(job)  # a no-op once it finished
         done: list[Completion] = event
         metrics.generation(len(ids), sum(len(c.token_ids) for c in done), _ttft(done))
+        replies = [c.text for c in done]
+        if rules is not None:  # the output rules over each whole reply
+            filtered = [filter_reply(rules, r) for r in replies]
+            replies = [r for r, _ in filtered]
+            acted = [*(acted or []), *(a for _, actions in filtered for a in actions)]
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
+            choices = [{"index": i, "message": {"role": "assistant", "content": replies[i]},
                         "finish_reason": c.finish_reason,
                         "logprobs": {"content": text.logprobs(c)} if body.logprobs else None}
                        for i, c in enumerate(done)]  # fmt: skip
@@ -329,6 +353,8 @@ def create_app(
         prefix = "chatcmpl" if chat else "cmpl"
         response = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
                     "model": body.model, "choices": choices, "usage": _usage(ids, done)}  # fmt: skip
+        if rules is not None:
+            response["policy"] = [asdict(a) for a in acted or []]
         return {**response, **_rag_fields(rag_prompt, done[0].text)} if rag_prompt is not None else response
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)], responses=COMPLETION_RESPONSES)
@@ -336,7 +362,16 @@ def create_app(
         # OpenAI's "developer" role is the system prompt's newer name; chat templates know "system"
         messages = [{**m.model_dump(exclude_none=True), "role": "system" if m.role == "developer" else m.role}
                     for m in body.messages]  # fmt: skip
-        return await completion(request, body, messages, (body.top_logprobs or 0) if body.logprobs else None)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        if policy is None:
+            return await completion(request, body, messages, top)
+        rules = policy.for_model(body.model)
+        decision = check_input(rules, messages, body.max_completion_tokens or body.max_tokens)
+        if decision.refusal is not None:  # answered by the policy: the model never sees the request
+            return _refused(body, decision)
+        if decision.max_tokens is not None:
+            body = body.model_copy(update={"max_tokens": decision.max_tokens, "max_completion_tokens": None})
+        return await completion(request, body, decision.messages, top, rules, decision.actions)
 
     @app.post("/v1/completions", dependencies=[Depends(authorised)], responses=COMPLETION_RESPONSES)
     async def completions(request: Request, body: CompletionRequest) -> Any:
@@ -456,6 +491,28 @@ def _ids(engine: Engine, prompt: str | list[dict], max_new_tokens: int, *, chat:
         raise ApiError(400, message, param="messages" if chat else "prompt") from None
 
 
+def _refused(body: ChatRequest, decision: InputDecision) -> Any:
+    """The policy's refusal as a chat completion (streamed as one delta when asked), with the rules that acted."""
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    acted = [asdict(a) for a in decision.actions]
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    if not body.stream:
+        choice = {"index": 0, "message": {"role": "assistant", "content": decision.refusal},
+                  "finish_reason": "stop", "logprobs": None}  # fmt: skip
+        return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [choice], "usage": usage, "policy": acted}  # fmt: skip
+
+    def events() -> Iterator[str]:
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
+        for delta, finish, extra in (({"role": "assistant", "content": decision.refusal}, None, {}),
+                                     ({}, "stop", {"policy": acted})):  # fmt: skip
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            yield f"data: {json.dumps({**head, 'choices': [choice], **extra})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
 def _rag_fields(rag: RagPrompt, answer: str) -> dict[str, Any]:
     """A RAG response's extra fields: the passages given, marked where the (first) answer cites them, and a note
     (no supporting passage; passages dropped to fit)."""
@@ -489,6 +546,8 @@ async def _stream(
     body: ChatRequest | CompletionRequest,
     kind: str,
     rag_prompt: RagPrompt | None = None,
+    filters: list[OutputFilter] | None = None,
+    acted: list[Action] | None = None,
 ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per text delta with its tokens' log-probs when asked (chat: a first chunk
     with the role), a last chunk per sample with its finish reason, the usage when
@@ -527,9 +586,14 @@ async def _stream(
                 error = {"message": e.message, "type": e.kind, "param": None, "code": None}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 return
+            piece = event.text
+            if filters is not None:  # held back until the output rules have judged it
+                piece = filters[event.index].feed(piece) + (
+                    filters[event.index].finish() if event.finish_reason else ""
+                )
             news = logprobs and event.tokens is not None and event.tokens[0] < event.tokens[1]
-            if event.text or news:
-                yield chunk([choice(Delta(event.index, event.text, None, event.tokens), event.index)])
+            if piece or news:
+                yield chunk([choice(Delta(event.index, piece, None, event.tokens), event.index)])
             if event.finish_reason:
                 yield chunk([choice(Delta(event.index, "", event.finish_reason), event.index)])
     finally:  # also when the client goes away (the response is cancelled): its rows leave the batch
@@ -537,6 +601,9 @@ async def _stream(
     metrics.generation(len(job.ids), sum(len(c.token_ids) for c in event), _ttft(event))
     if rag_prompt is not None:  # the passages and what the answer cites, once it is whole
         yield chunk([], **_rag_fields(rag_prompt, event[0].text))
+    if filters is not None:  # every rule that acted, input and output
+        actions = [*(acted or []), *(a for f in filters for a in f.actions)]
+        yield chunk([], policy=[asdict(a) for a in actions])
     if body.stream_options and body.stream_options.get("include_usage"):
         yield chunk([], usage=_usage(job.ids, event))
     yield "data: [DONE]\n\n"
