@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lmforge.commands import evaluate as evaluate_commands
+from lmforge.commands import feedback as feedback_commands
 from lmforge.commands import lm_eval as lm_eval_commands
 from lmforge.commands import report as report_commands
 from lmforge.commands import runs as runs_commands
@@ -618,6 +619,25 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    route: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=VARIANT:SHARE,VARIANT:SHARE: a request for NAME goes to one variant (the base's name or an "
+            "adapter's), the same one for the same 'user' (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    log: Annotated[
+        Path | None,
+        typer.Option(
+            help="A request log (JSON lines, rotated at 10 MB): tokens, TTFT, latency, variant, policy actions, "
+            "and POST /v1/feedback ratings; read by lmforge monitor.",
+            show_default=False,
+        ),
+    ] = None,
+    log_text: Annotated[
+        bool, typer.Option(help="Also log each prompt and completion (for lmforge feedback export).")
+    ] = False,
     max_batch: Annotated[int, typer.Option(min=1, help="Samples decoded together at most.")] = 32,
     max_queue: Annotated[
         int, typer.Option(min=0, help="Requests waiting at most; past it a request gets 429 and Retry-After.")
@@ -647,6 +667,7 @@ def serve(
     from lmforge.model.hf import read_config
     from lmforge.serve.app import create_app
     from lmforge.serve.policy import load_policy
+    from lmforge.serve.traffic import RequestLog, Route
 
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         raise LmforgeError(
@@ -682,7 +703,9 @@ def serve(
         indexes[key] = Path(path)
     served_app = create_app(served_model, served, adapters=named, base_dir=model, api_key=api_key,
                             max_batch=max_batch, max_queue=max_queue, timeout=timeout or None, rag=indexes,
-                            policy=load_policy(policy) if policy is not None else None)  # fmt: skip
+                            policy=load_policy(policy) if policy is not None else None,
+                            routes=[Route.parse(r) for r in route or []],
+                            request_log=RequestLog(log, text=log_text) if log is not None else None)  # fmt: skip
     if api_key is None:
         log.info("no API key: listening on %s only", host)
     log.info("serving %s as %r%s on http://%s:%d/v1", model, served,
@@ -792,7 +815,7 @@ data_app = typer.Typer(
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(data_app, name="data")
 app.add_typer(rag_app, name="rag")
-for _commands in (evaluate_commands, lm_eval_commands, runs_commands, report_commands):
+for _commands in (evaluate_commands, lm_eval_commands, runs_commands, report_commands, feedback_commands):
     _commands.register(app)
 FormatOption = Annotated[
     str | None,

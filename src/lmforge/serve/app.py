@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -47,7 +48,8 @@ from lmforge.serve.policy import (
     check_input,
     filter_reply,
 )
-from lmforge.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest
+from lmforge.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, FeedbackRequest
+from lmforge.serve.traffic import RequestLog, Route, token_hist
 from lmforge.serve.web import mount_web
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,8 @@ def create_app(
     timeout: float | None = 600.0,
     rag: Mapping[str, str | Path] | None = None,
     policy: PolicyFile | None = None,
+    routes: Sequence[Route] = (),
+    request_log: RequestLog | None = None,
 ) -> FastAPI:
     """The app serving `model` as `name`: a decoder's engine (chat and text completions, continuous batching of
     up to `max_batch` samples, `max_queue` requests waiting, each ending after `timeout` seconds) with LoRA
@@ -105,7 +109,8 @@ def create_app(
     `base_dir` (the base model's directory) lets adapters be checked against the weights they trained on. `rag`
     (name → index directory) are the RAG indexes a chat request may ask for with "rag". A `policy` (guardrails,
     serve/policy.py) applies its input rules to each chat request and its output rules to each reply, streamed
-    or not; the rules that acted come back in the response's "policy" field."""
+    or not; the rules that acted come back in the response's "policy" field. `routes` split a name between
+    variants (sticky per `user`); `request_log` records every chat request and the feedback on it."""
     engine = model if isinstance(model, Engine) else None
     scheduler = bank = None
     if engine is not None:
@@ -118,6 +123,15 @@ def create_app(
         raise LmforgeError("an encoder is served for embeddings, without adapters")
     embed_slot = _Slot()  # an encoder embeds one request at a time
     indexes = {key: RagIndex(Path(path)) for key, path in (rag or {}).items()}
+    served_names = {name, *(bank.names if bank else [])}
+    routed = {}
+    for route in routes:
+        unknown = [v for v, _ in route.variants if v not in served_names]
+        if unknown or route.name in served_names or route.name in routed:
+            why = f"variants {', '.join(unknown)} are not served" if unknown else "its name is taken"
+            raise LmforgeError(f"--route {route.name}: {why} (served: {', '.join(sorted(served_names))})")
+        routed[route.name] = route
+    answered: dict[str, None] = {}  # response ids feedback may name (the newest 100,000)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -285,6 +299,7 @@ def create_app(
         top: int | None,
         rules: Policy | None = None,
         acted: list[Action] | None = None,
+        asked: dict[str, Any] | None = None,
     ) -> Any:
         """Decode one chat or text completion in the running batch: the whole response, or its events."""
         adapter = adapter_of(body.model)
@@ -316,9 +331,29 @@ def create_app(
         except LmforgeError as e:
             raise ApiError(400, str(e)) from None
         kind = "chat.completion" if chat else "text_completion"
+        rid, started = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", time.perf_counter()
+
+        def record(done: list[Completion], replies: list[str], actions: list[Action]) -> None:
+            if request_log is None:
+                return
+            answered[rid] = None
+            if len(answered) > 100_000:
+                del answered[next(iter(answered))]
+            entry = {"type": "request", "time": _now(), "id": rid, **(asked or {"model": body.model, "route": None}),
+                     "variant": body.model, "user": body.user, "prompt_tokens": len(ids),
+                     "completion_tokens": sum(len(c.token_ids) for c in done), "ttft_s": _ttft(done),
+                     "latency_s": time.perf_counter() - started,
+                     "finish_reason": done[0].finish_reason if done else None,
+                     "policy": [asdict(a) for a in actions],
+                     "prompt_token_hist": token_hist(ids, engine.tokenizer.vocab_size)}  # fmt: skip
+            if request_log.text:
+                entry |= {"messages": prompt, "completion": replies[0] if replies else ""}
+            request_log.write(entry)
+
         if body.stream:
             filters = [OutputFilter(rules) for _ in range(cfg.n)] if rules is not None else None
-            events = _stream(job, queue, scheduler, metrics, text, body, kind, rag_prompt, filters, acted)
+            events = _stream(job, queue, scheduler, metrics, text, body, kind, rag_prompt, filters, acted, rid,
+                             record, asked)  # fmt: skip
             return StreamingResponse(events, media_type="text/event-stream")
         try:
             while True:
@@ -350,9 +385,9 @@ def create_app(
             choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
                         "logprobs": _legacy_logprobs(text, c) if body.logprobs is not None else None}
                        for i, c in enumerate(done)]  # fmt: skip
-        prefix = "chatcmpl" if chat else "cmpl"
-        response = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
-                    "model": body.model, "choices": choices, "usage": _usage(ids, done)}  # fmt: skip
+        response = {"id": rid, "object": kind, "created": int(time.time()), "model": body.model,
+                    "choices": choices, "usage": _usage(ids, done), **_route_fields(asked, body)}  # fmt: skip
+        record(done, replies, acted or [])
         if rules is not None:
             response["policy"] = [asdict(a) for a in acted or []]
         return {**response, **_rag_fields(rag_prompt, done[0].text)} if rag_prompt is not None else response
@@ -363,15 +398,32 @@ def create_app(
         messages = [{**m.model_dump(exclude_none=True), "role": "system" if m.role == "developer" else m.role}
                     for m in body.messages]  # fmt: skip
         top = (body.top_logprobs or 0) if body.logprobs else None
+        asked = {"model": body.model, "route": None}
+        if body.model in routed:  # A/B: one variant per request, the same one for the same user
+            asked["route"] = body.model
+            body = body.model_copy(update={"model": routed[body.model].choose(body.user)})
         if policy is None:
-            return await completion(request, body, messages, top)
+            return await completion(request, body, messages, top, asked=asked)
         rules = policy.for_model(body.model)
         decision = check_input(rules, messages, body.max_completion_tokens or body.max_tokens)
         if decision.refusal is not None:  # answered by the policy: the model never sees the request
             return _refused(body, decision)
         if decision.max_tokens is not None:
             body = body.model_copy(update={"max_tokens": decision.max_tokens, "max_completion_tokens": None})
-        return await completion(request, body, decision.messages, top, rules, decision.actions)
+        return await completion(request, body, decision.messages, top, rules, decision.actions, asked)
+
+    @app.post("/v1/feedback", dependencies=[Depends(authorised)])
+    def feedback(body: FeedbackRequest) -> dict[str, Any]:
+        """A user's rating of a chat response, into the request log (lmforge feedback export pairs them)."""
+        if request_log is None:
+            raise ApiError(
+                400, "this server keeps no request log: start it with --log FILE", param="response_id"
+            )
+        if body.response_id not in answered:
+            raise ApiError(404, f"no response {body.response_id!r} was served here (or it is too old)",
+                           param="response_id")  # fmt: skip
+        request_log.write({"type": "feedback", "time": _now(), **body.model_dump()})
+        return {"object": "feedback", "response_id": body.response_id, "rating": body.rating}
 
     @app.post("/v1/completions", dependencies=[Depends(authorised)], responses=COMPLETION_RESPONSES)
     async def completions(request: Request, body: CompletionRequest) -> Any:
@@ -513,6 +565,15 @@ def _refused(body: ChatRequest, decision: InputDecision) -> Any:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _route_fields(asked: dict[str, Any] | None, body: ChatRequest | CompletionRequest) -> dict[str, Any]:
+    """A routed response names its route and the variant that answered."""
+    return {"route": asked["route"], "variant": body.model} if asked and asked.get("route") else {}
+
+
 def _rag_fields(rag: RagPrompt, answer: str) -> dict[str, Any]:
     """A RAG response's extra fields: the passages given, marked where the (first) answer cites them, and a note
     (no supporting passage; passages dropped to fit)."""
@@ -548,18 +609,21 @@ async def _stream(
     rag_prompt: RagPrompt | None = None,
     filters: list[OutputFilter] | None = None,
     acted: list[Action] | None = None,
+    rid: str = "",
+    record: Any = None,
+    asked: dict[str, Any] | None = None,
 ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per text delta with its tokens' log-probs when asked (chat: a first chunk
     with the role), a last chunk per sample with its finish reason, the usage when
     `stream_options.include_usage`, then `data: [DONE]`; an error ends the stream with an error event."""
     chat = kind == "chat.completion"
-    rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+    created = int(time.time())
     kind = f"{kind}.chunk" if chat else kind
     logprobs = body.logprobs if chat else body.logprobs is not None
 
     def chunk(choices: list[dict], **extra: Any) -> str:
         data = {"id": rid, "object": kind, "created": created, "model": body.model, "choices": choices,
-                **extra}  # fmt: skip
+                **_route_fields(asked, body), **extra}  # fmt: skip
         return f"data: {json.dumps(data)}\n\n"
 
     def choice(delta: Delta | None, index: int, role: bool = False) -> dict:
@@ -601,9 +665,11 @@ async def _stream(
     metrics.generation(len(job.ids), sum(len(c.token_ids) for c in event), _ttft(event))
     if rag_prompt is not None:  # the passages and what the answer cites, once it is whole
         yield chunk([], **_rag_fields(rag_prompt, event[0].text))
+    actions = [*(acted or []), *(a for f in filters or [] for a in f.actions)]
     if filters is not None:  # every rule that acted, input and output
-        actions = [*(acted or []), *(a for f in filters for a in f.actions)]
         yield chunk([], policy=[asdict(a) for a in actions])
+    if record is not None:
+        record(event, [c.text for c in event], actions)
     if body.stream_options and body.stream_options.get("include_usage"):
         yield chunk([], usage=_usage(job.ids, event))
     yield "data: [DONE]\n\n"

@@ -46,7 +46,7 @@ class _Request(BaseModel):
     stream_options: dict[Literal["include_usage"], bool] | None = None
     """{"include_usage": true}: a last chunk with the usage."""
     user: str | None = None
-    """An end-user id (recorded nowhere yet; accepted for client compatibility)."""
+    """An end-user id: an A/B route sends the same user to the same variant, and the request log records it."""
 
 
 class ChatMessage(BaseModel):
@@ -98,3 +98,16 @@ class EmbeddingRequest(BaseModel):
     """Vectors as lists of floats, or base64 of their little-endian float32 bytes (the openai client's default)."""
     user: str | None = None
     """An end-user id (accepted for client compatibility)."""
+
+
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback: a user's rating of a response this server gave."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    response_id: str
+    """The chat completion's `id`."""
+    rating: Literal["up", "down"]
+    """Thumbs up or down."""
+    comment: str | None = None
+    """What the user said, if anything."""

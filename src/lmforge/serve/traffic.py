@@ -1,0 +1,154 @@
+"""What a served model's traffic leaves behind and how it is split: the request log (JSON lines, rotated), A/B
+routes (a request for a route's name goes to one variant, the same one for the same `user`), and the export of
+user ratings into preference pairs that `data prepare` reads and `lmforge align --set method=dpo` trains on.
+
+A log holds two kinds of line: `{"type": "request", ...}` (time, id, model asked, variant that answered, route,
+user, token counts, TTFT, latency, finish reason, policy actions, a 64-bucket histogram of the prompt's token
+ids, and the messages and completion only with --log-text) and `{"type": "feedback", ...}` (response id, rating
+up or down, comment). `lmforge monitor` reads it (serve/monitor.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import threading
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import LmforgeError
+from lmforge.fileio import atomic_write
+
+BUCKETS = 64  # token-id buckets of the prompt histogram: enough to see a topic's shift, no text kept
+
+
+def token_hist(ids: Sequence[int], vocab_size: int) -> list[int]:
+    """Counts of `ids` in BUCKETS equal ranges of the vocabulary (id * BUCKETS // vocab_size)."""
+    counts = [0] * BUCKETS
+    for i in ids:
+        counts[min(BUCKETS - 1, i * BUCKETS // max(vocab_size, 1))] += 1
+    return counts
+
+
+class RequestLog:
+    """An append-only JSON-lines log, rotated past `max_bytes` into LOG.1 ... LOG.`backups` (oldest dropped)."""
+
+    def __init__(
+        self, path: Path, *, max_bytes: int = 10 << 20, backups: int = 5, text: bool = False
+    ) -> None:
+        self.path, self.max_bytes, self.backups, self.text = Path(path), max_bytes, backups, text
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def write(self, entry: dict[str, Any]) -> None:
+        """Append one entry (one line), rotating first when the file is full."""
+        line = json.dumps(entry, ensure_ascii=False) + "\n"
+        with self._lock:
+            if self.path.exists() and self.path.stat().st_size + len(line) > self.max_bytes:
+                self._rotate()
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(line)
+
+    def _rotate(self) -> None:
+        for i in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if older.exists():
+                older.replace(self.path.with_name(f"{self.path.name}.{i + 1}"))
+        self.path.replace(self.path.with_name(f"{self.path.name}.1"))
+
+
+def log_files(path: Path) -> list[Path]:
+    """A log and its rotated files, oldest first."""
+    path = Path(path)
+    rotated = sorted(
+        path.parent.glob(f"{path.name}.*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0
+    )
+    files = [p for p in rotated if p.suffix[1:].isdigit()] + ([path] if path.exists() else [])
+    if not files:
+        raise LmforgeError(f"{path}: no such log (start lmforge serve with --log {path})")
+    return files
+
+
+def read_entries(path: Path) -> Iterator[dict[str, Any]]:
+    """Every entry of a log and its rotated files, oldest first; a bad line is an error naming it."""
+    for file in log_files(path):
+        for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LmforgeError(f"{file}:{n}: not a JSON log line ({e.msg})") from None
+            if not isinstance(entry, dict) or entry.get("type") not in ("request", "feedback"):
+                raise LmforgeError(f"{file}:{n}: expected a request or feedback entry (a 'type' field)")
+            yield entry
+
+
+@dataclass(frozen=True)
+class Route:
+    """A served name split between variants (the base's name or adapters') by share, sticky per user."""
+
+    name: str
+    variants: tuple[tuple[str, float], ...]
+
+    @classmethod
+    def parse(cls, spec: str) -> Route:
+        """`NAME=VARIANT:SHARE,VARIANT:SHARE...` (shares sum to 1)."""
+        name, _, rest = spec.partition("=")
+        variants = []
+        for part in rest.split(","):
+            variant, _, share = part.partition(":")
+            try:
+                variants.append((variant.strip(), float(share)))
+            except ValueError:
+                variants = []
+                break
+        if not name.strip() or not variants or any(not v or s <= 0 for v, s in variants):
+            raise LmforgeError(f"--route {spec}: expected NAME=VARIANT:SHARE,VARIANT:SHARE (shares > 0)")
+        total = sum(s for _, s in variants)
+        if abs(total - 1) > 1e-6:
+            shares = " + ".join(f"{v} {s:g}" for v, s in variants)
+            raise LmforgeError(f"--route {spec}: the shares sum to {total:g} ({shares}); expected 1")
+        return cls(name.strip(), tuple(variants))
+
+    def choose(self, user: str | None, rng: random.Random | None = None) -> str:
+        """The variant for a request: the same for the same user (a hash of user and route), else drawn."""
+        if user:
+            digest = hashlib.sha256(f"{self.name}\0{user}".encode()).digest()
+            u = int.from_bytes(digest[:8], "big") / 2**64
+        else:
+            u = (rng or random).random()
+        for variant, share in self.variants:
+            u -= share
+            if u < 0:
+                return variant
+        return self.variants[-1][0]  # rounding at the top end
+
+
+def export_preferences(log: Path, out: Path) -> dict[str, Any]:
+    """Preference pairs from rated answers: for each prompt with an up-rated and a down-rated answer, one record
+    {"prompt": messages, "chosen": up, "rejected": down} per pair (each answer used once); JSONL, atomic."""
+    requests, ratings = {}, {}
+    for entry in read_entries(log):
+        if entry["type"] == "request":
+            requests[entry.get("id")] = entry
+        else:
+            ratings[entry.get("response_id")] = entry.get("rating")
+    rated = [(requests[i], r) for i, r in ratings.items() if i in requests]
+    if rated and not all("messages" in q and "completion" in q for q, _ in rated):
+        raise LmforgeError(f"{log}: the rated requests carry no text; start lmforge serve with --log-text to "
+                           "export preference pairs")  # fmt: skip
+    by_prompt: dict[str, dict[str, list[str]]] = defaultdict(lambda: {"up": [], "down": []})
+    prompts = {}
+    for request, rating in rated:
+        key = json.dumps(request["messages"], sort_keys=True)
+        prompts[key] = request["messages"]
+        if rating in ("up", "down"):
+            by_prompt[key][rating].append(request["completion"])
+    records = [{"prompt": prompts[k], "chosen": up, "rejected": down}
+               for k, answers in by_prompt.items() for up, down in zip(answers["up"], answers["down"], strict=False)
+               if up != down]  # fmt: skip
+    atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return {"out": str(out), "rated": len(rated), "prompts": len(by_prompt), "pairs": len(records)}
