@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from lmforge.cli import app
 from lmforge.errors import LmforgeError
-from lmforge.serve.traffic import RequestLog, Route, read_entries
+from lmforge.serve.monitor import read_log
+from lmforge.serve.traffic import RequestLog, Route
 
 runner = CliRunner()
 
@@ -44,12 +45,24 @@ def test_routes_split_by_share_and_stick_to_a_user():
 def test_the_log_rotates_and_reads_back_in_order(tmp_path):
     log = RequestLog(tmp_path / "requests.jsonl", max_bytes=200, backups=3)
     for i in range(20):
-        log.write({"type": "request", "id": f"r{i}", "pad": "x" * 40})
-    ids = [e["id"] for e in read_entries(tmp_path / "requests.jsonl")]
+        log.write(
+            {
+                "type": "request",
+                "id": f"r{i}",
+                "variant": "m",
+                "prompt_tokens": 1,
+                "completion_tokens": 1,
+                "ttft_s": 0.1,
+                "latency_s": 0.2,
+            }
+        )
+    ids = [e["id"] for e in read_log(tmp_path / "requests.jsonl")]
     assert ids == [f"r{i}" for i in range(20 - len(ids), 20)] and 4 <= len(ids) < 20  # oldest files dropped
-    (tmp_path / "requests.jsonl").write_text('{"type": "request"}\nnot json\n')
-    with pytest.raises(LmforgeError, match=r"requests.jsonl:2: not a JSON log line"):
-        list(read_entries(tmp_path / "requests.jsonl"))
+    (tmp_path / "requests.jsonl").write_text(
+        '{"type": "feedback", "response_id": "r1", "rating": "up"}\nnot json\n'
+    )
+    with pytest.raises(LmforgeError, match=r"requests.jsonl:2: not JSON"):
+        list(read_log(tmp_path / "requests.jsonl"))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +98,7 @@ def test_routed_requests_are_logged_rated_and_exported_into_dpo(served, tiny_mod
         assert post(f"{url}/v1/feedback", {"response_id": rid, "rating": rating})[0] == 200
     status, err = post(f"{url}/v1/feedback", {"response_id": "chatcmpl-nope", "rating": "up"})
     assert status == 404 and "chatcmpl-nope" in err["error"]["message"]
-    entries = list(read_entries(log))
+    entries = list(read_log(log))
     requests = [e for e in entries if e["type"] == "request"]
     assert len(requests) == 18 and all(sum(e["prompt_token_hist"]) == e["prompt_tokens"] for e in requests)
     assert {e["variant"] for e in requests} <= {"tiny", "a"} and all(e["route"] == "chat" for e in requests)

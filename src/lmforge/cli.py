@@ -23,6 +23,7 @@ from rich.text import Text
 from lmforge.commands import evaluate as evaluate_commands
 from lmforge.commands import feedback as feedback_commands
 from lmforge.commands import lm_eval as lm_eval_commands
+from lmforge.commands import monitor as monitor_commands
 from lmforge.commands import report as report_commands
 from lmforge.commands import runs as runs_commands
 from lmforge.commands.common import (
@@ -815,7 +816,14 @@ data_app = typer.Typer(
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(data_app, name="data")
 app.add_typer(rag_app, name="rag")
-for _commands in (evaluate_commands, lm_eval_commands, runs_commands, report_commands, feedback_commands):
+for _commands in (
+    evaluate_commands,
+    lm_eval_commands,
+    runs_commands,
+    report_commands,
+    feedback_commands,
+    monitor_commands,
+):
     _commands.register(app)
 FormatOption = Annotated[
     str | None,

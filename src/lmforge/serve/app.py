@@ -39,6 +39,7 @@ from lmforge.infer.scheduler import Request as Job
 from lmforge.rag.index import RagIndex
 from lmforge.rag.prompt import RagPrompt, Retriever, rag_prompt_ids
 from lmforge.serve.metrics import Metrics
+from lmforge.serve.monitor import bucket_counts
 from lmforge.serve.policy import (
     Action,
     InputDecision,
@@ -49,7 +50,7 @@ from lmforge.serve.policy import (
     filter_reply,
 )
 from lmforge.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, FeedbackRequest
-from lmforge.serve.traffic import RequestLog, Route, token_hist
+from lmforge.serve.traffic import RequestLog, Route
 from lmforge.serve.web import mount_web
 
 log = logging.getLogger(__name__)
@@ -345,7 +346,7 @@ def create_app(
                      "latency_s": time.perf_counter() - started,
                      "finish_reason": done[0].finish_reason if done else None,
                      "policy": [asdict(a) for a in actions],
-                     "prompt_token_hist": token_hist(ids, engine.tokenizer.vocab_size)}  # fmt: skip
+                     "prompt_token_hist": bucket_counts(ids, engine.tokenizer.vocab_size).tolist()}  # fmt: skip
             if request_log.text:
                 entry |= {"messages": prompt, "completion": replies[0] if replies else ""}
             request_log.write(entry)
@@ -407,7 +408,14 @@ def create_app(
         rules = policy.for_model(body.model)
         decision = check_input(rules, messages, body.max_completion_tokens or body.max_tokens)
         if decision.refusal is not None:  # answered by the policy: the model never sees the request
-            return _refused(body, decision)
+            rid = f"chatcmpl-{uuid.uuid4().hex}"
+            if request_log is not None:
+                answered[rid] = None
+                request_log.write({"type": "request", "time": _now(), "id": rid, **asked, "variant": body.model,
+                                   "user": body.user, "prompt_tokens": 0, "completion_tokens": 0, "ttft_s": None,
+                                   "latency_s": 0.0, "finish_reason": "policy",
+                                   "policy": [asdict(a) for a in decision.actions]})  # fmt: skip
+            return _refused(body, decision, rid)
         if decision.max_tokens is not None:
             body = body.model_copy(update={"max_tokens": decision.max_tokens, "max_completion_tokens": None})
         return await completion(request, body, decision.messages, top, rules, decision.actions, asked)
@@ -543,9 +551,9 @@ def _ids(engine: Engine, prompt: str | list[dict], max_new_tokens: int, *, chat:
         raise ApiError(400, message, param="messages" if chat else "prompt") from None
 
 
-def _refused(body: ChatRequest, decision: InputDecision) -> Any:
+def _refused(body: ChatRequest, decision: InputDecision, rid: str) -> Any:
     """The policy's refusal as a chat completion (streamed as one delta when asked), with the rules that acted."""
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    created = int(time.time())
     acted = [asdict(a) for a in decision.actions]
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     if not body.stream:

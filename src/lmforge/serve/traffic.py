@@ -15,23 +15,12 @@ import json
 import random
 import threading
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write
-
-BUCKETS = 64  # token-id buckets of the prompt histogram: enough to see a topic's shift, no text kept
-
-
-def token_hist(ids: Sequence[int], vocab_size: int) -> list[int]:
-    """Counts of `ids` in BUCKETS equal ranges of the vocabulary (id * BUCKETS // vocab_size)."""
-    counts = [0] * BUCKETS
-    for i in ids:
-        counts[min(BUCKETS - 1, i * BUCKETS // max(vocab_size, 1))] += 1
-    return counts
 
 
 class RequestLog:
@@ -59,31 +48,6 @@ class RequestLog:
             if older.exists():
                 older.replace(self.path.with_name(f"{self.path.name}.{i + 1}"))
         self.path.replace(self.path.with_name(f"{self.path.name}.1"))
-
-
-def log_files(path: Path) -> list[Path]:
-    """A log and its rotated files, oldest first."""
-    path = Path(path)
-    rotated = sorted(
-        path.parent.glob(f"{path.name}.*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0
-    )
-    files = [p for p in rotated if p.suffix[1:].isdigit()] + ([path] if path.exists() else [])
-    if not files:
-        raise LmforgeError(f"{path}: no such log (start lmforge serve with --log {path})")
-    return files
-
-
-def read_entries(path: Path) -> Iterator[dict[str, Any]]:
-    """Every entry of a log and its rotated files, oldest first; a bad line is an error naming it."""
-    for file in log_files(path):
-        for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{file}:{n}: not a JSON log line ({e.msg})") from None
-            if not isinstance(entry, dict) or entry.get("type") not in ("request", "feedback"):
-                raise LmforgeError(f"{file}:{n}: expected a request or feedback entry (a 'type' field)")
-            yield entry
 
 
 @dataclass(frozen=True)
@@ -130,8 +94,10 @@ class Route:
 def export_preferences(log: Path, out: Path) -> dict[str, Any]:
     """Preference pairs from rated answers: for each prompt with an up-rated and a down-rated answer, one record
     {"prompt": messages, "chosen": up, "rejected": down} per pair (each answer used once); JSONL, atomic."""
+    from lmforge.serve.monitor import read_log
+
     requests, ratings = {}, {}
-    for entry in read_entries(log):
+    for entry in read_log(log):
         if entry["type"] == "request":
             requests[entry.get("id")] = entry
         else:
