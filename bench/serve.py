@@ -18,7 +18,8 @@ Each server runs alone as a subprocess on a free 127.0.0.1 port, never two at on
 answers. The peer is `transformers serve MODEL --device cpu` (FORCE_MODEL is the local directory, loaded offline
 with HF_HUB_OFFLINE=1; requests name it as their `model`): `--peer cb` adds `--continuous-batching` (paged
 attention; its KV cache sized with `--cb-num-blocks` for the largest level, not 60% of the machine's RAM),
-`--peer plain` runs one `generate` at a time, `--peer both` measures both. lmforge runs
+`--peer plain` runs one `generate` at a time, `--peer both` measures both; `--peer policy` measures lmforge
+against itself under a guardrails policy (`--policy`: PII both ways, blocked topics), the policy layer's cost. lmforge runs
 `lmforge serve MODEL --device cpu --max-batch B` with B = the largest concurrency level.
 
 Servers alternate per concurrency level: for each level a fresh lmforge server, then a fresh peer (the order
@@ -248,13 +249,30 @@ def server_env(threads: int) -> dict:
     return env
 
 
-def lmforge_server(model_dir: Path, args, work: Path, adapters: dict[str, Path] | None = None) -> Server:
+def lmforge_server(
+    model_dir: Path, args, work: Path, adapters: dict[str, Path] | None = None, policy: bool = False
+) -> Server:
     port = free_port()
     command = [str(BIN / "lmforge"), "serve", str(model_dir), "--name", NAME, "--port", str(port),
                "--device", "cpu", "--max-batch", str(args.max_batch), "--max-queue", "100000", "--timeout", "0"]  # fmt: skip
     for name, path in (adapters or {}).items():
         command += ["--adapter", f"{name}={path}"]
-    return Server("lmforge", command, port, NAME, server_env(args.threads), work / "lmforge.log")
+    label = "lmforge"
+    if policy:  # the guardrails every request and every streamed token go through
+        (work / "policy.yaml").write_text(POLICY)
+        command += ["--policy", str(work / "policy.yaml")]
+        label = "lmforge-policy"
+    return Server(label, command, port, NAME, server_env(args.threads), work / f"{label}.log")
+
+
+# PII redaction both ways (the output held back 64 characters), two blocked topics, a length cap above the
+# requests' max_tokens: rules that run on every request and every streamed delta but change none of them.
+POLICY = """redact_pii: {input: true, output: true}
+blocked_topics:
+  - {id: weapons, keywords: [build a bomb, make a gun], patterns: ['\\bnerve agents?\\b']}
+  - {id: self-harm, keywords: [hurt myself]}
+max_output_tokens: 100000
+"""
 
 
 def transformers_server(model_dir: Path, args, work: Path, cb: bool) -> Server:
@@ -508,7 +526,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="measured runs per level on each server")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="torch threads of both servers (default: the cores less one, left to the client)")  # fmt: skip
-    parser.add_argument("--peer", choices=["cb", "plain", "both"], default="cb",
+    parser.add_argument("--peer", choices=["cb", "plain", "both", "policy"], default="cb",
                         help="transformers serve with --continuous-batching, without, or both")  # fmt: skip
     parser.add_argument(
         "--max-batch", type=int, help="lmforge --max-batch (default: the largest concurrency)"
@@ -529,6 +547,7 @@ def main() -> None:
         "cb": ["transformers-cb"],
         "plain": ["transformers"],
         "both": ["transformers-cb", "transformers"],
+        "policy": ["lmforge-policy"],
     }[args.peer]
 
     import torch
@@ -585,7 +604,8 @@ def main() -> None:
             load = os.getloadavg()[0]
             levels[c] = {}
             for label in order:
-                server = (lmforge_server(model_dir, args, work) if label == "lmforge"
+                server = (lmforge_server(model_dir, args, work, policy=label == "lmforge-policy")
+                          if label.startswith("lmforge")
                           else transformers_server(model_dir, args, work, cb=label == "transformers-cb"))  # fmt: skip
                 with server:
                     warm_up(server, args, prompts, banned, c)

@@ -116,3 +116,24 @@ def test_routed_requests_are_logged_rated_and_exported_into_dpo(served, tiny_mod
                               "--set", "train.eval_every=0"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert Path(tmp_path / "dpo" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_serve_command_wires_policy_routes_and_log(tiny_model_dir, tiny_lora_dirs, tmp_path, monkeypatch):
+    import uvicorn
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(app))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("redact_pii: {input: true}\n")
+    args = ["serve", str(tiny_model_dir), "--name", "tiny", "--adapter", f"a={tiny_lora_dirs['a']}",
+            "--policy", str(policy), "--route", "chat=tiny:0.5,a:0.5", "--log", str(tmp_path / "log.jsonl")]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert len(started) == 1 and any(getattr(r, "path", None) == "/v1/feedback" for r in started[0].routes)
+    res = runner.invoke(app, [*args[:-4], "--route", "chat=tiny:0.5,a:0.4"])
+    assert res.exit_code == 2 and "sum to 0.9" in res.stderr
+    res = runner.invoke(app, [*args[:-4], "--route", "chat=tiny:0.5,b:0.5"])
+    assert res.exit_code == 2 and "variants b are not served" in res.stderr
+    policy.write_text("redact_pi: {input: true}\n")
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "did you mean 'redact_pii'" in res.stderr

@@ -628,9 +628,10 @@ def serve(
             show_default=False,
         ),
     ] = None,
-    log: Annotated[
+    log_file: Annotated[
         Path | None,
         typer.Option(
+            "--log",
             help="A request log (JSON lines, rotated at 10 MB): tokens, TTFT, latency, variant, policy actions, "
             "and POST /v1/feedback ratings; read by lmforge monitor.",
             show_default=False,
@@ -706,7 +707,7 @@ def serve(
                             max_batch=max_batch, max_queue=max_queue, timeout=timeout or None, rag=indexes,
                             policy=load_policy(policy) if policy is not None else None,
                             routes=[Route.parse(r) for r in route or []],
-                            request_log=RequestLog(log, text=log_text) if log is not None else None)  # fmt: skip
+                            request_log=RequestLog(log_file, text=log_text) if log_file is not None else None)  # fmt: skip
     if api_key is None:
         log.info("no API key: listening on %s only", host)
     log.info("serving %s as %r%s on http://%s:%d/v1", model, served,
