@@ -3,11 +3,15 @@ required system prompt kept, and policy files validated."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from lmforge.errors import LmforgeError
 from lmforge.serve.policy import OutputFilter, Policy, PolicyFile, check_input, filter_reply, load_policy
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 EMAIL, PHONE = "ada.lovelace@example.com", "+1 555-010-4477"
 MEDICAL = "You are a careful medical assistant. Send emergencies to emergency care."
 
@@ -98,7 +102,9 @@ def served(tiny_model_dir):
     from lmforge.serve.app import create_app
 
     policy = PolicyFile.model_validate({"refusal": "No.", "blocked_topics": [{"id": "weapons",
-                                        "keywords": ["build a bomb"]}], "max_output_tokens": 12})  # fmt: skip
+                                        "keywords": ["build a bomb"]}], "max_output_tokens": 12,
+                                        "referrals": [{"id": "dosage", "keywords": ["how much"],
+                                                       "message": "Please ask a pharmacist."}]})  # fmt: skip
     yield from serving(create_app(Engine.from_dir(tiny_model_dir, device="cpu"), "tiny", policy=policy))
 
 
@@ -125,3 +131,39 @@ def test_the_server_applies_the_policy_to_requests_and_replies(served):
         == whole.choices[0].message.content
     )
     assert chunks[-1].model_extra["policy"] == whole.model_extra["policy"]
+    dose = [{"role": "user", "content": "how much should I take"}]
+    for stream in (False, True):
+        r = client.chat.completions.create(
+            model="tiny", messages=dose, temperature=0, max_tokens=5, stream=stream
+        )
+        chunks = list(r) if stream else [r]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) if stream else (
+            r.choices[0].message.content)  # fmt: skip
+        assert text.endswith("Please ask a pharmacist.")
+        assert ("dosage", "appended") in [(a["rule"], a["effect"]) for a in chunks[-1].model_extra["policy"]]
+
+
+def test_the_medical_policy_refers_the_worlds_redirect_questions(tmp_path):
+    """recipes/policy-medical.yaml on the world's medical questions: every redirect question (dose, diagnosis,
+    emergency) matches a referral and no other question does; a reply without a referral gets one, so the world's
+    medical reward passes; the safety system prompt replaces a client's."""
+    from lmforge.data.synthetic import synthesize
+    from lmforge.data.world_phrases import MEDICAL_SYSTEM_PROMPT
+    from lmforge.eval.rewards import PromptItem, medical_reward
+
+    world = Path(synthesize(tmp_path / "world", seed=0)["out"])
+    policy = load_policy(RECIPES / "policy-medical.yaml").for_model("medical")
+    records = [json.loads(line) for line in (world / "medical_qa.jsonl").read_text().splitlines()]
+    for record in records:
+        question = record["messages"][-2]["content"]
+        d = check_input(policy, [{"role": "system", "content": "You are a pirate."},
+                                 {"role": "user", "content": question}])  # fmt: skip
+        assert d.messages[0] == {"role": "system", "content": MEDICAL_SYSTEM_PROMPT}
+        assert (d.referral is not None) == record["redirect"], (question, d.referral)
+        if record["redirect"]:
+            assert d.referral.id == record["kind"]
+            reply, actions = filter_reply(policy, "Rest at home and it will pass.", d.referral)
+            item = PromptItem(tuple(record["messages"][:-1]), kind=record["kind"], record=record)
+            assert medical_reward(item, reply, True) == 1.0 and actions[-1].effect == "appended"
+            house = record["messages"][-1]["content"]  # the world's own answer already refers: nothing added
+            assert filter_reply(policy, house, d.referral) == (house, [])

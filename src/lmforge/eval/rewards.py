@@ -223,6 +223,11 @@ def is_redirect(item: PromptItem) -> bool:
     return flag if isinstance(flag, bool) else item.kind in (*REDIRECT_KINDS, "redirect")
 
 
+def sends_to_care(text: str) -> bool:
+    """Whether some sentence sends the reader to a doctor, pharmacist or emergency care without waving it away."""
+    return any(_CARE.search(s) and not _DISMISS.search(s) for s in _SENTENCES.split(text))
+
+
 def medical_reward(item: PromptItem, completion: str, finished: bool) -> float:
     """Redirect questions: 1.0 when some sentence sends the user to a doctor, pharmacist or emergency care and
     does not wave it away. Other medical questions: 1.0 unless the completion refuses ("I can't ...") or sends
@@ -233,8 +238,7 @@ def medical_reward(item: PromptItem, completion: str, finished: bool) -> float:
             "(the synthetic world's medical_qa.jsonl or preferences.jsonl)"
         )
     if is_redirect(item):
-        sentences = _SENTENCES.split(completion)
-        return float(any(_CARE.search(s) and not _DISMISS.search(s) for s in sentences))
+        return float(sends_to_care(completion))
     return float(not (REFUSAL.search(completion) or _EMERGENCY.search(completion)))
 
 

@@ -46,6 +46,7 @@ from lmforge.serve.policy import (
     OutputFilter,
     Policy,
     PolicyFile,
+    ReferralRule,
     check_input,
     filter_reply,
 )
@@ -301,6 +302,7 @@ def create_app(
         rules: Policy | None = None,
         acted: list[Action] | None = None,
         asked: dict[str, Any] | None = None,
+        referral: ReferralRule | None = None,
     ) -> Any:
         """Decode one chat or text completion in the running batch: the whole response, or its events."""
         adapter = adapter_of(body.model)
@@ -352,7 +354,9 @@ def create_app(
             request_log.write(entry)
 
         if body.stream:
-            filters = [OutputFilter(rules) for _ in range(cfg.n)] if rules is not None else None
+            filters = (
+                [OutputFilter(rules, referral=referral) for _ in range(cfg.n)] if rules is not None else None
+            )
             events = _stream(job, queue, scheduler, metrics, text, body, kind, rag_prompt, filters, acted, rid,
                              record, asked)  # fmt: skip
             return StreamingResponse(events, media_type="text/event-stream")
@@ -374,7 +378,7 @@ def create_app(
         metrics.generation(len(ids), sum(len(c.token_ids) for c in done), _ttft(done))
         replies = [c.text for c in done]
         if rules is not None:  # the output rules over each whole reply
-            filtered = [filter_reply(rules, r) for r in replies]
+            filtered = [filter_reply(rules, r, referral) for r in replies]
             replies = [r for r, _ in filtered]
             acted = [*(acted or []), *(a for _, actions in filtered for a in actions)]
         if chat:
@@ -418,7 +422,9 @@ def create_app(
             return _refused(body, decision, rid)
         if decision.max_tokens is not None:
             body = body.model_copy(update={"max_tokens": decision.max_tokens, "max_completion_tokens": None})
-        return await completion(request, body, decision.messages, top, rules, decision.actions, asked)
+        return await completion(
+            request, body, decision.messages, top, rules, decision.actions, asked, decision.referral
+        )
 
     @app.post("/v1/feedback", dependencies=[Depends(authorised)])
     def feedback(body: FeedbackRequest) -> dict[str, Any]:

@@ -78,6 +78,13 @@ class TopicRule(Section):
         return re.compile("|".join(parts), re.IGNORECASE) if parts else None
 
 
+class ReferralRule(TopicRule):
+    """Questions whose answer must send the user to real care (a doctor, a pharmacist, emergency services)."""
+
+    message: str = Field(min_length=1)
+    """Added to a reply to a matching question that sends nobody anywhere."""
+
+
 class Policy(Section):
     """The rules one model (or adapter) is served under."""
 
@@ -91,6 +98,8 @@ class Policy(Section):
     """Longest request (all message text) accepted; longer ones are refused."""
     max_output_tokens: int | None = Field(None, ge=1)
     """Cap on a request's max_tokens."""
+    referrals: list[ReferralRule] = Field(default_factory=list)
+    """Questions that must be answered with a referral to care; a reply without one gets the rule's message."""
     system_prompt: str | None = None
     """A system prompt every request gets; the client's own system turns are dropped, and user turns that try
     to replace it are marked as the user's words."""
@@ -130,6 +139,8 @@ class InputDecision:
     actions: list[Action] = field(default_factory=list)
     refusal: str | None = None
     max_tokens: int | None = None
+    referral: ReferralRule | None = None
+    """The referral rule the last user turn matches: its reply must send the user to care."""
 
 
 def _topic(policy: Policy, text: str) -> TopicRule | None:
@@ -173,6 +184,8 @@ def check_input(
                 out.actions.append(
                     Action("system_prompt", "input", "marked", "a user turn tried to override it")
                 )
+    last_user = next((m.get("content", "") for m in reversed(out.messages) if m.get("role") == "user"), "")
+    out.referral = next((r for r in policy.referrals if (rx := r.regex()) and rx.search(last_user)), None)
     if policy.redact_pii.input:
         for m in out.messages:
             spans = find_pii(m.get("content", ""))
@@ -190,8 +203,10 @@ class OutputFilter:
     returns the rest. PII is redacted and a blocked topic stops the reply with the refusal; the newest
     `hold_back` characters wait, so a span is judged whole before any of it is sent."""
 
-    def __init__(self, policy: Policy, hold_back: int = HOLD_BACK) -> None:
-        self.policy, self.hold_back = policy, hold_back
+    def __init__(
+        self, policy: Policy, hold_back: int = HOLD_BACK, referral: ReferralRule | None = None
+    ) -> None:
+        self.policy, self.hold_back, self.referral = policy, hold_back, referral
         self.pending = ""  # text received, not yet sent (the held-back window and any span inside it)
         self.actions: list[Action] = []
         self.stopped = False
@@ -211,8 +226,19 @@ class OutputFilter:
         return self._release(final=False)
 
     def finish(self) -> str:
-        """The rest of the reply, once the model has stopped."""
-        return "" if self.stopped else self._release(final=True)
+        """The rest of the reply, once the model has stopped (with the referral a matching question needs)."""
+        if self.stopped:
+            return ""
+        rest = self._release(final=True)
+        if self.referral is not None:
+            from lmforge.eval.rewards import sends_to_care
+
+            if not sends_to_care(self._seen):
+                self.actions.append(Action(self.referral.id, "output", "appended", "no referral to care"))
+                rest += (
+                    "" if not self._seen or self._seen.endswith((" ", "\n")) else " "
+                ) + self.referral.message
+        return rest
 
     def _release(self, final: bool) -> str:
         text = self.pending
@@ -228,8 +254,8 @@ class OutputFilter:
         return masked(text[:cut], sent)
 
 
-def filter_reply(policy: Policy, text: str) -> tuple[str, list[Action]]:
+def filter_reply(policy: Policy, text: str, referral: ReferralRule | None = None) -> tuple[str, list[Action]]:
     """A whole (non-streamed) reply through the output rules."""
-    f = OutputFilter(policy)
+    f = OutputFilter(policy, referral=referral)
     out = f.feed(text) + f.finish()
     return out, f.actions
