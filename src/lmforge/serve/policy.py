@@ -26,12 +26,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from lmforge.config import Section, load_config
 from lmforge.data.governance import find_pii, masked
+from lmforge.errors import LmforgeError
 
 Direction = Literal["input", "output"]
 # A user turn that tries to replace the system prompt (a request, not a rule the model must follow).
@@ -61,6 +62,28 @@ class TopicRule(Section):
     """Phrases matched case-insensitively as whole words."""
     patterns: list[str] = Field(default_factory=list)
     """Regular expressions (Python syntax), case-insensitive."""
+    classifier: Path | None = None
+    """A sequence-classifier directory (e.g. a fine-tuned MiniLM): a request is blocked when its probability of
+    `label` reaches `threshold`. Requests only: a streamed reply is not re-classified at every token."""
+    label: str | None = None
+    """The classifier's label that means this topic (one of its config's id2label names)."""
+    threshold: float = Field(0.5, ge=0, le=1)
+    """Probability of `label` at which a request is blocked."""
+
+    def probability(self, text: str) -> float:
+        """The classifier's probability that `text` is this topic."""
+        import torch
+
+        model, tok, index = _classifier(self)
+        ids = tok.encode(text, add_special_tokens=True)[: model.config.max_position_embeddings]
+        extra = (
+            {"token_type_ids": torch.zeros(1, len(ids), dtype=torch.long)}
+            if model.config.model_type == "bert"
+            else {}
+        )
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids]), **extra)  # (1, labels)
+        return float(logits.float().softmax(-1)[0, index])
 
     @field_validator("patterns")
     @classmethod
@@ -117,8 +140,14 @@ class PolicyFile(Policy):
 
 
 def load_policy(path: Path) -> PolicyFile:
-    """A policy file, validated (unknown keys named with the closest valid one)."""
-    return load_config(PolicyFile, Path(path))
+    """A policy file, validated (unknown keys named with the closest valid one; classifiers loaded and their
+    labels checked now, not at the first request)."""
+    policy = load_config(PolicyFile, Path(path))
+    for p in (policy, *policy.models.values()):
+        for rule in p.blocked_topics:
+            if rule.classifier is not None:
+                _classifier(rule)
+    return policy
 
 
 @dataclass(frozen=True)
@@ -143,10 +172,33 @@ class InputDecision:
     """The referral rule the last user turn matches: its reply must send the user to care."""
 
 
-def _topic(policy: Policy, text: str) -> TopicRule | None:
+_CLASSIFIERS: dict[tuple[str, str | None], tuple[Any, Any, int]] = {}
+
+
+def _classifier(rule: TopicRule) -> tuple[Any, Any, int]:
+    """(model, tokenizer, label index) of a rule's classifier, loaded once per process."""
+    key = (str(rule.classifier), rule.label)
+    if key not in _CLASSIFIERS:
+        from lmforge.model.hf import load_model
+        from lmforge.tokenizer import Tokenizer
+
+        model = load_model(rule.classifier, device="cpu").eval()
+        names = {str(n): int(i) for i, n in (getattr(model.config, "id2label", None) or {}).items()}
+        if not type(model).__name__.endswith("ForSequenceClassification") or rule.label not in names:
+            raise LmforgeError(
+                f"blocked topic {rule.id!r}: classifier {rule.classifier} has labels {sorted(names) or 'none'}; "
+                f"expected a sequence classifier with the label {rule.label!r}"
+            )
+        _CLASSIFIERS[key] = (model, Tokenizer.from_dir(rule.classifier), names[rule.label])
+    return _CLASSIFIERS[key]
+
+
+def _topic(policy: Policy, text: str, classify: bool = False) -> TopicRule | None:
     for rule in policy.blocked_topics:
         pattern = rule.regex()
         if pattern is not None and pattern.search(text):
+            return rule
+        if classify and rule.classifier is not None and rule.probability(text) >= rule.threshold:
             return rule
     return None
 
@@ -161,7 +213,7 @@ def check_input(
         out.actions.append(Action("max_input_chars", "input", "refused", f"{len(text)} characters"))
         out.refusal = policy.refusal
         return out
-    if (rule := _topic(policy, text)) is not None:
+    if (rule := _topic(policy, text, classify=True)) is not None:
         out.actions.append(Action(rule.id, "input", "refused"))
         out.refusal = policy.refusal
         return out
