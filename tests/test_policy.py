@@ -144,7 +144,7 @@ def test_the_server_applies_the_policy_to_requests_and_replies(served):
 
 
 def test_the_medical_policy_refers_the_worlds_redirect_questions(tmp_path):
-    """recipes/policy-medical.yaml on the world's medical questions: every redirect question (dose, diagnosis,
+    """recipes/policies/medical.yaml on the world's medical questions: every redirect question (dose, diagnosis,
     emergency) matches a referral and no other question does; a reply without a referral gets one, so the world's
     medical reward passes; the safety system prompt replaces a client's."""
     from lmforge.data.synthetic import synthesize
@@ -152,7 +152,7 @@ def test_the_medical_policy_refers_the_worlds_redirect_questions(tmp_path):
     from lmforge.eval.rewards import PromptItem, medical_reward
 
     world = Path(synthesize(tmp_path / "world", seed=0)["out"])
-    policy = load_policy(RECIPES / "policy-medical.yaml").for_model("medical")
+    policy = load_policy(RECIPES / "policies" / "medical.yaml").for_model("medical")
     records = [json.loads(line) for line in (world / "medical_qa.jsonl").read_text().splitlines()]
     for record in records:
         question = record["messages"][-2]["content"]

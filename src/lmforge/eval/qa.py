@@ -87,6 +87,12 @@ def is_correct(answer: str, item: QAItem) -> bool:
     return _normal(answer) == _normal(item.expected)
 
 
+def turn_end_ids(tok: Any) -> set[int]:
+    """The chat template's end-of-turn ids (e.g. <|im_end|>), not EOS: a base model ends text with EOS, a chat
+    model must learn to end its turn (EOS itself when it is the template's only end marker)."""
+    return (set(tok.eot_ids) - {tok.eos_id}) or {tok.eos_id}
+
+
 def exact_match(
     engine: Any,
     items: list[QAItem],
@@ -106,9 +112,7 @@ def exact_match(
     cfg = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens)
     room = engine.config.max_position_embeddings - max_new_tokens - engine.model.extra_positions
     tok = engine.tokenizer
-    # The chat template's end-of-turn (e.g. <|im_end|>), not EOS: a base model ends text with EOS, a chat
-    # model must learn to end its turn (EOS itself when it is the template's only end marker).
-    turn_end = (set(tok.eot_ids) - {tok.eos_id}) or {tok.eos_id}
+    turn_end = turn_end_ids(tok)
     hits: dict[str | None, list[int]] = defaultdict(lambda: [0, 0])
     stopped, examples, answers = 0, [], []
     for start in range(0, len(items), batch_size):

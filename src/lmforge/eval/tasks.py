@@ -83,21 +83,17 @@ def metrics_of(measured: Measured) -> dict[str, dict[str, Any]]:
 # ----------------------------------------------------------------------------------------- generation
 
 
-def _turn_end(tok: Any) -> set[int]:
-    """The chat template's end-of-turn ids (EOS itself only when it is the template's only end marker)."""
-    return (set(tok.eot_ids) - {tok.eos_id}) or {tok.eos_id}
-
-
 def generate_replies(
     engine: Any, prompts: Sequence[Sequence[dict[str, str]]], *, max_new_tokens: int, batch_size: int = 32
 ) -> list[tuple[str, bool]]:
     """Greedy replies to chat prompts through the chat template: (text, ended its turn) each, in order."""
+    from lmforge.eval.qa import turn_end_ids
     from lmforge.infer.engine import prompt_ids
     from lmforge.infer.sampling import GenerationConfig
 
     cfg = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens)
     room = engine.context - max_new_tokens
-    ends = _turn_end(engine.tokenizer)
+    ends = turn_end_ids(engine.tokenizer)
     out = []
     for start in range(0, len(prompts), batch_size):
         ids = [prompt_ids(engine, list(p), chat=True, system=None, room=room, truncate=True)
