@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import subprocess
+import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,3 +36,16 @@ def append_results(path: Path, records: Iterable[dict[str, Any]], **header: Any)
     with open(path, "a", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps({**header, **record}) + "\n")
+
+
+def finish(path: Path, records: Iterable[dict[str, Any]], *, started: float, load_start: float, record: bool,
+           **header: Any) -> float:  # fmt: skip
+    """Print the run's seconds and the load average at its start and end; append the records (with `header`,
+    `command` and `total_s`) unless `record` is False. Returns the seconds."""
+    seconds = time.perf_counter() - started
+    print(
+        f"\n{seconds:.0f} s in all; load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
+    )
+    if record:
+        append_results(path, records, **header, command=" ".join(sys.argv), total_s=seconds)
+    return seconds

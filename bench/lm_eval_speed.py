@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_results, cpu_machine, lmforge_revision
+from common import cpu_machine, finish, lmforge_revision
 
 ROOT = Path(__file__).resolve().parents[1]
 STORIES = ROOT.parent / "shared" / "data" / "tinystories" / "tinystories_val_sample.txt"
@@ -177,20 +177,15 @@ def main() -> None:
             print(f"{kind}: {len(instances)} requests, lmforge {rates['lmforge']:.1f}/s, hf {rates['hf']:.1f}/s, "
                   f"ratio {record['ratio']:.2f}x (responses within {worst:.1e}); load {load:.1f}")  # fmt: skip
         model_name = str(args.model) if args.model else f"random {args.preset}"
-    seconds = time.perf_counter() - t_start
-    print(
-        f"{seconds:.0f} s in all; load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
-    )
-    if not args.no_record:
-        import lm_eval
+    import lm_eval
 
-        settings = {"model": model_name, "batch_size": args.batch_size, "questions": args.questions,
-                    "docs": args.docs, "repeats": args.repeats, "dtype": "float32"}  # fmt: skip
-        versions = {"lmforge": lmforge_revision(), "lm_eval": lm_eval.__version__,
-                    "transformers": transformers.__version__}  # fmt: skip
-        date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        append_results(RESULTS, records, date=date, command=" ".join(sys.argv), machine=cpu_machine(args.threads),
-                       versions=versions, settings=settings, total_s=seconds)  # fmt: skip
+    settings = {"model": model_name, "batch_size": args.batch_size, "questions": args.questions,
+                "docs": args.docs, "repeats": args.repeats, "dtype": "float32"}  # fmt: skip
+    versions = {"lmforge": lmforge_revision(), "lm_eval": lm_eval.__version__,
+                "transformers": transformers.__version__}  # fmt: skip
+    finish(RESULTS, records, started=t_start, load_start=load_start, record=not args.no_record,
+           date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=cpu_machine(args.threads),
+           versions=versions, settings=settings)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ import torch
 from lmforge.rag.index import Document, RagIndex, build_index, chunk_document
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_results, cpu_machine, lmforge_revision
+from common import cpu_machine, finish, lmforge_revision
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -639,13 +639,8 @@ def main() -> None:
                                 "load_average": [load, os.getloadavg()[0]]})  # fmt: skip
             print_query(query_results, args.k)
     print_summary(embed_result, query_results)
-    seconds = time.perf_counter() - t_start
-    print(
-        f"\n{seconds:.0f} s in all; load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
-    )
-    if not args.no_record:
-        append_results(RESULTS, records, date=date, command=" ".join(sys.argv), machine=device, versions=versions,
-                       settings=settings, total_s=seconds)  # fmt: skip
+    finish(RESULTS, records, started=t_start, load_start=load_start, record=not args.no_record, date=date,
+           machine=device, versions=versions, settings=settings)  # fmt: skip
 
 
 if __name__ == "__main__":
