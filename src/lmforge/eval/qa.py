@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -93,6 +94,20 @@ def turn_end_ids(tok: Any) -> set[int]:
     return (set(tok.eot_ids) - {tok.eos_id}) or {tok.eos_id}
 
 
+def greedy_completions(
+    engine: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int = 32
+) -> list[Any]:
+    """Greedy completions (lmforge.infer.engine.Completion) of token-id prompts, `batch_size` at a time, in
+    order: what every evaluation that generates decodes with."""
+    from lmforge.infer.sampling import GenerationConfig
+
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+    out: list[Any] = []
+    for start in range(0, len(prompts), batch_size):
+        out += engine.generate([list(p) for p in prompts[start : start + batch_size]], cfg)
+    return out
+
+
 def exact_match(
     engine: Any,
     items: list[QAItem],
@@ -107,41 +122,38 @@ def exact_match(
     few examples, and under "answers" every item's question, group, expected value, answer and verdict. With a
     `retriever` (lmforge.rag.prompt.Retriever), each question gets its passages and each answer its citations."""
     from lmforge.infer.engine import prompt_ids
-    from lmforge.infer.sampling import GenerationConfig
 
-    cfg = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens)
     room = engine.config.max_position_embeddings - max_new_tokens - engine.model.extra_positions
     tok = engine.tokenizer
     turn_end = turn_end_ids(tok)
+    if retriever is not None:
+        from lmforge.rag.prompt import rag_prompt_ids
+
+        prompts = [rag_prompt_ids(tok, retriever, list(it.messages), room) for it in items]
+        ids, rags = [p[0] for p in prompts], [p[1] for p in prompts]
+    else:
+        ids = [prompt_ids(engine, list(it.messages) if chat else it.messages[-1]["content"], chat=chat,
+                          system=None, room=room, truncate=True) for it in items]  # fmt: skip
+        rags = [None] * len(items)
     hits: dict[str | None, list[int]] = defaultdict(lambda: [0, 0])
     stopped, examples, answers = 0, [], []
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        if retriever is not None:
-            from lmforge.rag.prompt import rag_prompt_ids
-
-            prompts = [rag_prompt_ids(tok, retriever, list(it.messages), room) for it in batch]
-            ids, rags = [p[0] for p in prompts], [p[1] for p in prompts]
-        else:
-            ids = [prompt_ids(engine, list(it.messages) if chat else it.messages[-1]["content"], chat=chat,
-                              system=None, room=room, truncate=True) for it in batch]  # fmt: skip
-            rags = [None] * len(batch)
-        for item, completion, rag in zip(batch, engine.generate(ids, cfg), rags, strict=True):
-            ok = is_correct(completion.text, item)
-            for key in (None, item.group) if item.group is not None else (None,):
-                hits[key][0] += ok
-                hits[key][1] += 1
-            stopped += completion.stop_token in turn_end
-            answers.append({"question": item.messages[-1]["content"], "group": item.group,
-                            "expected": item.expected, "answer": completion.text, "correct": ok,
-                            "ended": completion.stop_token in turn_end})  # fmt: skip
-            if rag is not None:
-                answers[-1]["passages"] = [h.chunk.text for h in rag.passages]
-                answers[-1]["citations"] = rag.citations(completion.text)
-            if len(examples) < 3:
-                question = item.messages[-1]["content"]
-                examples.append({"question": question, "expected": item.expected, "answer": completion.text,
-                                 "correct": ok})  # fmt: skip
+    completions = greedy_completions(engine, ids, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    for item, completion, rag in zip(items, completions, rags, strict=True):
+        ok = is_correct(completion.text, item)
+        for key in (None, item.group) if item.group is not None else (None,):
+            hits[key][0] += ok
+            hits[key][1] += 1
+        stopped += completion.stop_token in turn_end
+        answers.append({"question": item.messages[-1]["content"], "group": item.group,
+                        "expected": item.expected, "answer": completion.text, "correct": ok,
+                        "ended": completion.stop_token in turn_end})  # fmt: skip
+        if rag is not None:
+            answers[-1]["passages"] = [h.chunk.text for h in rag.passages]
+            answers[-1]["citations"] = rag.citations(completion.text)
+        if len(examples) < 3:
+            question = item.messages[-1]["content"]
+            examples.append({"question": question, "expected": item.expected, "answer": completion.text,
+                             "correct": ok})  # fmt: skip
     total = hits[None]
     return {
         "questions": total[1],

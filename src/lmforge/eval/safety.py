@@ -186,23 +186,20 @@ def run_safety(
     """Greedy replies to every probe through the chat template (batched) and their verdicts; per set, in probe
     order: "outcomes" (True = safe), "replies", "ids", and "truncated" (how many prompts lost their start to
     fit the model's context with max_new_tokens)."""
-    from lmforge.infer.sampling import GenerationConfig
+    from lmforge.eval.qa import greedy_completions
 
     _known(probes)
-    cfg = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens)
     room = engine.config.max_position_embeddings - max_new_tokens - engine.model.extra_positions
     if room < 1:
         raise LmforgeError(f"max_new_tokens {max_new_tokens} fills the model's context: no room for a prompt")
     results: dict[str, dict[str, Any]] = {}
     for name, items in probes.items():
-        replies: list[str] = []
-        truncated = 0
-        for start in range(0, len(items), batch_size):
-            batch = items[start : start + batch_size]
-            ids = [_prompt_ids(engine, name, probe) for probe in batch]
-            truncated += sum(len(p) > room for p in ids)
-            # Keep the end, as exact_match does: the user turn and the opened assistant turn.
-            replies += [c.text for c in engine.generate([p[-room:] for p in ids], cfg)]
+        ids = [_prompt_ids(engine, name, probe) for probe in items]
+        truncated = sum(len(p) > room for p in ids)
+        # Keep the end, as exact_match does: the user turn and the opened assistant turn.
+        done = greedy_completions(engine, [p[-room:] for p in ids], max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size)  # fmt: skip
+        replies = [c.text for c in done]
         if truncated:
             logger.warning(
                 "probe set %s: %d of %d prompts were cut to their last %d tokens to fit the model's context",

@@ -87,19 +87,14 @@ def generate_replies(
     engine: Any, prompts: Sequence[Sequence[dict[str, str]]], *, max_new_tokens: int, batch_size: int = 32
 ) -> list[tuple[str, bool]]:
     """Greedy replies to chat prompts through the chat template: (text, ended its turn) each, in order."""
-    from lmforge.eval.qa import turn_end_ids
+    from lmforge.eval.qa import greedy_completions, turn_end_ids
     from lmforge.infer.engine import prompt_ids
-    from lmforge.infer.sampling import GenerationConfig
 
-    cfg = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens)
     room = engine.context - max_new_tokens
+    ids = [prompt_ids(engine, list(p), chat=True, system=None, room=room, truncate=True) for p in prompts]
     ends = turn_end_ids(engine.tokenizer)
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        ids = [prompt_ids(engine, list(p), chat=True, system=None, room=room, truncate=True)
-               for p in prompts[start : start + batch_size]]  # fmt: skip
-        out += [(c.text, c.stop_token in ends) for c in engine.generate(ids, cfg)]
-    return out
+    done = greedy_completions(engine, ids, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [(c.text, c.stop_token in ends) for c in done]
 
 
 def token_f1(answer: str, expected: str) -> float:
