@@ -46,7 +46,6 @@ from lmforge.serve.policy import (
     OutputFilter,
     Policy,
     PolicyFile,
-    ReferralRule,
     check_input,
     filter_reply,
 )
@@ -134,6 +133,25 @@ def create_app(
             raise LmforgeError(f"--route {route.name}: {why} (served: {', '.join(sorted(served_names))})")
         routed[route.name] = route
     answered: dict[str, None] = {}  # response ids feedback may name (the newest 100,000)
+
+    def log_request(rid: str, body: ChatRequest | CompletionRequest, asked: dict[str, Any] | None,
+                    actions: list[Action], ids: list[int], done: list[Completion], latency_s: float,
+                    finish: str | None, prompt: Any = None, reply: str = "") -> None:  # fmt: skip
+        """One request's line in the request log (when there is one); its id may then receive feedback."""
+        if request_log is None:
+            return
+        answered[rid] = None
+        if len(answered) > 100_000:
+            del answered[next(iter(answered))]
+        vocab = engine.tokenizer.vocab_size if engine is not None else 1
+        entry = {"type": "request", "time": _now(), "id": rid, **(asked or {"model": body.model, "route": None}),
+                 "variant": body.model, "user": body.user, "prompt_tokens": len(ids),
+                 "completion_tokens": sum(len(c.token_ids) for c in done), "ttft_s": _ttft(done),
+                 "latency_s": latency_s, "finish_reason": finish, "policy": [asdict(a) for a in actions],
+                 "prompt_token_hist": bucket_counts(ids, vocab).tolist()}  # fmt: skip
+        if request_log.text:
+            entry |= {"messages": prompt, "completion": reply}
+        request_log.write(entry)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -299,12 +317,14 @@ def create_app(
         body: ChatRequest | CompletionRequest,
         prompt: str | list[dict],
         top: int | None,
-        rules: Policy | None = None,
-        acted: list[Action] | None = None,
         asked: dict[str, Any] | None = None,
-        referral: ReferralRule | None = None,
+        rules: Policy | None = None,
+        decision: InputDecision | None = None,
     ) -> Any:
-        """Decode one chat or text completion in the running batch: the whole response, or its events."""
+        """Decode one chat or text completion in the running batch: the whole response, or its events. Under a
+        policy, `rules` are the output rules and `decision` what the input rules did."""
+        acted = decision.actions if decision is not None else []
+        referral = decision.referral if decision is not None else None
         adapter = adapter_of(body.model)
         engine, scheduler = generator()
         chat = isinstance(body, ChatRequest)
@@ -337,21 +357,8 @@ def create_app(
         rid, started = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", time.perf_counter()
 
         def record(done: list[Completion], replies: list[str], actions: list[Action]) -> None:
-            if request_log is None:
-                return
-            answered[rid] = None
-            if len(answered) > 100_000:
-                del answered[next(iter(answered))]
-            entry = {"type": "request", "time": _now(), "id": rid, **(asked or {"model": body.model, "route": None}),
-                     "variant": body.model, "user": body.user, "prompt_tokens": len(ids),
-                     "completion_tokens": sum(len(c.token_ids) for c in done), "ttft_s": _ttft(done),
-                     "latency_s": time.perf_counter() - started,
-                     "finish_reason": done[0].finish_reason if done else None,
-                     "policy": [asdict(a) for a in actions],
-                     "prompt_token_hist": bucket_counts(ids, engine.tokenizer.vocab_size).tolist()}  # fmt: skip
-            if request_log.text:
-                entry |= {"messages": prompt, "completion": replies[0] if replies else ""}
-            request_log.write(entry)
+            log_request(rid, body, asked, actions, ids, done, time.perf_counter() - started,
+                        done[0].finish_reason if done else None, prompt, replies[0] if replies else "")  # fmt: skip
 
         if body.stream:
             filters = (
@@ -380,7 +387,7 @@ def create_app(
         if rules is not None:  # the output rules over each whole reply
             filtered = [filter_reply(rules, r, referral) for r in replies]
             replies = [r for r, _ in filtered]
-            acted = [*(acted or []), *(a for _, actions in filtered for a in actions)]
+            acted = [*acted, *(a for _, actions in filtered for a in actions)]
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": replies[i]},
                         "finish_reason": c.finish_reason,
@@ -392,9 +399,9 @@ def create_app(
                        for i, c in enumerate(done)]  # fmt: skip
         response = {"id": rid, "object": kind, "created": int(time.time()), "model": body.model,
                     "choices": choices, "usage": _usage(ids, done), **_route_fields(asked, body)}  # fmt: skip
-        record(done, replies, acted or [])
+        record(done, replies, acted)
         if rules is not None:
-            response["policy"] = [asdict(a) for a in acted or []]
+            response["policy"] = [asdict(a) for a in acted]
         return {**response, **_rag_fields(rag_prompt, done[0].text)} if rag_prompt is not None else response
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)], responses=COMPLETION_RESPONSES)
@@ -413,18 +420,11 @@ def create_app(
         decision = check_input(rules, messages, body.max_completion_tokens or body.max_tokens)
         if decision.refusal is not None:  # answered by the policy: the model never sees the request
             rid = f"chatcmpl-{uuid.uuid4().hex}"
-            if request_log is not None:
-                answered[rid] = None
-                request_log.write({"type": "request", "time": _now(), "id": rid, **asked, "variant": body.model,
-                                   "user": body.user, "prompt_tokens": 0, "completion_tokens": 0, "ttft_s": None,
-                                   "latency_s": 0.0, "finish_reason": "policy",
-                                   "policy": [asdict(a) for a in decision.actions]})  # fmt: skip
+            log_request(rid, body, asked, decision.actions, [], [], 0.0, "policy", messages, decision.refusal)
             return _refused(body, decision, rid)
         if decision.max_tokens is not None:
             body = body.model_copy(update={"max_tokens": decision.max_tokens, "max_completion_tokens": None})
-        return await completion(
-            request, body, decision.messages, top, rules, decision.actions, asked, decision.referral
-        )
+        return await completion(request, body, decision.messages, top, asked, rules, decision)
 
     @app.post("/v1/feedback", dependencies=[Depends(authorised)])
     def feedback(body: FeedbackRequest) -> dict[str, Any]:
