@@ -14,8 +14,7 @@ from typer.testing import CliRunner
 
 from lmforge.cli import app
 from lmforge.errors import LmforgeError
-from lmforge.serve.monitor import read_log
-from lmforge.serve.traffic import RequestLog, Route
+from lmforge.serve.traffic import RequestLog, Route, read_log
 
 runner = CliRunner()
 

@@ -39,7 +39,6 @@ from lmforge.infer.scheduler import Request as Job
 from lmforge.rag.index import RagIndex
 from lmforge.rag.prompt import RagPrompt, Retriever, rag_prompt_ids
 from lmforge.serve.metrics import Metrics
-from lmforge.serve.monitor import bucket_counts
 from lmforge.serve.policy import (
     Action,
     InputDecision,
@@ -50,7 +49,7 @@ from lmforge.serve.policy import (
     filter_reply,
 )
 from lmforge.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, FeedbackRequest
-from lmforge.serve.traffic import RequestLog, Route
+from lmforge.serve.traffic import RequestLog, Route, bucket_counts
 from lmforge.serve.web import mount_web
 
 log = logging.getLogger(__name__)

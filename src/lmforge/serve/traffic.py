@@ -5,7 +5,7 @@ user ratings into preference pairs that `data prepare` reads and `lmforge align 
 A log holds two kinds of line: `{"type": "request", ...}` (time, id, model asked, variant that answered, route,
 user, token counts, TTFT, latency, finish reason, policy actions, a 64-bucket histogram of the prompt's token
 ids, and the messages and completion only with --log-text) and `{"type": "feedback", ...}` (response id, rating
-up or down, comment). `lmforge monitor` reads it (serve/monitor.py).
+up or down, comment), written by `RequestLog` and read back by `read_log` (`lmforge monitor`, serve/monitor.py).
 """
 
 from __future__ import annotations
@@ -13,14 +13,79 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_write
+
+BUCKETS = 64
+"""Token-id buckets of `prompt_token_hist`: bucket b holds the ids with id * BUCKETS // vocab_size == b."""
+REQUEST_KEYS = ("id", "variant", "prompt_tokens", "completion_tokens", "ttft_s", "latency_s")
+FEEDBACK_KEYS = ("response_id", "rating")
+
+
+def bucket_counts(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """(BUCKETS,) counts of token ids by bucket id * BUCKETS // vocab_size, as the server logs them."""
+    buckets = np.asarray(ids, dtype=np.int64) * BUCKETS // vocab_size
+    return np.bincount(np.clip(buckets, 0, BUCKETS - 1), minlength=BUCKETS)
+
+
+def log_files(path: str | Path) -> list[Path]:
+    """The files of a rotated log, oldest first: LOG.N ... LOG.2, LOG.1, then LOG."""
+    path = Path(path)
+    rotated = []
+    if path.parent.is_dir():
+        pattern = re.compile(re.escape(path.name) + r"\.(\d+)")
+        for sibling in path.parent.iterdir():
+            if (m := pattern.fullmatch(sibling.name)) and sibling.is_file():
+                rotated.append((int(m.group(1)), sibling))
+    files = [p for _, p in sorted(rotated, reverse=True)] + ([path] if path.is_file() else [])
+    if not files:
+        raise LmforgeError(f"{path}: no request log there (nor rotated {path.name}.1 ...)")
+    return files
+
+
+def _check_entry(entry: Any) -> str | None:
+    """Why a parsed line is not a log entry, or None when it is one."""
+    if not isinstance(entry, dict):
+        return "not a JSON object"
+    kind = entry.get("type")
+    if kind not in ("request", "feedback"):
+        return f"type {kind!r}: expected 'request' or 'feedback'"
+    missing = [k for k in (REQUEST_KEYS if kind == "request" else FEEDBACK_KEYS) if k not in entry]
+    if missing:
+        return f"a {kind} entry without {', '.join(missing)}"
+    if kind == "feedback" and entry["rating"] not in ("up", "down"):
+        return f"rating {entry['rating']!r}: expected 'up' or 'down'"
+    hist = entry.get("prompt_token_hist")
+    if kind == "request" and hist is not None and (not isinstance(hist, list) or len(hist) != BUCKETS):
+        return f"prompt_token_hist: expected a list of {BUCKETS} counts"
+    return None
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """Every entry of a request log and its rotated files, oldest first; a bad line raises naming file:line."""
+    entries = []
+    for file in log_files(path):
+        with open(file, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                except ValueError as e:
+                    raise LmforgeError(f"{file}:{number}: not JSON ({e})") from None
+                if problem := _check_entry(entry):
+                    raise LmforgeError(f"{file}:{number}: {problem}")
+                entries.append(entry)
+    return entries
 
 
 class RequestLog:
@@ -94,8 +159,6 @@ class Route:
 def export_preferences(log: Path, out: Path) -> dict[str, Any]:
     """Preference pairs from rated answers: for each prompt with an up-rated and a down-rated answer, one record
     {"prompt": messages, "chosen": up, "rejected": down} per pair (each answer used once); JSONL, atomic."""
-    from lmforge.serve.monitor import read_log
-
     requests, ratings = {}, {}
     for entry in read_log(log):
         if entry["type"] == "request":
