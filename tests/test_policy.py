@@ -176,7 +176,7 @@ def test_a_classifier_blocks_a_topic_at_its_threshold(tmp_path):
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from lmforge.pipeline import minilm_dir
+    from lmforge.demo import minilm_dir
 
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, num_labels=2, id2label={0: "ok", 1: "weapons"},

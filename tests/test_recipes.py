@@ -37,7 +37,7 @@ def test_recipe_resolves(recipe):
 
 
 def test_world_recipes_are_what_the_demo_trains():
-    from lmforge.pipeline import demo_plan
+    from lmforge.demo import demo_plan
 
     plan = demo_plan()
     root = Path(__file__).resolve().parents[1] / "recipes"

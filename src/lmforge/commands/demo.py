@@ -65,7 +65,7 @@ def demo(
     MiniLM embeddings computed by lmforge's BERT. About 4.5 minutes on 2 cores (--full: about 21). It grows with
     each lmforge stage.
     """
-    from lmforge.pipeline import run_demo
+    from lmforge.demo import run_demo
 
     result = run_demo(out, seed, pretrain_steps, sft_steps, overwrite=overwrite, full=full)
     if as_json:

@@ -1,4 +1,4 @@
-"""The demo: what lmforge can do so far, end to end on this machine, with no downloads. It grows each stage."""
+"""The demo: what lmforge can do, end to end on this machine, with no downloads. It grows with each stage."""
 
 from __future__ import annotations
 
