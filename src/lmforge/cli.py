@@ -22,8 +22,10 @@ from lmforge.commands import demo as demo_commands
 from lmforge.commands import evaluate as evaluate_commands
 from lmforge.commands import feedback as feedback_commands
 from lmforge.commands import infer as infer_commands
+from lmforge.commands import ladder as ladder_commands
 from lmforge.commands import lm_eval as lm_eval_commands
 from lmforge.commands import monitor as monitor_commands
+from lmforge.commands import pipeline as pipeline_commands
 from lmforge.commands import report as report_commands
 from lmforge.commands import runs as runs_commands
 from lmforge.commands.common import (
@@ -293,7 +295,9 @@ app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(data_app, name="data")
 app.add_typer(rag_app, name="rag")
 for _commands in (
+    pipeline_commands,
     evaluate_commands,
+    ladder_commands,
     lm_eval_commands,
     runs_commands,
     report_commands,

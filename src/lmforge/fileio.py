@@ -47,6 +47,18 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def sha256_tree(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, or of a directory's files (relative names and contents, in name order)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -53,7 +53,7 @@ from lmforge.data.workers import (
     worker_pool,
 )
 from lmforge.errors import LmforgeError
-from lmforge.fileio import atomic_write, sha256_file, staging_dir
+from lmforge.fileio import atomic_write, sha256_tree, staging_dir
 from lmforge.paths import already_holds, check_output, config_paths
 
 log = logging.getLogger(__name__)
@@ -154,17 +154,7 @@ def fingerprint(cfg: PrepareConfig, digests: dict[Path, str], tokenizer_hash: st
 def input_digests(inputs: Sequence[Path]) -> dict[Path, str]:
     """Every input file (directories expanded as `data prepare` does) with the sha256 of its bytes: what
     `fingerprint` reads."""
-    return {path: _tree_sha256(path) for path in iter_files(inputs)}
-
-
-def _tree_sha256(path: Path) -> str:
-    if path.is_file():
-        return sha256_file(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f.relative_to(path).as_posix().encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
+    return {path: sha256_tree(path) for path in iter_files(inputs)}
 
 
 def prepare(

@@ -292,29 +292,33 @@ def read_choices(data: Path, limit: int | None = None) -> list[ChoiceItem]:
     return items
 
 
-def task_choice(target: Target, data: Path, *, limit: int | None, batch_size: int, **_: Any) -> Measured:
-    """Multiple choice by log-likelihood: the option the model finds likeliest after the question (" " +
-    option, as lm-eval joins them), raw and normalised by the option's length in bytes (lm-eval's acc_norm)."""
+def choose(engine: Any, items: Sequence[ChoiceItem], *, batch_size: int) -> list[tuple[int, int]]:
+    """Each item's likeliest option after its context (" " + option, as lm-eval joins them): (by total
+    log-likelihood, by log-likelihood per byte of the option: lm-eval's acc_norm)."""
     from lmforge.eval.loglik import score_continuations
 
-    engine = target.engine()
-    items = read_choices(data, limit)
     tok = engine.tokenizer
-    pairs, owner = [], []
-    for i, item in enumerate(items):
-        context = tok.encode(item.context, add_special_tokens=True)  # BOS where the tokenizer adds one
-        for choice in item.choices:
-            pairs.append((context, tok.encode(" " + choice)))
-            owner.append(i)
-    scored = score_continuations(engine.model, pairs, batch_size=batch_size)
-    acc, norm, k = [], [], 0
+    pairs = []
     for item in items:
-        options = scored[k : k + len(item.choices)]
+        context = tok.encode(item.context, add_special_tokens=True)  # BOS where the tokenizer adds one
+        pairs += [(context, tok.encode(" " + choice)) for choice in item.choices]
+    scored = score_continuations(engine.model, pairs, batch_size=batch_size)
+    chosen, k = [], 0
+    for item in items:
+        logp = np.array([s.logprob for s in scored[k : k + len(item.choices)]])
         k += len(item.choices)
-        logp = np.array([s.logprob for s in options])
         lengths = np.array([len((" " + c).encode()) for c in item.choices])
-        acc.append(float(int(np.argmax(logp)) == item.answer))
-        norm.append(float(int(np.argmax(logp / lengths)) == item.answer))
+        chosen.append((int(np.argmax(logp)), int(np.argmax(logp / lengths))))
+    return chosen
+
+
+def task_choice(target: Target, data: Path, *, limit: int | None, batch_size: int, **_: Any) -> Measured:
+    """Multiple choice by log-likelihood: the option the model finds likeliest after the question, raw and
+    normalised by the option's length in bytes (lm-eval's acc_norm)."""
+    items = read_choices(data, limit)
+    chosen = choose(target.engine(), items, batch_size=batch_size)
+    acc = [float(raw == item.answer) for (raw, _), item in zip(chosen, items, strict=True)]
+    norm = [float(per_byte == item.answer) for (_, per_byte), item in zip(chosen, items, strict=True)]
     return Measured({"accuracy": acc, "accuracy_norm": norm}, ids=[it.where for it in items],
                     texts=[it.context for it in items])  # fmt: skip
 
@@ -333,47 +337,71 @@ def _macro_f1(rows: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
+@dataclass
+class Classifier:
+    """A sequence-classifier directory loaded for prediction (CPU): the model, its tokenizer and config."""
+
+    model: Any
+    tokenizer: Any
+    config: Any
+
+    @classmethod
+    def from_dir(cls, path: Path) -> Classifier:
+        """Load a `*ForSequenceClassification` directory with labels; anything else is refused, naming it."""
+        from lmforge.model.hf import load_model, read_config, read_json_object
+        from lmforge.tokenizer import Tokenizer
+
+        declared = (read_json_object(path / "config.json").get("architectures") or ["?"])[0]
+        config, architecture = read_config(path)
+        if not architecture.endswith("ForSequenceClassification") or getattr(config, "num_labels", 1) < 2:
+            raise LmforgeError(
+                f"{path}: task classify needs a sequence classifier with labels (a *ForSequenceClassification "
+                f"directory, e.g. from `lmforge finetune --set kind=task`); config.json describes {declared}"
+            )
+        return cls(load_model(path, device="cpu").eval(), Tokenizer.from_dir(path), config)
+
+    @property
+    def names(self) -> dict[int, str]:
+        """Label id → name (config.json's id2label)."""
+        return {int(i): n for i, n in (self.config.id2label or {}).items()}
+
+    def predict(self, texts: Sequence[str], batch_size: int) -> list[int]:
+        """The predicted label id of each text, `batch_size` texts per forward."""
+        import torch
+
+        config, tok = self.config, self.tokenizer
+        pad = config.pad_token_id if config.pad_token_id is not None else 0
+        encoder, window = config.model_type == "bert", config.max_position_embeddings
+        preds: list[int] = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                batch = [
+                    tok.encode(t, add_special_tokens=True)[:window] for t in texts[start : start + batch_size]
+                ]
+                ids = torch.full((len(batch), max(map(len, batch))), pad)  # (B, T), right-padded
+                mask = torch.zeros_like(ids)
+                for i, row in enumerate(batch):
+                    ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+                extra = {"token_type_ids": torch.zeros_like(ids)} if encoder else {}
+                logits = self.model(ids, attention_mask=mask, **extra)  # (B, labels)
+                preds += logits.argmax(-1).tolist()
+        return preds
+
+
 def task_classify(target: Target, data: Path, *, limit: int | None, batch_size: int, **_: Any) -> Measured:
     """A sequence classifier's accuracy, macro-F1 and confusion matrix on labelled texts."""
-    import torch
-
     from lmforge.data.formats import to_examples
     from lmforge.data.readers import read_records
-    from lmforge.model.hf import load_model, read_config, read_json_object
-    from lmforge.tokenizer import Tokenizer
 
-    declared = (read_json_object(target.model / "config.json").get("architectures") or ["?"])[0]
-    config, architecture = read_config(target.model)
-    if not architecture.endswith("ForSequenceClassification") or getattr(config, "num_labels", 1) < 2:
-        raise LmforgeError(
-            f"{target.model}: task classify needs a sequence classifier with labels (a *ForSequenceClassification "
-            f"directory, e.g. from `lmforge finetune --set kind=task`); config.json describes {declared}"
-        )
+    classifier = Classifier.from_dir(target.model)
     if target.adapter is not None:
         raise LmforgeError(
             f"--adapter {target.adapter}: task classify evaluates a classifier directory as is"
         )
-    names = {int(i): n for i, n in (config.id2label or {}).items()}
+    names = classifier.names
     records = list(read_records(data))[:limit]
     examples = list(to_examples(records, "classification", label_map={n: i for i, n in names.items()}))
-    tok = Tokenizer.from_dir(target.model)
-    model = load_model(target.model, device="cpu").eval()
-    pad = config.pad_token_id if config.pad_token_id is not None else 0
-    encoder = config.model_type == "bert"
-    window = config.max_position_embeddings
-    preds = []
-    with torch.inference_mode():
-        for start in range(0, len(examples), batch_size):
-            batch = [
-                tok.encode(ex.text, add_special_tokens=True)[:window]
-                for ex in examples[start : start + batch_size]
-            ]
-            ids = torch.full((len(batch), max(map(len, batch))), pad)  # (B, T), right-padded
-            mask = torch.zeros_like(ids)
-            for i, row in enumerate(batch):
-                ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
-            extra = {"token_type_ids": torch.zeros_like(ids)} if encoder else {}
-            preds += model(ids, attention_mask=mask, **extra).argmax(-1).tolist()  # logits (B, labels)
+    preds = classifier.predict([ex.text for ex in examples], batch_size)
     gold = [ex.label for ex in examples]
     rows = np.column_stack([gold, preds])  # (n, 2)
     labels = sorted(set(gold) | set(preds))
