@@ -50,7 +50,7 @@ def sentence_embeddings(model_dir: Path, sentences: list[str]) -> torch.Tensor:
 
 RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"  # recipes/pipelines/demo.yaml links to it
 POLICY = Path(__file__).parent / "recipes" / "policies" / "medical.yaml"  # as recipes/policies/medical.yaml
-FULL = {"pretrain_steps": 8000, "questions": 600}  # `lmforge demo --full`: ~21 minutes
+FULL = {"pretrain_steps": 8000, "questions": 600}  # `lmforge demo --full`: 6x the pretraining, every question
 
 
 def run_demo(

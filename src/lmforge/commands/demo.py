@@ -33,7 +33,7 @@ def demo(
         bool,
         typer.Option(
             "--full",
-            help="The ~21-minute recipe: 5x the pretraining, every held-out question (tighter intervals).",
+            help="The longer recipe: 8,000 pretraining steps, every held-out question (tighter intervals).",
         ),
     ] = False,
     pretrain_steps: Annotated[
@@ -67,8 +67,8 @@ def demo(
     forgetting: full fine-tuning against LoRA on the same data; (e) alignment: a reward model and DPO; (f)
     inference control: decoding settings and the system prompt; then the medical adapter served under the
     medical policy and asked through HTTP, a 14M Llama saved and reloaded as a Hugging Face directory, MiniLM
-    similarities, and demo-out/report.html. About 6 minutes on 2 cores (--full: about 23). A rerun skips every
-    stage whose inputs and config did not change.
+    similarities, and demo-out/report.html. About 6 minutes on 2 cores (--full pretrains 8,000 steps, not
+    1,300). A rerun skips every stage whose inputs and config did not change.
     """
     from lmforge.demo import run_demo
 
