@@ -11,9 +11,9 @@ from rich.table import Table
 from lmforge.commands.common import JsonFlag, emit, reflow
 
 EPILOG = """\b
-A recipe (docs/pipelines.md has the whole format and recipes/pipelines/medical.yaml an example):
-  out: runs/medical                 # each stage writes OUT/<name>; --out overrides
-  vars: {steps: 200}                # --set vars.steps=50 overrides
+A recipe (docs/pipelines.md: the whole format; recipes/pipelines/: examples):
+  out: runs/medical       # each stage writes OUT/<name>; --out overrides
+  vars: {steps: 200}      # --set vars.steps=50 overrides
   stages:
     - {name: world, run: synth, with: {seed: 0}}
     - name: tok
@@ -22,10 +22,12 @@ A recipe (docs/pipelines.md has the whole format and recipes/pipelines/medical.y
     - name: base
       run: pretrain
       recipe: ../pretrain-world.yaml  # relative to this file
-      set: {data.dataset: "${world}/pretrain.jsonl", data.tokenizer: "${tok}",
-            train.max_steps: "${vars.steps}"}
-Kinds: synth, tokenizer, prepare, pretrain, finetune, align, rag-index, eval, call, serve.
-References: ${NAME} (primary output), ${NAME.dir|model|adapter|result|command}, ${vars.X}, ${out}."""
+      set: {data.dataset: "${world}/pretrain.jsonl",
+            data.tokenizer: "${tok}", train.max_steps: "${vars.steps}"}
+Kinds: synth, tokenizer, prepare, pretrain, finetune, align, rag-index,
+  eval, call, serve.
+References: ${NAME} (primary output),
+  ${NAME.dir|model|adapter|result|command}, ${vars.X}, ${out}."""
 
 
 def _table(result: dict) -> Table:
