@@ -171,16 +171,21 @@ def _show(value: Any) -> str:
 def config_help(cls: type[BaseModel], width: int = 100) -> str:
     """Every field of `cls` with its type, default, range and description, one per line (the `--help` epilog)."""
     rows = config_fields(cls)
-    heads = [f"  {r.key}: {r.type} = {_show(r.default)}{f' ({r.range})' if r.range else ''}" for r in rows]
+    heads, texts = [], []
+    for r in rows:
+        head, default = f"  {r.key}: {r.type}", f"= {_show(r.default)}{f' ({r.range})' if r.range else ''}"
+        whole = len(head) + 1 + len(default) <= width  # else the default opens the description
+        heads.append(f"{head} {default}" if whole else head)
+        texts.append(r.description or "-" if whole else f"{default[2:]}: {r.description or '-'}")
     lengths = sorted(map(len, heads)) or [0]
     column = min(lengths[len(lengths) * 9 // 10] + 2, width // 2)  # the few longest heads get their own line
     lines = ["Config fields (set in the --config recipe or with --set KEY=VALUE):"]
-    for head, row in zip(heads, rows, strict=True):
+    for head, text in zip(heads, texts, strict=True):
         if len(head) + 2 > column:
             lines.append(head)
             head = ""
         lines += textwrap.wrap(
-            row.description or "-", width, initial_indent=head.ljust(column), subsequent_indent=" " * column,
+            text, width, initial_indent=head.ljust(column), subsequent_indent=" " * column,
             break_long_words=False, break_on_hyphens=False,
         )  # fmt: skip
     return "\n".join(lines)
