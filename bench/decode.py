@@ -18,6 +18,11 @@ come from a streamer. Both libraries must return every requested token, and thei
    greedy output) against plain `transformers`, then against `transformers`' own prompt lookup
    (`prompt_lookup_num_tokens=K`).
 
+Batch 1 is also read against the physical limit: the bytes a decode step must read (every weight once, the KV
+cache of the positions before it, at the run's mean context) divided by this machine's memory read bandwidth,
+measured in the same run (`read_bandwidth`), give the tokens/s no implementation can beat; each library's decode
+rate is reported as a share of it.
+
 Calls alternate between the libraries and each figure is the median over `--repeats` calls. `--profile`
 prints, for both batch sizes, the time inside vs outside the model's forward for each library, then
 torch.profiler's op table and cProfile's top functions for lmforge.
@@ -162,6 +167,33 @@ def table_rows(name: str, what: str, runs: tuple[list[Run], list[Run]], new: int
         yield f"| {name} | {what}: {measure} | {ours:,.1f} | {theirs:,.1f} | {ratio:.2f}x |"
 
 
+def read_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """This machine's memory read bandwidth in bytes/s, measured now with the benchmark's threads: the best of
+    `repeats` sums over a `mib`-MiB fp32 tensor (far larger than the caches, so every byte comes from DRAM)."""
+    x = torch.ones(mib * 2**20 // 4)
+    x.sum()  # touch every page first
+    best = min(_timed(x.sum) for _ in range(repeats))
+    return x.numel() * 4 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bytes_per_token(model: torch.nn.Module, context: float) -> float:
+    """Bytes one batch-1 decode step must read at least: every weight once (a tied embedding counted once: the
+    LM head reads it whole, the input lookup one row) and the K and V caches of `context` earlier positions."""
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = (
+        2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * context * 4
+    )  # fp32 K and V, (layers, T, kv, d)
+    return weights + kv
+
+
 def bench_preset(name: str, tokenizer: Tokenizer, args: argparse.Namespace) -> list[str]:
     """Markdown rows: (measure, lmforge, transformers, ratio) for batch 1 and the batch."""
     ours, hf = build_pair(name)
@@ -174,7 +206,12 @@ def bench_preset(name: str, tokenizer: Tokenizer, args: argparse.Namespace) -> l
     with torch.inference_mode():
         single_runs = compare(engine, hf, single, args.new_tokens, args.repeats)
         batch_runs = compare(engine, hf, batch, args.batch_new_tokens, args.repeats)
+    # The physical limit of batch-1 decoding: bytes each step must read / the bandwidth measured in this run.
+    limit = args.bandwidth / bytes_per_token(ours, len(single[0]) + args.new_tokens / 2)
+    shares = [statistics.median(r.decode_rate for r in lib) / limit for lib in single_runs]
     rows = [
+        f"| {name} | batch 1: bandwidth limit {limit:,.0f} tok/s (bytes read per token / {args.bandwidth / 1e9:.1f} "
+        f"GB/s): share reached | {shares[0]:.0%} | {shares[1]:.0%} | {shares[0] / shares[1]:.2f}x |",
         *table_rows(name, f"batch 1, {args.new_tokens} new", single_runs, args.new_tokens, decode=True),
         *table_rows(
             name, f"batch {args.batch}, {args.batch_new_tokens} new", batch_runs, args.batch_new_tokens
@@ -301,9 +338,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import transformers
 
+    args.bandwidth = read_bandwidth()
+
     # The load average says whether other work shared the cores (it skews 2-thread runs most).
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{torch.get_num_threads()} threads, fp32 CPU, greedy, medians of {args.repeats}; "
+          f"{torch.get_num_threads()} threads, fp32 CPU, greedy, medians of {args.repeats}; memory read "
+          f"bandwidth {args.bandwidth / 1e9:.1f} GB/s (a 256 MiB sum, best of 5); "
           f"load average at start {Path('/proc/loadavg').read_text().split()[0]}\n")  # fmt: skip
     print("| model | measure | lmforge | transformers | lmforge vs transformers |")
     print("|---|---|---:|---:|---:|")

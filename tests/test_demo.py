@@ -197,3 +197,20 @@ def _check_knowledge(out: Path, result: dict) -> None:
     ids = torch.tensor([[2, 40, 41, 42, 43]])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_data_levers_reads_each_runs_b_and_c(tmp_path):
+    """(g): each SFT run's B and C intervals as it recorded them, and whether B's interval clears C's."""
+    from lmforge.demo_sections import data_levers
+    from lmforge.eval.stats import wilson
+
+    runs = {}
+    for label, (b, c) in {"paraphrased+mixed": (30, 3), "paraphrased": (5, 3)}.items():
+        run = tmp_path / label
+        run.mkdir()
+        intervals = {"B": wilson(b, 150), "C": wilson(c, 150)}
+        (run / "results.json").write_text(json.dumps({"qa": {"after": {"intervals": intervals}}}))
+        runs[label] = str(run)
+    levers = data_levers(runs)
+    assert levers["paraphrased+mixed"]["B"] == wilson(30, 150) and levers["paraphrased+mixed"]["B_above_C"]
+    assert not levers["paraphrased"]["B_above_C"]  # 5 of 150 against 3 of 150: the intervals overlap

@@ -236,6 +236,16 @@ def test_the_medical_recipe_plans(tmp_path, monkeypatch):
     assert outputs["sft"] == Path("sft/adapter") and outputs["dpo"] == Path("dpo/model")
 
 
+def test_the_knowledge_levers_recipe_plans(tmp_path, monkeypatch):
+    """recipes/pipelines/knowledge-levers.yaml (the demo's section (g)) resolves: three bases, three SFT runs."""
+    monkeypatch.chdir(POLICY.parents[2])
+    result = run_pipeline(
+        Path("recipes/pipelines/knowledge-levers.yaml"), out=tmp_path / "levers", dry_run=True
+    )
+    kinds = [s["kind"] for s in result["stages"]]
+    assert kinds.count("pretrain") == 3 and kinds.count("finetune") == 3 and kinds[-1] == "call"
+
+
 # ------------------------------------------------------------------------------------------ bad recipes
 
 

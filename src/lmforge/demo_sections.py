@@ -209,3 +209,21 @@ def inference_control(base: str, medical_adapter: str, world: str, seed: int = 0
     care = _referral_rows(runs, "with the system prompt", [p.messages[-1]["content"] for p in questions])
     return {"prompt_example": items[0]["prompt"], "samples_per_prompt": samples, "sampling": settings,
             "system_prompt": care}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ (g) data
+
+
+def data_levers(runs: dict[str, str]) -> dict[str, Any]:
+    """(g) The two data levers of the knowledge recipe, read from SFT runs that differ only in their base's
+    pretraining data ({label: SFT run dir}): exact match on B's held-out questions (facts only in pretraining)
+    and C's (the control), with Wilson intervals, and whether B clears the control."""
+    out = {}
+    for label, run in runs.items():
+        after = json.loads((Path(run) / "results.json").read_text())["qa"]["after"]["intervals"]
+        out[label] = {
+            "B": after["B"],
+            "C": after["C"],
+            "B_above_C": after["B"]["ci95"][0] > after["C"]["ci95"][1],
+        }
+    return out
