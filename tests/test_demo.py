@@ -44,6 +44,12 @@ def test_demo_end_to_end(tmp_path):
     _check_inference(result["inference"])
     _check_serving(result["serve"])
     report = (out / "report.html").read_text()
+    from lmforge.demo_sections import ci
+
+    for sid in ("knowledge", "behaviour", "new-facts", "forgetting-lora-full", "alignment", "inference-control",
+                "serving"):  # fmt: skip
+        assert f'id="{sid}"' in report  # every section after the report's own
+    assert ci(result["knowledge"]["after_sft"]["B"]) in report
     assert (
         all(f'id="{s}"' in report for s in ("training", "forgetting"))
         and result["behaviour"]["reading"] in report

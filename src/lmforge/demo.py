@@ -186,8 +186,11 @@ def hf_roundtrip(tokenizer: str, out: str, seed: int = 0) -> dict[str, Any]:
                                   "cosine": [[round(c, 4) for c in row] for row in (embeddings @ embeddings.T).tolist()]}}  # fmt: skip
 
 
-def write_report(inputs: list[str], out: str) -> dict[str, Any]:
-    """The offline report page (`lmforge report`) over the demo's runs and comparison."""
+def write_report(inputs: list[str], sections: dict[str, str], out: str) -> dict[str, Any]:
+    """The offline report page (`lmforge report`) over the demo's runs and comparison, followed by its sections
+    (a)-(f) and serving, read from their stages' results ({stage name: result.json})."""
+    from lmforge.demo_sections import section_tables
     from lmforge.report import build_report
 
-    return {"report": build_report([Path(p) for p in inputs], Path(out))["out"]}
+    results = {name: json.loads(Path(path).read_text()) for name, path in sections.items()}
+    return {"report": build_report([Path(p) for p in inputs], Path(out), section_tables(results))["out"]}

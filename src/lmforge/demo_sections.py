@@ -18,6 +18,7 @@ import numpy as np
 
 from lmforge.eval.stats import bootstrap, paired_delta
 from lmforge.eval.tasks import Target, run_task
+from lmforge.report import SectionTable
 
 Messages = Sequence[dict[str, str]]
 
@@ -226,4 +227,96 @@ def data_levers(runs: dict[str, str]) -> dict[str, Any]:
             "C": after["C"],
             "B_above_C": after["B"]["ci95"][0] > after["C"]["ci95"][1],
         }
+    return out
+
+
+# ------------------------------------------------------------------------------------- how sections read
+
+
+WHERE = {"A": "in SFT + pretraining", "B": "in pretraining only", "C": "never seen: the control"}
+
+
+def ci(r: dict[str, Any], pct: bool = True) -> str:
+    """A figure with its 95% interval: a Wilson record ({accuracy, ci95}) or a bootstrap one ({value, ci95})."""
+    value = r["accuracy"] if "accuracy" in r else r["value"]
+    low, high = r["ci95"]
+    if pct:
+        return f"{100 * value:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+    return f"{value:.3g} [{low:.3g}, {high:.3g}]"
+
+
+def delta(r: dict[str, Any], pct: bool = True) -> str:
+    """A row's paired change from the base with its interval, or "-" for the base itself."""
+    d = r.get("delta")
+    if d is None:
+        return "-"
+    low, high = d["ci95"]
+    if pct:
+        return f"{100 * d['value']:+.1f} pts [{100 * low:+.1f}, {100 * high:+.1f}]"
+    return f"{d['value']:+.3g} [{low:+.3g}, {high:+.3g}]"
+
+
+def section_tables(results: dict[str, Any]) -> list[SectionTable]:
+    """The demo's sections (a)-(f) and serving, from its stages' results ({stage name: result}), in report order;
+    a section whose stage is absent is left out."""
+    from lmforge.eval.compare import table as compare_table
+
+    out = []
+    if k := results.get("knowledge"):
+        seen = k["after_sft_trained_phrasings"]
+        rows = [(f"{g} ({WHERE[g]})", ci(k["storage"]["by_group"][g]) if g in k["storage"]["by_group"] else "-",
+                 ci(after), ci(seen[g]) if g in seen else "-") for g, after in k["after_sft"].items()]  # fmt: skip
+        b, c = k["after_sft"]["B"], k["after_sft"]["C"]
+        verdict = "above" if b["ci95"][0] > c["ci95"][1] else "not clearly above"
+        out.append(SectionTable(
+            "knowledge", "(a) knowledge: pretraining stores facts, fine-tuning on A's Q&A extracts B's",
+            ("group", "completes its facts (base)", "after SFT on A: held-out phrasing", "after SFT on A: trained phrasings"),
+            rows, [f"B is {verdict} the never-pretrained control C; answering with each attribute's most common value "
+                   f"scores {k['chance']:.1%}"]))  # fmt: skip
+    if b := results.get("behaviour"):
+        care = b["redirect_to_care"]
+        readings = [b["reading"], f"medical referral rule (a dose, a diagnosis or an emergency sent to real care), "
+                    f"{care['base']['n']} questions: base {ci(care['base'])}, medical SFT {ci(care['medical SFT'])}, "
+                    f"change {delta(care['medical SFT'])}"]  # fmt: skip
+        out.append(SectionTable("behaviour", "(b) behaviour: what fine-tuning changed (paired 95% intervals)",
+                                ("probe", "family", "base", "after SFT on A", "delta [95% CI]"),
+                                [tuple(r) for r in compare_table(b)], readings))  # fmt: skip
+    if ladder := results.get("facts-c"):
+        rows = [(r["rung"], ci(r["quality"]), f"{r['cost']['train_tokens']:,}", f"{r['cost']['setup_seconds']:.1f}",
+                 f"{r['latency_ms']['p50']:.1f}", f"{r['memory']['added_bytes']:,}") for r in ladder["rungs"]]  # fmt: skip
+        rec = ladder["recommendation"]
+        out.append(SectionTable("new-facts", "(c) new facts for C: prompt → RAG → LoRA → LoRA + RAG (the ladder)",
+                                ("rung", "exact match [95% CI]", "tokens trained", "setup s", "p50 ms/answer",
+                                 "bytes added"), rows, [f"recommended: {rec['rung']}: {rec['why']}"]))  # fmt: skip
+    if f := results.get("forgetting"):
+        rows = [(text, ci(f[text]["base"], False), ci(f[text]["LoRA"], False), delta(f[text]["LoRA"], False),
+                 ci(f[text]["full"], False), delta(f[text]["full"], False)) for text in ("general text", "medical corpus")]  # fmt: skip
+        out.append(SectionTable("forgetting-lora-full", "(d) forgetting: full fine-tuning against LoRA on the medical Q&A",
+                                ("perplexity", "base", "LoRA", "change", "full", "change"), rows,
+                                [f"general-text perplexity: LoRA {f['LoRA forgetting_pct']:+.1f}%, full "
+                                 f"{f['full forgetting_pct']:+.1f}%"]))  # fmt: skip
+    if a := results.get("alignment"):
+        rows = [("reward model: held-out pairs ranked right", ci(a["reward_accuracy"]), str(a["reward_steps"])),
+                ("DPO: implicit reward on held-out pairs", ci(a["dpo_pair_accuracy"]), str(a["dpo_steps"]))]  # fmt: skip
+        if a.get("win_rate_interval"):
+            rows.append((f"DPO vs the SFT it started from, {a['prompts']} medical questions (judge: the reward "
+                         "model), wins", ci(a["win_rate_interval"]), str(a["dpo_steps"])))  # fmt: skip
+        out.append(SectionTable("alignment", "(e) alignment: a reward model, and DPO from the medical SFT",
+                                ("measure", "value [95% CI]", "steps"), rows))  # fmt: skip
+    if i := results.get("inference"):
+        rows = [(name, ci(r["distinct_2"], False), ci(r["repetition"]), ci(r["states_the_fact"]))
+                for name, r in i["sampling"].items()]  # fmt: skip
+        sp = i["system_prompt"]
+        out.append(SectionTable(
+            "inference-control", f"(f) inference control: the same weights, decoded differently ({i['prompt_example']!r} …)",
+            ("decoding", "distinct-2", "repeated 3-grams", "states the true fact"), rows,
+            [f"medical SFT on referral questions: with its safety system prompt {ci(sp['with the system prompt'])}, "
+             f"without it {ci(sp['without it'])} ({delta(sp['without it'])})"]))  # fmt: skip
+    if s := results.get("serve"):
+        rows = [(name, str(c["asked"]), f"{c['redirect_referred']}/{c['redirect_questions']}",
+                 f"{c['other_referred']}/{c['other_questions']}", str(c["policy_acted"]),
+                 ", ".join(f"{rule} {n}" for rule, n in c["rules"].items()) or "-") for name, c in s["models"].items()]  # fmt: skip
+        out.append(SectionTable("serving", "serving: the base and the medical adapter under the medical policy, over HTTP",
+                                ("model", "asked", "redirects sent to care", "others sent to care", "policy acted",
+                                 "rules"), rows, [f"the same, in a terminal: {s['command']}"]))  # fmt: skip
     return out

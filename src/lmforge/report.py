@@ -41,6 +41,19 @@ SECTIONS = {
 }
 """Each section's element id and heading, in page order."""
 
+
+@dataclass(frozen=True)
+class SectionTable:
+    """A section a caller adds after the report's own (the demo's measured sections): its element id, heading,
+    a table of text cells and the lines that read it."""
+
+    id: str
+    title: str
+    header: tuple[str, ...]
+    rows: list[tuple[str, ...]]
+    readings: list[str] = field(default_factory=list)
+
+
 FAMILIES = ("knowledge", "behaviour")  # a comparison's probe families, in plot order; others follow
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -624,19 +637,22 @@ def knowledge_behaviour_section(docs: list[Doc]) -> tuple[str, int]:
     return "".join(parts), len(compares)
 
 
-def render(inputs: Inputs) -> tuple[str, dict[str, int]]:
-    """The page's HTML and each section's count of items (0: the section says it has none)."""
+def render(inputs: Inputs, extra: Sequence[SectionTable] = ()) -> tuple[str, dict[str, int]]:
+    """The page's HTML and each section's count of items (0: the section says it has none); `extra` sections
+    follow the report's own."""
+    titles = {**SECTIONS, **{t.id: t.title for t in extra}}
     bodies = {
         "overview": overview_section(inputs),
         "training": training_section(inputs.runs),
         "evaluations": evaluations_section(inputs.docs, inputs.runs),
         "forgetting": forgetting_section(inputs.runs),
         "knowledge-vs-behaviour": knowledge_behaviour_section(inputs.docs),
-    }
-    nav = "".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in SECTIONS.items())
+        **{t.id: (_table(t.header, t.rows) + "".join(f'<p class="reading">{_e(r)}</p>' for r in t.readings),
+                  len(t.rows)) for t in extra},
+    }  # fmt: skip
+    nav = "".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in titles.items())
     sections = "\n".join(
-        f'<section id="{sid}"><h2>{_e(title)}</h2>{bodies[sid][0]}</section>'
-        for sid, title in SECTIONS.items()
+        f'<section id="{sid}"><h2>{_e(title)}</h2>{bodies[sid][0]}</section>' for sid, title in titles.items()
     )
     made = datetime.now().isoformat(timespec="seconds")
     page = (
@@ -650,10 +666,11 @@ def render(inputs: Inputs) -> tuple[str, dict[str, int]]:
     return page, {sid: count for sid, (_, count) in bodies.items()}
 
 
-def build_report(inputs: Sequence[Path], out: Path) -> dict[str, Any]:
-    """Read `inputs`, write the report page to `out` atomically; returns {out, inputs, bytes, sections}."""
+def build_report(inputs: Sequence[Path], out: Path, extra: Sequence[SectionTable] = ()) -> dict[str, Any]:
+    """Read `inputs`, write the report page to `out` atomically (with the `extra` sections after the report's
+    own); returns {out, inputs, bytes, sections}."""
     read = read_inputs(inputs)  # every input checked before anything is written
-    page, counts = render(read)
+    page, counts = render(read, extra)
     out = Path(out)
     atomic_write(out, page)
     return {"out": str(out), "inputs": len(read.given), "bytes": len(page.encode()), "sections": counts}
