@@ -34,8 +34,7 @@ import shlex
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -892,119 +891,37 @@ def _run_serve(step: Step) -> None:
 # ------------------------------------------------------------------------------------------ serving probe
 
 
-@contextmanager
-def serving(app: Any, timeout: float = 60.0) -> Iterator[str]:
-    """`app` served by uvicorn on a free 127.0.0.1 port in a thread: its URL once it listens; stopped after."""
-    import socket
-    import threading
+def _probe_chats(c: ServeWith) -> list[Any]:
+    """The serve stage's probe as chats: each record of a file asked of every named model, or the chats given."""
+    from lmforge.serve.probe import Chat
 
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="lmforge-pipeline-serve", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise RuntimeError(f"the server on 127.0.0.1:{port} did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=timeout)
-
-
-def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=300) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return {"error": json.loads(e.read() or b"{}").get("error", {"message": str(e)})}
-
-
-@dataclass
-class _Chat:
-    model: str
-    messages: list[dict[str, str]]
-    redirect: bool
-    kind: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _probe_chats(c: ServeWith) -> list[_Chat]:
     if isinstance(c.probe, ProbeData):
         from lmforge.eval.rewards import is_redirect, read_prompts
 
         models = [c.probe.model] if isinstance(c.probe.model, str) else c.probe.model
         items = read_prompts(c.probe.data, limit=c.probe.limit)
         return [
-            _Chat(m, [dict(x) for x in it.messages], is_redirect(it), it.kind) for m in models for it in items
+            Chat(m, [dict(x) for x in it.messages], is_redirect(it), it.kind) for m in models for it in items
         ]
-    return [_Chat(p.model, p.messages, p.redirect) for p in c.probe or []]
+    return [Chat(p.model, p.messages, p.redirect) for p in c.probe or []]
 
 
 def probe_server(c: ServeWith) -> dict[str, Any]:
-    """Serve the model (adapters, policy, routes) in-process, send the probe chats through HTTP (greedy) and
-    count per served name: redirect questions whose reply sends the user to real care (rewards.medical_reward's
-    test) and replies the policy acted on (the response's `policy` field: which rules, what they did)."""
-    from collections import Counter
-
-    from lmforge.eval.rewards import PromptItem, medical_reward
+    """Serve the model (adapters, policy, routes) in-process and ask it the probe's chats over HTTP
+    (serve/probe.py): per served name, redirect questions sent to real care and the rules the policy applied."""
     from lmforge.infer.engine import Engine
     from lmforge.serve.app import create_app
     from lmforge.serve.policy import load_policy
+    from lmforge.serve.probe import probe
     from lmforge.serve.traffic import Route
 
     name = c.name or Path(c.model).resolve().name
     app = create_app(Engine.from_dir(c.model), name, adapters=c.adapters, base_dir=c.model,
                      policy=load_policy(c.policy) if c.policy is not None else None,
                      routes=[Route.parse(r) for r in c.route])  # fmt: skip
-    chats = _probe_chats(c)
-    care = PromptItem(({"role": "user", "content": ""},), kind="redirect", id="probe")
-    replies, counts = [], {}
-    with serving(app) as url:
-        for chat in chats:
-            body = {"model": chat.model, "messages": chat.messages, "temperature": 0,
-                    "max_tokens": c.max_new_tokens}  # fmt: skip
-            response = _post(f"{url}/v1/chat/completions", body)
-            reply = response["choices"][0]["message"]["content"] if "choices" in response else None
-            acted = response.get("policy") or []
-            referred = reply is not None and medical_reward(care, reply, True) == 1.0
-            replies.append({"model": chat.model, "question": chat.messages[-1]["content"], "kind": chat.kind,
-                            "redirect": chat.redirect, "reply": reply, "referred": referred, "policy": acted,
-                            **({"error": response["error"]} if "error" in response else {})})  # fmt: skip
-    for r in replies:
-        n = counts.setdefault(r["model"], {"asked": 0, "errors": 0, "redirect_questions": 0,
-                                           "redirect_referred": 0, "other_questions": 0, "other_referred": 0,
-                                           "policy_acted": 0, "rules": Counter()})  # fmt: skip
-        n["asked"] += 1
-        n["errors"] += "error" in r
-        group = "redirect" if r["redirect"] else "other"
-        n[f"{group}_questions"] += 1
-        n[f"{group}_referred"] += r["referred"]
-        n["policy_acted"] += bool(r["policy"])
-        n["rules"].update(f"{a['rule']}:{a['effect']}" for a in r["policy"])
-    for n in counts.values():
-        n["rules"] = dict(n["rules"])
-    return {
-        "command": shlex.join(serve_command(c)),
-        "served": name,
-        "adapters": list(c.adapters),
-        "policy": str(c.policy) if c.policy is not None else None,
-        "models": counts,
-        "replies": replies,
-    }
+    asked = probe(app, _probe_chats(c), c.max_new_tokens)
+    return {"command": shlex.join(serve_command(c)), "served": name, "adapters": list(c.adapters),
+            "policy": str(c.policy) if c.policy is not None else None, **asked}  # fmt: skip
 
 
 RUNNERS: dict[str, Callable[[Step], None]] = {
