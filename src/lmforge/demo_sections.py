@@ -31,7 +31,7 @@ def _rows(values: dict[str, np.ndarray], base: str, stat: Any = None) -> dict[st
     """Each model's figure with its interval, and its paired difference from `base`'s."""
     out = {}
     for name, v in values.items():
-        out[name] = {**bootstrap(v, stat)}
+        out[name] = bootstrap(v, stat)
         if name != base:
             out[name]["delta"] = paired_delta(values[base], v, stat)
     return out
