@@ -2,6 +2,10 @@
 
   python bench/decode.py [--presets llama-14m llama-124m] [--new-tokens 256] [--batch 16]
                          [--batch-new-tokens 64] [--repeats 3] [--threads N] [--profile] [--speculate K]
+                         [--compile] [--trained DIR]
+
+With `--compile` each table gains lmforge's compiled decode step (`Engine(compile=True)`) beside the eager one,
+compiled for both batch buckets before any timing.
 
 Greedy (temperature 0), fp32, CPU, inference_mode, the same thread count for both. Per preset:
 
@@ -123,48 +127,64 @@ def run_hf(hf: torch.nn.Module, prompts: list[list[int]], new: int, pad_id: int,
     return Run(out[:, P:].tolist(), clock.puts[1], clock.puts[-1], wall)
 
 
-def compare(engine: Engine, hf: torch.nn.Module, prompts: list[list[int]], new: int, repeats: int,
-            speculate: int = 0, lookup: int = 0):  # fmt: skip
-    """Alternate the two libraries `repeats` times (after a short warm-up); return each one's runs.
-    `speculate` / `lookup`: lmforge's prompt-lookup speculation and `transformers`' prompt_lookup_num_tokens."""
-    pad = engine.tokenizer.pad_id or 0
-    ours = lambda n: run_lmforge(engine, prompts, n, speculate)  # noqa: E731
-    theirs = lambda n: run_hf(hf, prompts, n, pad, lookup)  # noqa: E731
-    ours(4), theirs(4)  # warm-up
-    runs: tuple[list[Run], list[Run]] = ([], [])
+def compare(engines: list[Engine], hf: torch.nn.Module, prompts: list[list[int]], new: int, repeats: int,
+            speculate: int = 0, lookup: int = 0) -> list[list[Run]]:  # fmt: skip
+    """Alternate the libraries `repeats` times (after a short warm-up); return each one's runs, `transformers`'
+    last. `speculate` / `lookup`: lmforge's prompt-lookup speculation and `transformers`' prompt_lookup_num_tokens."""
+    pad = engines[0].tokenizer.pad_id or 0
+    calls = [lambda n, e=e: run_lmforge(e, prompts, n, speculate) for e in engines]
+    calls.append(lambda n: run_hf(hf, prompts, n, pad, lookup))
+    for call in calls:
+        call(4)  # warm-up
+    runs: list[list[Run]] = [[] for _ in calls]
     for r in range(repeats):
-        order = [(0, lambda: ours(new)), (1, lambda: theirs(new))]
+        order = list(enumerate(calls))
         for i, call in order[:: 1 if r % 2 == 0 else -1]:  # swap who goes first each round
-            runs[i].append(call())
+            runs[i].append(call(new))
     return runs
 
 
-def check(name: str, ours: list[Run], theirs: list[Run], new: int) -> str:
-    """Both returned every token; say whether their greedy ids agree (and where they first differ)."""
-    for lib, runs in (("lmforge", ours), ("transformers", theirs)):
-        short = [len(r) for run in runs for r in run.ids if len(r) != new]
+def check(name: str, runs: list[list[Run]], new: int) -> str:
+    """Every library returned every token; say whether each lmforge's greedy ids agree with `transformers`'
+    (and where they first differ)."""
+    for lib, lib_runs in enumerate(runs):
+        short = [len(r) for run in lib_runs for r in run.ids if len(r) != new]
         if short:
-            raise SystemExit(f"{name}: {lib} stopped early ({short} tokens instead of {new})")
-    a, b = ours[0].ids, theirs[0].ids
-    differing = [i for i in range(len(a)) if a[i] != b[i]]
-    if not differing:
-        return "identical"
-    first = min(next(j for j, (x, y) in enumerate(zip(a[i], b[i], strict=True)) if x != y) for i in differing)
-    return f"{len(differing)}/{len(a)} rows differ (first at new token {first})"
+            raise SystemExit(f"{name}: library {lib} stopped early ({short} tokens instead of {new})")
+    verdicts = []
+    for ours in runs[:-1]:
+        a, b = ours[0].ids, runs[-1][0].ids
+        differing = [i for i in range(len(a)) if a[i] != b[i]]
+        if not differing:
+            verdicts.append("identical")
+            continue
+        first = min(
+            next(j for j, (x, y) in enumerate(zip(a[i], b[i], strict=True)) if x != y) for i in differing
+        )
+        verdicts.append(f"{len(differing)}/{len(a)} rows differ (first at new token {first})")
+    return ", ".join(verdicts)
 
 
-def table_rows(name: str, what: str, runs: tuple[list[Run], list[Run]], new: int, decode: bool = False):
-    """Markdown rows (model, measure, lmforge, transformers, ratio > 1 favouring lmforge) of medians."""
+def row(name: str, what: str, values: list[float], higher_is_better: bool = True, fmt: str = ",.1f") -> str:
+    """A Markdown row: each library's value (`transformers`' last), then each lmforge's ratio to it (> 1 favours
+    lmforge)."""
+    *ours, theirs = values
+    ratios = [v / theirs if higher_is_better else theirs / v for v in ours]
+    cells = [f"{v:{fmt}}" for v in values] + [f"{r:.2f}x" for r in ratios]
+    return f"| {name} | {what} | " + " | ".join(cells) + " |"
+
+
+def table_rows(name: str, what: str, runs: list[list[Run]], new: int, decode: bool = False):
+    """Markdown rows (model, measure, each library's median, each lmforge's ratio to `transformers`)."""
     measures = [("end-to-end tok/s", lambda r: r.new_tokens / r.wall, True),
                 ("TTFT ms", lambda r: r.first * 1000, False)]  # fmt: skip
     if decode:
         measures.insert(0, ("decode tok/s", lambda r: r.decode_rate, True))
-    print(f"{name} {what}: greedy ids {check(name, *runs, new)}; end-to-end tok/s per run "
+    print(f"{name} {what}: greedy ids {check(name, runs, new)}; end-to-end tok/s per run "
           f"{[[round(r.new_tokens / r.wall, 1) for r in lib] for lib in runs]}", file=sys.stderr)  # fmt: skip
     for measure, value, higher_is_better in measures:
-        ours, theirs = (statistics.median(value(r) for r in lib) for lib in runs)
-        ratio = ours / theirs if higher_is_better else theirs / ours
-        yield f"| {name} | {what}: {measure} | {ours:,.1f} | {theirs:,.1f} | {ratio:.2f}x |"
+        medians = [statistics.median(value(r) for r in lib) for lib in runs]
+        yield row(name, f"{what}: {measure}", medians, higher_is_better)
 
 
 def read_bandwidth(mib: int = 256, repeats: int = 5) -> float:
@@ -195,23 +215,24 @@ def bytes_per_token(model: torch.nn.Module, context: float) -> float:
 
 
 def bench_preset(name: str, tokenizer: Tokenizer, args: argparse.Namespace) -> list[str]:
-    """Markdown rows: (measure, lmforge, transformers, ratio) for batch 1 and the batch."""
+    """Markdown rows: (measure, each library, each lmforge's ratio to transformers) for batch 1 and the batch."""
     ours, hf = build_pair(name)
     ours.eval(), hf.eval()
-    engine = Engine(ours, tokenizer)
+    engines = lmforge_engines(ours, tokenizer, args)
     hf.generation_config.eos_token_id = None  # never stop early (the random model could emit any id)
     ids = tokenizer.encode(PROMPT_TEXT)
     single = [ids[:16]]
     batch = [ids[i : i + 8 + 2 * i] for i in range(args.batch)]  # 8, 10, ..., 38 tokens
     with torch.inference_mode():
-        single_runs = compare(engine, hf, single, args.new_tokens, args.repeats)
-        batch_runs = compare(engine, hf, batch, args.batch_new_tokens, args.repeats)
+        single_runs = compare(engines, hf, single, args.new_tokens, args.repeats)
+        batch_runs = compare(engines, hf, batch, args.batch_new_tokens, args.repeats)
     # The physical limit of batch-1 decoding: bytes each step must read / the bandwidth measured in this run.
     limit = args.bandwidth / bytes_per_token(ours, len(single[0]) + args.new_tokens / 2)
     shares = [statistics.median(r.decode_rate for r in lib) / limit for lib in single_runs]
+    what = (f"batch 1: bandwidth limit {limit:,.0f} tok/s (bytes read per token / {args.bandwidth / 1e9:.1f} "
+            "GB/s): share reached")  # fmt: skip
     rows = [
-        f"| {name} | batch 1: bandwidth limit {limit:,.0f} tok/s (bytes read per token / {args.bandwidth / 1e9:.1f} "
-        f"GB/s): share reached | {shares[0]:.0%} | {shares[1]:.0%} | {shares[0] / shares[1]:.2f}x |",
+        row(name, what, shares, fmt=".0%"),
         *table_rows(name, f"batch 1, {args.new_tokens} new", single_runs, args.new_tokens, decode=True),
         *table_rows(
             name, f"batch {args.batch}, {args.batch_new_tokens} new", batch_runs, args.batch_new_tokens
@@ -221,14 +242,29 @@ def bench_preset(name: str, tokenizer: Tokenizer, args: argparse.Namespace) -> l
         k = args.speculate
         for lookup, what in ((0, f"speculate={k} vs plain"), (k, f"speculate={k} vs prompt_lookup={k}")):
             with torch.inference_mode():
-                runs = compare(engine, hf, single, args.new_tokens, args.repeats, speculate=k, lookup=lookup)
+                runs = compare(engines, hf, single, args.new_tokens, args.repeats, speculate=k, lookup=lookup)
             rows += table_rows(
                 name, f"batch 1, {args.new_tokens} new, {what}", runs, args.new_tokens, decode=True
             )
     if args.profile:
-        profile(engine, hf, name, single, args.new_tokens)
-        profile(engine, hf, name, batch, args.batch_new_tokens)
+        profile(engines[0], hf, name, single, args.new_tokens)
+        profile(engines[0], hf, name, batch, args.batch_new_tokens)
     return rows
+
+
+def lmforge_engines(model: torch.nn.Module, tokenizer: Tokenizer, args: argparse.Namespace) -> list[Engine]:
+    """The eager engine, and with `--compile` the compiled one beside it (compiled for both batch buckets
+    before any timing; the seconds that took are printed)."""
+    engines = [Engine(model, tokenizer)]
+    if args.compile:
+        engines.append(Engine(model, tokenizer, compile=True))
+        start = time.perf_counter()
+        engines[-1].warm_up()
+        print(
+            f"compiling the decode step (batch 1 and 2+): {time.perf_counter() - start:.1f} s",
+            file=sys.stderr,
+        )
+    return engines
 
 
 def bench_trained(path: Path, args: argparse.Namespace) -> None:
@@ -237,13 +273,14 @@ def bench_trained(path: Path, args: argparse.Namespace) -> None:
     import transformers
 
     k = args.speculate or 4
-    engine = Engine.from_dir(path, device="cpu")
+    loaded = Engine.from_dir(path, device="cpu")
+    engines = lmforge_engines(loaded.model, loaded.tokenizer, args)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
-    eos, pad = engine.config.eos_token_id, engine.tokenizer.pad_id or 0
+    eos, pad = loaded.config.eos_token_id, loaded.tokenizer.pad_id or 0
     stories = (ROOT.parent / "shared/data/tinystories/tinystories_val_sample.txt").read_text().split("\n\n")
-    prompts = [engine.encode(story[:120]) for story in stories[3 : 3 + args.trained_prompts]]
+    prompts = [loaded.encode(story[:120]) for story in stories[3 : 3 + args.trained_prompts]]
 
-    def lmforge(ids: list[int], speculate: int) -> list[int]:
+    def lmforge(ids: list[int], speculate: int, engine: Engine) -> list[int]:
         cfg = GenerationConfig(temperature=0, max_new_tokens=args.new_tokens, speculate=speculate)
         return engine.generate([ids], cfg)[0].token_ids
 
@@ -253,9 +290,13 @@ def bench_trained(path: Path, args: argparse.Namespace) -> None:
                           eos_token_id=eos, pad_token_id=pad, **extra)[0, len(ids):].tolist()  # fmt: skip
         return out[:-1] if out and out[-1] == eos else out
 
-    calls = {"lmforge": lambda ids: lmforge(ids, 0), f"lmforge speculate={k}": lambda ids: lmforge(ids, k),
-             "transformers": lambda ids: hf_generate(ids, 0),
-             f"transformers prompt_lookup={k}": lambda ids: hf_generate(ids, k)}  # fmt: skip
+    calls = {}
+    for engine in engines:
+        label = "lmforge compiled" if engine.compiled else "lmforge"
+        calls[label] = lambda ids, e=engine: lmforge(ids, 0, e)
+        calls[f"{label} speculate={k}"] = lambda ids, e=engine: lmforge(ids, k, e)
+    calls["transformers"] = lambda ids: hf_generate(ids, 0)
+    calls[f"transformers prompt_lookup={k}"] = lambda ids: hf_generate(ids, k)
     tokens, seconds, outputs = dict.fromkeys(calls, 0), dict.fromkeys(calls, 0.0), {}
     with torch.inference_mode():
         for call in calls.values():
@@ -330,6 +371,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads, both")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time lmforge's compiled decode step")
     parser.add_argument("--trained", type=Path, help="also run a trained model dir on TinyStories openings")
     parser.add_argument("--trained-prompts", type=int, default=6)
     parser.add_argument("--speculate", type=int, default=0,
@@ -345,8 +387,10 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, fp32 CPU, greedy, medians of {args.repeats}; memory read "
           f"bandwidth {args.bandwidth / 1e9:.1f} GB/s (a 256 MiB sum, best of 5); "
           f"load average at start {Path('/proc/loadavg').read_text().split()[0]}\n")  # fmt: skip
-    print("| model | measure | lmforge | transformers | lmforge vs transformers |")
-    print("|---|---|---:|---:|---:|")
+    libs = ["lmforge", "lmforge compiled"] if args.compile else ["lmforge"]
+    print("| model | measure | " + " | ".join(libs) + " | transformers | "
+          + " | ".join(f"{lib} vs transformers" for lib in libs) + " |")  # fmt: skip
+    print("|---|---|" + "---:|" * (2 * len(libs) + 1))
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = make_tokenizer(Path(tmp))
         for name in args.presets:

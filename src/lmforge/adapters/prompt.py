@@ -87,7 +87,7 @@ class PromptTunedCausalLM(CausalLM, AdapterLayer):
             )
         B, n = input_ids.shape[0], self.extra_positions
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
-        prepend = cache is None or cache.length == 0
+        prepend = cache is None or cache.empty
         if prepend:
             prompts = self.prompt_embeddings.weight.to(x.dtype).expand(B, n, -1)  # (B, n, C)
             x = torch.cat([prompts, x], dim=1)  # (B, n + T, C)

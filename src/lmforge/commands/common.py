@@ -204,6 +204,14 @@ OverwriteFlag = Annotated[
         help="Replace what --out holds (an output of this command's kind; kept until the new one is whole).",
     ),
 ]
+CompileFlag = Annotated[
+    bool,
+    typer.Option(
+        "--compile/--no-compile",
+        help="Compile the decode step (torch.compile, a static KV cache): ~1.3x the tokens/s on a CPU, after "
+        "compiling once per batch-size bucket (about 20 s; seconds once cached on disk).",
+    ),
+]
 AdapterFlag = Annotated[
     Path | None,
     typer.Option(

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from lmforge.commands.common import AdapterFlag, JsonFlag, emit, reflow
+from lmforge.commands.common import AdapterFlag, CompileFlag, JsonFlag, emit, reflow
 from lmforge.errors import LmforgeError
 
 
@@ -73,6 +73,7 @@ def run(
     limit: LimitFlag = None,
     batch_size: BatchFlag = 32,
     max_new_tokens: NewTokensFlag = 64,
+    compile: CompileFlag = False,
     max_chars: Annotated[int, typer.Option(help="format: a reply's length limit in characters.")] = 2000,
     ref: Annotated[
         Path | None,
@@ -116,8 +117,8 @@ def run(
 
     options: dict[str, Any] = {"max_chars": max_chars, "reference": ref, "judge": judge}
     if against is not None:
-        options["against"] = Target(against, against_adapter)
-    result, _ = run_task(task, Target(model, adapter), data, limit=limit, batch_size=batch_size,
+        options["against"] = Target(against, against_adapter, compile)
+    result, _ = run_task(task, Target(model, adapter, compile), data, limit=limit, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, check_contamination=contamination, **options)  # fmt: skip
     _write(result, out)
     if record:

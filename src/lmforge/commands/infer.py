@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from lmforge.commands.common import (
     AdapterFlag,
+    CompileFlag,
     JsonFlag,
     MinScoreFlag,
     RagFlag,
@@ -106,6 +107,7 @@ def generate(
         str | None, typer.Option(help="cpu or cuda (default: cuda when available).", show_default=False)
     ] = None,
     adapter: AdapterFlag = None,
+    compile: CompileFlag = False,
     rag: RagFlag = None,
     k: RagKFlag = 5,
     rag_mode: RagModeOption = None,
@@ -131,7 +133,7 @@ def generate(
     if not texts:
         raise LmforgeError("give --prompt TEXT or --prompts-file FILE")
     cfg = generation_config(given, model_dir=model)  # flags over the model's generation_config.json
-    engine = Engine.from_dir(model, device=device, adapter=adapter)
+    engine = Engine.from_dir(model, device=device, adapter=adapter, compile=compile)
     rags: list = [None] * len(texts)
     if rag is not None:
         from lmforge.infer.engine import as_messages
@@ -217,6 +219,7 @@ def chat(
         str | None, typer.Option(help="cpu or cuda (default: cuda when available).", show_default=False)
     ] = None,
     adapter: AdapterFlag = None,
+    compile: CompileFlag = False,
     rag: RagFlag = None,
     k: RagKFlag = 5,
     rag_mode: RagModeOption = None,
@@ -235,7 +238,7 @@ def chat(
 
     given = {k: v for k, v in locals().items() if k in GENERATION_FLAGS and v is not None}
     cfg = generation_config(given, model_dir=model)
-    engine = Engine.from_dir(model, device=device, adapter=adapter)
+    engine = Engine.from_dir(model, device=device, adapter=adapter, compile=compile)
     if engine.tokenizer.chat_template is None:
         raise LmforgeError(
             f"{model}: its tokenizer has no chat template; use `lmforge generate` for plain text"
@@ -319,6 +322,7 @@ def serve(
     device: Annotated[
         str | None, typer.Option(help="cpu or cuda (default: cuda when available).", show_default=False)
     ] = None,
+    compile: CompileFlag = True,
 ) -> None:
     """Serve a model over OpenAI's API, with continuous batching and LoRA adapters chosen per request.
 
@@ -363,7 +367,10 @@ def serve(
             raise LmforgeError("--adapter: an encoder is served for embeddings, without adapters")
         served_model: Engine | Embedder = Embedder(model, device=device or "cpu")
     else:
-        served_model = Engine.from_dir(model, device=device, adapter=applied)
+        served_model = Engine.from_dir(model, device=device, adapter=applied, compile=compile)
+        if compile:
+            log.info("compiling the decode step for batch 1 and for larger batches (--no-compile skips it)")
+            served_model.warm_up()
     served = name or Path(model).resolve().name
     indexes: dict[str, Path] = {}
     for value in rag or []:

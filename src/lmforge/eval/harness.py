@@ -42,6 +42,17 @@ GEN_KWARGS = {
 }
 
 
+def _flag(name: str, value: bool | str) -> bool:
+    """A boolean model_arg as lm-eval passes it: a bool, or the text true/false (model_args are strings)."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise LmforgeError(f"{name}={value}: expected true or false")
+
+
 def _batch_size(value: int | str | None, max_batch_size: int | None) -> int:
     """`batch_size` as lm-eval passes it (an int, "N", "auto" or "auto:K"): rows per forward."""
     if value is None:
@@ -71,13 +82,14 @@ class LmforgeLM(TemplateLM):
         device: str | None = None,
         max_length: int | None = None,
         dtype: str | None = None,
+        compile: bool | str = False,
         **unknown: Any,
     ) -> None:
         super().__init__()
         if unknown:
             raise LmforgeError(
                 f"model_args {', '.join(sorted(unknown))}: not understood by the lmforge model; expected "
-                "pretrained=DIR, adapter=DIR, batch_size, device, max_length, dtype"
+                "pretrained=DIR, adapter=DIR, batch_size, device, max_length, dtype, compile"
             )
         if pretrained is None or str(pretrained) == "":
             raise LmforgeError(
@@ -96,7 +108,11 @@ class LmforgeLM(TemplateLM):
         from lmforge.infer.engine import Engine
 
         self.engine = Engine.from_dir(
-            Path(pretrained), device=device, dtype=torch_dtype, adapter=Path(adapter) if adapter else None
+            Path(pretrained),
+            device=device,
+            dtype=torch_dtype,
+            adapter=Path(adapter) if adapter else None,
+            compile=_flag("compile", compile),
         )
         self.model, self.tokenizer = self.engine.model, self.engine.tokenizer
         self._device = self.engine.device

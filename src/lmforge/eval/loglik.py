@@ -226,7 +226,7 @@ def _prefixed_forward(
     padded = not bool(prefix_mask.all())
     model(prefix_ids.to(device), attention_mask=prefix_mask if padded else None, cache=cache, last_only=True)
     owner = torch.tensor([i for i, g in enumerate(groups) for _ in g], device=device)  # (R,)
-    cache.k, cache.v = cache.k[:, owner], cache.v[:, owner]  # (n_layer, R, n_kv, max_len, head_dim)
+    cache.rows(owner)  # each layer (R, n_kv, max_len, head_dim)
     inputs, targets, valid = [], [], []
     for row in rows:
         start, pad = len(row.ids) - row.span, S - row.span

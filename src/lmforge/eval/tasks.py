@@ -58,16 +58,17 @@ class Measured:
 
 @dataclass(frozen=True)
 class Target:
-    """A model to evaluate: a directory and an optional adapter on it."""
+    """A model to evaluate: a directory and an optional adapter on it; `compile` compiles its decode step."""
 
     model: Path
     adapter: Path | None = None
+    compile: bool = False
 
     def engine(self, device: str | None = None) -> Any:
         """The inference engine on this model (+ adapter)."""
         from lmforge.infer.engine import Engine
 
-        return Engine.from_dir(self.model, adapter=self.adapter, device=device)
+        return Engine.from_dir(self.model, adapter=self.adapter, device=device, compile=self.compile)
 
     @property
     def name(self) -> str:

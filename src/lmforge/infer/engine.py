@@ -11,6 +11,13 @@ Streaming never splits a character: a row's text is decoded from all its ids eac
 that ends in complete characters (no U+FFFD from a partial byte sequence) and cannot be the start of a stop
 string is released.
 
+With `compile=True` each decode step is one compiled graph (`torch.compile`; on the CPU Inductor's C++ wrapper):
+the step writes its keys and values at a fixed-shape column index of the pre-allocated cache and attends over
+every column, masked, so its shapes never change within a call; the batch size and the cache length are
+dynamic dimensions, so one graph serves batch 1 and one every larger batch. Prefill and speculation's
+verification stay eager on the same cache. The compiled step gives the eager step's tokens; its log-probs
+differ by float rounding only.
+
 With `speculate=K` (greedy, one sample) a step may add several tokens: `NgramIndex` drafts up to K ids that
 followed an earlier occurrence of the last few ids, `_verify` checks them in one forward and keeps the prefix
 greedy decoding agrees with, and the KV cache is rolled back over the rest.
@@ -99,7 +106,14 @@ class Row:
 class Engine:
     """A decoder and its tokenizer on one device; `generate` and `stream` run batches of prompts."""
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, *, defaults: GenerationConfig | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        *,
+        defaults: GenerationConfig | None = None,
+        compile: bool = False,
+    ):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = model.config
         self.defaults = defaults or GenerationConfig()
@@ -108,6 +122,8 @@ class Engine:
         # `from_dir`, else the ones given.
         self.file_settings: dict[str, Any] = self.defaults.model_dump(exclude_defaults=True)
         self.model_dir: Path | None = None  # the directory `from_dir` read
+        self.compiled = compile_decode_step() if compile else None
+        self._index = torch.zeros(1, dtype=torch.long, device=self.device)  # a static step's cache column
 
     @property
     def context(self) -> int:
@@ -123,16 +139,19 @@ class Engine:
         device: str | None = None,
         dtype: torch.dtype | None = None,
         adapter: str | Path | None = None,
+        compile: bool = False,
     ) -> Engine:
         """Load a HF model directory with its tokenizer and its generation_config.json defaults, and an adapter
-        directory (LoRA, bottleneck, prompt tuning) on top when given."""
+        directory (LoRA, bottleneck, prompt tuning) on top when given; `compile` compiles the decode step."""
         from lmforge.adapters.io import load_with_adapter
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_with_adapter(Path(path), adapter, device=device, dtype=dtype)
         if not hasattr(model, "lm_head"):
             raise LmforgeError(f"{path}: a {type(model).__name__} cannot generate text (a decoder is needed)")
-        engine = cls(model, Tokenizer.from_dir(path), defaults=GenerationConfig.from_model_dir(path))
+        engine = cls(
+            model, Tokenizer.from_dir(path), defaults=GenerationConfig.from_model_dir(path), compile=compile
+        )
         engine.model_dir, engine.file_settings = Path(path), hf_generation_defaults(path)
         return engine
 
@@ -242,9 +261,40 @@ class Engine:
             if drafter:
                 drafter.extend(step_ids[0] for step_ids, _, _ in steps[1:])  # the accepted drafts
             if not draft:
-                logits = self.model(next_ids[:, None], attention_mask=valid[:, : pos + 1] if padded else None,
-                                    cache=cache, last_only=True)[:, -1].float()  # fmt: skip
+                logits = self.decode(next_ids[:, None], valid, cache, pos, padded)
         yield [row.completion for row in rows]
+
+    def warm_up(self) -> None:
+        """Compile the decode step now for both batch-size buckets (1, and 2 or more), not at the first calls."""
+        if self.compiled is None:
+            return
+        dtype, extra = next(self.model.parameters()).dtype, self.model.extra_positions
+        with torch.no_grad():
+            for B in (1, 2):  # one step at column 1 of a 2-column cache: the values do not matter
+                cache = KVCache(self.config, B, extra + 2, self.device, dtype)
+                cache.length = extra + 1
+                valid = torch.ones((B, 2), dtype=torch.bool, device=self.device)
+                self.decode(torch.zeros((B, 1), dtype=torch.long, device=self.device), valid, cache, 1)
+
+    def decode(self, ids: Tensor, valid: Tensor, cache: KVCache, pos: int, padded: bool = True) -> Tensor:
+        """The logits (B, V) after one decode step: `ids` (B, 1) are every row's token at column `pos` (the
+        cache's next column), `valid` (B, W) marks each row's real tokens (none after `pos`; W is the cache's
+        width less the model's extra positions). Eager, or the compiled static step."""
+        if self.compiled is None:
+            mask = valid[:, : pos + 1] if padded else None
+            return self.model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1].float()
+        if valid.shape[1] + self.model.extra_positions != cache.max_len:
+            raise ValueError(f"valid has {valid.shape[1]} columns for a cache of {cache.max_len}")
+        torch._dynamo.maybe_mark_dynamic(ids, 0)
+        torch._dynamo.maybe_mark_dynamic(valid, 0)
+        torch._dynamo.maybe_mark_dynamic(valid, 1)
+        cache.index = self._index.fill_(cache.length)
+        try:
+            logits = self.compiled(self.model, ids, valid, cache)
+        finally:
+            cache.index = None  # the cache is static only inside the step; eager forwards read `length`
+        cache.length += 1
+        return logits
 
     def take(
         self,
@@ -299,6 +349,18 @@ class Engine:
         valid[0, pos + 1 + n : end], generated[0, pos + 1 + n : end] = False, False
         logp, top_logp, top_ids = token_logprobs(raw[:n], drafted[:n], cfg.logprobs)
         return raw[n : n + 1], list(zip(drafted[:n], logp, top_ids, top_logp, strict=True))
+
+
+def _static_step(model: nn.Module, ids: Tensor, valid: Tensor, cache: KVCache) -> Tensor:
+    """One decode step on a static cache (`cache.index` set): logits (B, V) in fp32."""
+    return model(ids, attention_mask=valid, cache=cache, last_only=True)[:, -1].float()
+
+
+def compile_decode_step() -> Any:
+    """`_static_step` under `torch.compile`: on the CPU with Inductor's C++ wrapper, which calls the kernels
+    without a Python frame per op (3.5 ms against 4.5 ms a step for llama-14m here)."""
+    options = {} if torch.cuda.is_available() else {"cpp_wrapper": True}
+    return torch.compile(_static_step, options=options)
 
 
 def held_back(cfg: GenerationConfig) -> int:

@@ -330,8 +330,7 @@ class Scheduler:
         if kept:
             idx = torch.tensor(keep, device=dev)
             old, new = slice(self.end - kept_span, self.end), slice(span - kept_span, span)
-            cache.k[:, : len(kept), :, new] = self.cache.k[:, idx, :, old]
-            cache.v[:, : len(kept), :, new] = self.cache.v[:, idx, :, old]
+            cache.place(slice(len(kept)), new, self.cache, idx, old)
             for dst, src in ((tokens, self.tokens), (valid, self.valid), (generated, self.generated)):
                 dst[: len(kept), new] = src[idx, old]
             logits.append(self.logits[idx])
@@ -370,12 +369,12 @@ class Scheduler:
         mask = torch.zeros((b, P), dtype=torch.bool, device=dev)
         for i, p in enumerate(prompts):
             ids[i, P - len(p) :], mask[i, P - len(p) :] = torch.tensor(p, device=dev), True
-        own = KVCache(engine.config, b, P, dev, cache.k.dtype)
+        own = KVCache(engine.config, b, P, dev, cache.k[0].dtype)
         self._select([r.adapter for r in joining for _ in range(r.cfg.n)])
         padded = not bool(mask.all())
         out = engine.model(ids, attention_mask=mask if padded else None, cache=own, last_only=True)
         rows = slice(first, first + b)
-        cache.k[:, rows, :, span - P : span], cache.v[:, rows, :, span - P : span] = own.k, own.v
+        cache.place(rows, slice(span - P, span), own)
         tokens[rows, span - P : span], valid[rows, span - P : span] = ids, mask
         for r in joining:
             r.rows = [Row(Completion(0, i, prompt_tokens=len(r.ids))) for i in range(r.cfg.n)]
@@ -456,9 +455,8 @@ class Scheduler:
         self.tokens[:, pos].masked_fill_(~live, self.engine.tokenizer.pad_id or 0)
         self.valid[:, pos], self.generated[:, pos] = live, live
         self._select([s.request.adapter for s in self.slots])
-        out = self.engine.model(self.tokens[:, pos : pos + 1], attention_mask=self.valid[:, : pos + 1],
-                                cache=self.cache, last_only=True)  # fmt: skip
-        self.logits, self.end = out[:, -1].float(), pos + 1  # (B, V)
+        ids = self.tokens[:, pos : pos + 1].contiguous()  # (B, 1)
+        self.logits, self.end = self.engine.decode(ids, self.valid, self.cache, pos), pos + 1  # (B, V)
 
 
 def _late(request: Request, now: float) -> bool:

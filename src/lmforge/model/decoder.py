@@ -81,17 +81,24 @@ def build_mask(
     window: int | None,
     device: torch.device,
     segment_ids: Tensor | None = None,
+    *,
+    index: Tensor | None = None,
+    keys: int = 0,
 ) -> Tensor | None:
-    """Boolean (B|1, 1, T, past + T) mask of the keys each query may see, or None for plain causal attention.
+    """Boolean (B|1, 1, T, S) mask of the keys each query may see, or None for plain causal attention.
 
-    Query i sits at cache index past + i and sees key j when j <= past + i, j is not padding, on sliding
-    layers j > past + i - window, and with `segment_ids` (B, T) of a packed row (no cache) j is in i's
-    sample. A query always sees itself, so padding rows never become all -inf (NaN).
+    Query i sits at cache index past + i (S = past + T) and sees key j when j <= past + i, j is not padding, on
+    sliding layers j > past + i - window, and with `segment_ids` (B, T) of a packed row (no cache) j is in i's
+    sample. A query always sees itself, so padding rows never become all -inf (NaN). Given `index` (T,), a
+    static cache's step, query i sits at column index[i] instead and the keys are all `keys` columns of the
+    cache: the columns not yet written are padding in `attention_mask`, so none of them is seen.
     """
-    if attention_mask is None and segment_ids is None and window is None and (past == 0 or T == 1):
+    static = index is not None
+    plain = attention_mask is None and segment_ids is None and window is None and (past == 0 or T == 1)
+    if plain and not static:
         return None  # SDPA's is_causal (prefill) or attend-to-everything (one-token decode)
-    S = past + T
-    q = torch.arange(past, S, device=device)[:, None]  # (T, 1)
+    S = keys if static else past + T
+    q = index[:, None] if static else torch.arange(past, S, device=device)[:, None]  # (T, 1)
     k = torch.arange(S, device=device)[None, :]  # (1, S)
     allowed = k <= q
     if window is not None:
@@ -114,17 +121,24 @@ def positions_from_segments(segment_ids: Tensor) -> Tensor:
     return index - first
 
 
-def positions_from_mask(attention_mask: Tensor, past: int, T: int) -> Tensor:
-    """Position ids that restart at 0 after left padding: (B, T) for the last T columns of the mask."""
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, past + T)
-    return positions[:, past : past + T]
+def positions_from_mask(attention_mask: Tensor, past: int, T: int, index: Tensor | None = None) -> Tensor:
+    """Position ids that restart at 0 after left padding: (B, T) for the last T columns of the mask, or for the
+    columns `index` (T,) of a static cache's step."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+    return positions[:, index] if index is not None else positions[:, past : past + T]
 
 
 class KVCache:
     """Pre-allocated keys and values for every layer, so decoding never re-allocates.
 
-    `k`/`v` are (n_layer, B, n_kv_head, max_len, head_dim); `length` is how many positions are filled. The
-    model writes each layer's new keys at [length, length + T) and advances `length` after the last layer.
+    `k[i]`/`v[i]` are layer i's (B, n_kv_head, max_len, head_dim), one tensor per layer: a compiled step then
+    writes each in place (views of one stacked tensor would make the compiler copy the whole stack each step).
+    `length` is how many positions are filled: the model writes each layer's new keys at [length, length + T)
+    and advances `length` after the last layer.
+
+    A static step (`index` set to the (T,) columns it writes, as `torch.compile`'s decode step does) writes
+    there instead and attends over all `max_len` columns, masked by the attention mask: its shapes never
+    change, and `length` is left to the caller.
     """
 
     def __init__(
@@ -135,24 +149,50 @@ class KVCache:
         device: torch.device | str,
         dtype: torch.dtype,
     ):
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        for t in (*self.k, *self.v):  # a compiled step serves every batch size > 1 and cache length
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(t, 2)
         self.length = 0
+        self.index: Tensor | None = None
 
     @property
     def max_len(self) -> int:
         """Number of positions the cache can hold."""
-        return self.k.shape[3]
+        return self.k[0].shape[2]
+
+    @property
+    def empty(self) -> bool:
+        """Nothing cached yet (a static step never reads `length`, which the compiler would guard on)."""
+        return self.index is None and self.length == 0
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this step's (B, n_kv, T, hd) keys/values for `layer`; return all keys/values so far."""
+        """Store this step's (B, n_kv, T, hd) keys/values for `layer`; return all keys/values so far (every
+        column for a static step)."""
+        if self.index is not None:
+            self.k[layer].index_copy_(2, self.index, k)
+            self.v[layer].index_copy_(2, self.index, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} needed")
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def rows(self, index: Tensor) -> None:
+        """Keep the rows `index` (R,) of every layer, in that order (a row may repeat)."""
+        self.k = [k[index] for k in self.k]
+        self.v = [v[index] for v in self.v]
+
+    def place(self, rows: slice, columns: slice, source: KVCache, source_rows: Tensor | slice = slice(None),
+              source_columns: slice = slice(None)) -> None:  # fmt: skip
+        """Copy `source`'s rows and columns into this cache's `rows` and `columns`, in every layer."""
+        for mine, theirs in ((self.k, source.k), (self.v, source.v)):
+            for dst, src in zip(mine, theirs, strict=True):
+                dst[rows, :, columns] = src[source_rows, :, source_columns]
 
 
 # -------------------------------------------------------------------------------------------- attention
@@ -190,7 +230,7 @@ class Attention(nn.Module):
         )  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        is_causal = mask is None and (cache is None or cache.length == 0)
+        is_causal = mask is None and (cache is None or cache.empty)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, past + T, hd)
         y = F.scaled_dot_product_attention(
@@ -274,23 +314,31 @@ class DecoderModel(nn.Module):
         tuning prepends learned vectors there). `segment_ids` (B, T) mark the samples of packed rows."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
-        past = cache.length if cache is not None else 0
+        # A static step (cache.index set) writes the columns `index` and reads no Python state of the cache.
+        index = cache.index if cache is not None else None
+        past = cache.length if cache is not None and index is None else 0
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed samples) cannot be combined with a KV cache")
         if position_ids is None:
             if segment_ids is not None:
                 position_ids = positions_from_segments(segment_ids)
             elif attention_mask is not None:
-                position_ids = positions_from_mask(attention_mask, past, T)
+                position_ids = positions_from_mask(attention_mask, past, T, index)
+            elif index is not None:
+                position_ids = index.expand(B, T)
             else:
                 position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(self.inv_freq(x.device), position_ids, x.dtype)  # (B, T, hd)
         # One mask per distinct window (full and sliding layers), built once per forward.
         windows = {b.window for b in self.layers}
-        masks = {w: build_mask(attention_mask, past, T, w, x.device, segment_ids) for w in windows}
+        keys = cache.max_len if index is not None else 0
+        masks = {
+            w: build_mask(attention_mask, past, T, w, x.device, segment_ids, index=index, keys=keys)
+            for w in windows
+        }
         for block in self.layers:
             x = block(x, cos, sin, masks[block.window], cache)
-        if cache is not None:
+        if cache is not None and index is None:
             cache.length += T
         return self.norm(x)
 
