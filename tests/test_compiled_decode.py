@@ -110,6 +110,19 @@ def test_compiled_steps_give_the_eager_tokens_and_logprobs(engines):
         assert "".join(d.text for d in stream if d.index == i) == c.text
 
 
+def test_after_warm_up_no_length_or_batch_size_recompiles(engines):
+    """One graph per batch-size bucket: after `warm_up` (batch 1 and 2), other batch sizes, prompt lengths and
+    generation lengths run without compiling again."""
+    eager, compiled = engines
+    compiled.warm_up()
+    texts = ["the cat sat on the mat and then", "a dog", "héllo wörld ☃ snow", "numbers 123", "the"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for B, new in ((1, 5), (1, 30), (2, 9), (5, 17), (3, 40)):
+            batch = [eager.encode(t) for t in texts[:B]]
+            cfg = GenerationConfig(temperature=0, max_new_tokens=new)
+            assert_same(compiled.generate(batch, cfg), eager.generate(batch, cfg))
+
+
 def test_compiled_prompt_tuning_equals_eager(tokenizer_dir, tmp_path):
     """The virtual tokens sit in the cache in front of the prompt: the step's columns and positions count them."""
     from lmforge.adapters.prompt import apply_prompt_tuning

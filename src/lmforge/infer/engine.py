@@ -12,9 +12,10 @@ that ends in complete characters (no U+FFFD from a partial byte sequence) and ca
 string is released.
 
 With `compile=True` each decode step is one compiled graph (`torch.compile`; on the CPU Inductor's C++ wrapper):
-the step writes its keys and values at a fixed-shape column index of the pre-allocated cache and attends over
-every column, masked, so its shapes never change within a call; the batch size and the cache length are
-dynamic dimensions, so one graph serves batch 1 and one every larger batch. Prefill and speculation's
+the step writes its keys and values at a column index (a tensor) of the pre-allocated cache and attends over the
+filled columns under the mask, reading no Python state that changes from step to step; the batch size, the
+cache's width and the filled width are dynamic dimensions, so one graph serves batch 1 and one every larger
+batch, whatever the lengths. Prefill and speculation's
 verification stay eager on the same cache. The compiled step gives the eager step's tokens; its log-probs
 differ by float rounding only.
 
@@ -270,27 +271,32 @@ class Engine:
             return
         dtype, extra = next(self.model.parameters()).dtype, self.model.extra_positions
         with torch.no_grad():
-            for B in (1, 2):  # one step at column 1 of a 2-column cache: the values do not matter
-                cache = KVCache(self.config, B, extra + 2, self.device, dtype)
-                cache.length = extra + 1
-                valid = torch.ones((B, 2), dtype=torch.bool, device=self.device)
-                self.decode(torch.zeros((B, 1), dtype=torch.long, device=self.device), valid, cache, 1)
+            # An eager prefill of one token, then one compiled step; the cache keeps a column free, as every
+            # real step's does (the graph may depend on that). The values do not matter.
+            for B in (1, 2):
+                cache = KVCache(self.config, B, extra + 3, self.device, dtype)
+                ids = torch.zeros((B, 1), dtype=torch.long, device=self.device)
+                self.model(ids, cache=cache, last_only=True)
+                self.decode(ids, torch.ones((B, 2), dtype=torch.bool, device=self.device), cache, 1)
 
     def decode(self, ids: Tensor, valid: Tensor, cache: KVCache, pos: int, padded: bool = True) -> Tensor:
         """The logits (B, V) after one decode step: `ids` (B, 1) are every row's token at column `pos` (the
-        cache's next column), `valid` (B, W) marks each row's real tokens (none after `pos`; W is the cache's
-        width less the model's extra positions). Eager, or the compiled static step."""
+        cache's next column), `valid` (B, >= pos + 1) marks each row's real tokens. Eager, or the compiled
+        static step."""
         if self.compiled is None:
             mask = valid[:, : pos + 1] if padded else None
             return self.model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1].float()
-        if valid.shape[1] + self.model.extra_positions != cache.max_len:
-            raise ValueError(f"valid has {valid.shape[1]} columns for a cache of {cache.max_len}")
+        if cache.length != pos + self.model.extra_positions:
+            raise ValueError(f"column {pos} is not the cache's next one ({cache.length} filled)")
+        # The step attends to the filled columns only (fewer bytes read). A copy, so that the graph always meets
+        # the same strides (a slice's row stride is the full width, a (1, n) slice counts as contiguous).
+        seen = valid[:, : pos + 1].clone(memory_format=torch.contiguous_format)
         torch._dynamo.maybe_mark_dynamic(ids, 0)
-        torch._dynamo.maybe_mark_dynamic(valid, 0)
-        torch._dynamo.maybe_mark_dynamic(valid, 1)
+        torch._dynamo.maybe_mark_dynamic(seen, 0)
+        torch._dynamo.maybe_mark_dynamic(seen, 1)
         cache.index = self._index.fill_(cache.length)
         try:
-            logits = self.compiled(self.model, ids, valid, cache)
+            logits = self.compiled(self.model, ids, seen, cache)
         finally:
             cache.index = None  # the cache is static only inside the step; eager forwards read `length`
         cache.length += 1

@@ -137,8 +137,9 @@ class KVCache:
     and advances `length` after the last layer.
 
     A static step (`index` set to the (T,) columns it writes, as `torch.compile`'s decode step does) writes
-    there instead and attends over all `max_len` columns, masked by the attention mask: its shapes never
-    change, and `length` is left to the caller.
+    there instead and attends over the columns its attention mask covers (all by default), masked: it reads no
+    Python state of the cache, so the compiled graph needs no guard on it, and `length` is left to the
+    caller.
     """
 
     def __init__(
@@ -168,13 +169,13 @@ class KVCache:
         """Nothing cached yet (a static step never reads `length`, which the compiler would guard on)."""
         return self.index is None and self.length == 0
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this step's (B, n_kv, T, hd) keys/values for `layer`; return all keys/values so far (every
-        column for a static step)."""
+    def update(self, layer: int, k: Tensor, v: Tensor, keys: int | None = None) -> tuple[Tensor, Tensor]:
+        """Store this step's (B, n_kv, T, hd) keys/values for `layer`; return all keys/values so far (a static
+        step: the first `keys` columns, all by default)."""
         if self.index is not None:
             self.k[layer].index_copy_(2, self.index, k)
             self.v[layer].index_copy_(2, self.index, v)
-            return self.k[layer], self.v[layer]
+            return self.k[layer][:, :, :keys], self.v[layer][:, :, :keys]
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} needed")
@@ -232,7 +233,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         is_causal = mask is None and (cache is None or cache.empty)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, past + T, hd)
+            # (B, nkv, past + T, hd); a static step's mask always exists and gives the keys' count
+            k, v = cache.update(self.layer_idx, k, v, mask.shape[-1] if mask is not None else None)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal and T > 1, enable_gqa=self.n_kv_head != self.n_head
         )  # (B, nh, T, hd)
@@ -331,7 +333,9 @@ class DecoderModel(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq(x.device), position_ids, x.dtype)  # (B, T, hd)
         # One mask per distinct window (full and sliding layers), built once per forward.
         windows = {b.window for b in self.layers}
-        keys = cache.max_len if index is not None else 0
+        keys = (
+            0 if index is None else attention_mask.shape[1] if attention_mask is not None else cache.max_len
+        )
         masks = {
             w: build_mask(attention_mask, past, T, w, x.device, segment_ids, index=index, keys=keys)
             for w in windows
