@@ -153,7 +153,8 @@ def test_compiled_scheduler_with_lora_rows_equals_eager_alone(tiny_model_dir, ti
         bank.add(name, path)
     scheduler, events = Scheduler(served, bank=bank, max_batch=8), {}
     names = [None, "a", "b", "a", None]
-    settings = [{"logprobs": 1}, {"temperature": 0.8, "seed": 2}, {"repetition_penalty": 1.3}, {}, {"n": 2}]
+    settings = [{"logprobs": 1}, {"temperature": 0.8, "seed": 2}, {"repetition_penalty": 1.3}, {"ignore_eos": True},
+                {"n": 2}]  # fmt: skip
     requests = []
     for k, (name, extra) in enumerate(zip(names, settings, strict=True)):
         cfg = GenerationConfig(max_new_tokens=10 + k, **extra)

@@ -162,6 +162,21 @@ def test_stop_strings_that_span_tokens(tokenizer_dir, model_dir):
     assert streamed == cut.text
 
 
+def test_ignore_eos_goes_on_to_max_new_tokens(model_dir):
+    """EOS forced by a logit bias ends a sample at once, unless `ignore_eos`: then every requested token comes, EOS
+    ids in the tokens and not in the text (as vLLM's ignore_eos)."""
+    engine = Engine.from_dir(model_dir, device="cpu")
+    p = prompts(engine)[:2]
+    forced = GenerationConfig(temperature=0, max_new_tokens=6, logit_bias={3: 100.0})
+    assert [(c.token_ids, c.finish_reason, c.stop_token) for c in engine.generate(p, forced)] == [
+        ([], "stop", 3)
+    ] * 2
+    going = forced.model_copy(update={"ignore_eos": True})
+    assert [(c.token_ids, c.finish_reason, c.text) for c in engine.generate(p, going)] == [
+        ([3] * 6, "length", "")
+    ] * 2
+
+
 def test_length_and_context_limits(model_dir):
     engine = Engine.from_dir(model_dir, device="cpu")
     (c,) = engine.generate([prompts(engine)[0]], GenerationConfig(temperature=0, max_new_tokens=3))

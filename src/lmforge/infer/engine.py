@@ -161,6 +161,10 @@ class Engine:
         """The end-of-turn and EOS ids that finish a sample."""
         return {i for i in self.tokenizer.eot_ids if i is not None}
 
+    def stops(self, cfg: GenerationConfig) -> set[int]:
+        """The ids that finish a sample under `cfg`: `stop_ids`, none with `ignore_eos`."""
+        return set() if cfg.ignore_eos else self.stop_ids
+
     def encode(self, prompt: str) -> list[int]:
         """A plain-text prompt's ids, with the tokenizer's BOS as in training data."""
         return self.tokenizer.encode(prompt, add_special_tokens=True)
@@ -218,7 +222,7 @@ class Engine:
         rows = [
             Row(Completion(i // cfg.n, i % cfg.n, prompt_tokens=len(ids))) for i, ids in enumerate(rows_ids)
         ]
-        stop_ids, hold = self.stop_ids, held_back(cfg)
+        stop_ids, hold = self.stops(cfg), held_back(cfg)
 
         logits = self.model(tokens[:, :P], attention_mask=valid[:, :P] if padded else None, cache=cache,
                             last_only=True)[:, -1].float()  # (B, V)  # fmt: skip

@@ -117,6 +117,9 @@ class GenerationConfig(Section):
     latest earlier occurrence of the last 1-3 tokens (in the prompt or the output) and check them in one forward.
     Greedy decoding of one sample only (temperature 0, one prompt, n = 1); the tokens are greedy's, up to
     floating-point ties. Pays where the output repeats its context (RAG, edits, extraction); 0 = off."""
+    ignore_eos: bool = False
+    """Go on past end-of-turn and EOS ids (vLLM's ignore_eos; the ids stay in the tokens, not in the text): for
+    benchmarks that need every requested token of a trained model."""
 
     @model_validator(mode="before")
     @classmethod

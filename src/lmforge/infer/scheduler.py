@@ -392,7 +392,6 @@ class Scheduler:
             if not s.row.done:
                 groups.setdefault(_processing(s.request.cfg), []).append(i)
         now = time.perf_counter()
-        stop_ids = self.engine.stop_ids
         for members in groups.values():
             cfg = self.slots[members[0]].request.cfg
             idx = torch.tensor(members, device=self.engine.device)
@@ -423,7 +422,7 @@ class Scheduler:
                 if s.steps == 0:
                     c.time_to_first_token = now - s.request.arrived
                 self.engine.take(c, step_ids[j], step_logp[j], step_top[j] if step_top else None,
-                                 s.request.cfg, stop_ids)  # fmt: skip
+                                 s.request.cfg, self.engine.stops(s.request.cfg))  # fmt: skip
                 s.steps += 1
                 if not s.row.done and s.steps == s.request.cfg.max_new_tokens:
                     c.finish_reason = "length"
