@@ -15,9 +15,8 @@ With `compile=True` each decode step is one compiled graph (`torch.compile`; on 
 the step writes its keys and values at a column index (a tensor) of the pre-allocated cache and attends over the
 filled columns under the mask, reading no Python state that changes from step to step; the batch size, the
 cache's width and the filled width are dynamic dimensions, so one graph serves batch 1 and one every larger
-batch, whatever the lengths. Prefill and speculation's
-verification stay eager on the same cache. The compiled step gives the eager step's tokens; its log-probs
-differ by float rounding only.
+batch, whatever the lengths. Prefill and speculation's verification stay eager on the same cache. The compiled
+step gives the eager step's tokens; its log-probs differ by float rounding only.
 
 With `speculate=K` (greedy, one sample) a step may add several tokens: `NgramIndex` drafts up to K ids that
 followed an earlier occurrence of the last few ids, `_verify` checks them in one forward and keeps the prefix

@@ -90,8 +90,8 @@ def build_mask(
     Query i sits at cache index past + i (S = past + T) and sees key j when j <= past + i, j is not padding, on
     sliding layers j > past + i - window, and with `segment_ids` (B, T) of a packed row (no cache) j is in i's
     sample. A query always sees itself, so padding rows never become all -inf (NaN). Given `index` (T,), a
-    static cache's step, query i sits at column index[i] instead and the keys are all `keys` columns of the
-    cache: the columns not yet written are padding in `attention_mask`, so none of them is seen.
+    static cache's step, query i sits at column index[i] instead and the keys are the cache's first `keys`
+    columns (the attention mask's width): columns not yet written are padding there, so none of them is seen.
     """
     static = index is not None
     plain = attention_mask is None and segment_ids is None and window is None and (past == 0 or T == 1)
