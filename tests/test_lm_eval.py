@@ -171,6 +171,10 @@ def test_bad_model_args(tiny_model_dir):
         LmforgeLM(pretrained=str(tiny_model_dir), max_length=500)
     with pytest.raises(LmforgeError, match="batch_size=0"):
         LmforgeLM(pretrained=str(tiny_model_dir), batch_size=0)
+    with pytest.raises(LmforgeError, match="compile=maybe: expected true or false"):
+        LmforgeLM(pretrained=str(tiny_model_dir), compile="maybe")
+    assert LmforgeLM(pretrained=str(tiny_model_dir), compile="True").engine.compiled is not None
+    assert LmforgeLM(pretrained=str(tiny_model_dir), compile="false").engine.compiled is None
 
 
 def test_chat_template_renders_as_transformers(tiny_model_dir):
