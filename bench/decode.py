@@ -200,6 +200,14 @@ def read_bandwidth(mib: int = 256, repeats: int = 5) -> dict[str, float]:
     return {name: x.numel() * 4 / min(_timed(fn) for _ in range(repeats)) for name, fn in kernels.items()}
 
 
+def best_bandwidth(args: argparse.Namespace) -> dict[str, float]:
+    """Each kernel's best bandwidth so far, read once more now (after the timed calls: the VM's speed drifts);
+    kept in `args.bandwidth` for the next preset."""
+    now = read_bandwidth()
+    args.bandwidth = {k: max(v, now[k]) for k, v in args.bandwidth.items()}
+    return args.bandwidth
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -230,13 +238,10 @@ def bench_preset(name: str, tokenizer: Tokenizer, args: argparse.Namespace) -> l
     with torch.inference_mode():
         single_runs = compare(engines, hf, single, args.new_tokens, args.repeats)
         batch_runs = compare(engines, hf, batch, args.batch_new_tokens, args.repeats)
-    # The physical limit of batch-1 decoding: bytes each step must read / the bandwidth measured in this run
-    # (the best of the readings before and after the timed calls: the VM's speed drifts), by each kernel.
-    after = read_bandwidth()
-    args.bandwidth = {k: max(v, after[k]) for k, v in args.bandwidth.items()}
+    # The physical limit of batch-1 decoding: bytes each step must read / the bandwidth measured in this run.
     need = bytes_per_token(ours, len(single[0]) + args.new_tokens / 2)
     limits = []
-    for kernel, bandwidth in args.bandwidth.items():
+    for kernel, bandwidth in best_bandwidth(args).items():
         limit = bandwidth / need
         shares = [statistics.median(r.decode_rate for r in lib) / limit for lib in single_runs]
         what = (f"batch 1: bandwidth limit {limit:,.0f} tok/s ({need / 1e6:.1f} MB read per token / "
@@ -335,8 +340,7 @@ def bench_trained(path: Path, args: argparse.Namespace) -> None:
     # The limit at the mean context of the outputs, by each kernel's bandwidth (as for the presets)
     new_mean = tokens["transformers"] / args.repeats / len(prompts)
     need = bytes_per_token(loaded.model, statistics.mean(map(len, prompts)) + new_mean / 2)
-    after = read_bandwidth()
-    bandwidth = {k: max(v, after[k]) for k, v in args.bandwidth.items()}
+    bandwidth = best_bandwidth(args)
     kernels = " / ".join(f"{k} {bandwidth[k] / need:,.0f} tok/s" for k in bandwidth)
     print(f"Mean output {new_mean:.0f} tokens; limit ({need / 1e6:.1f} MB per token) by {kernels}")
     print("| library | end-to-end tok/s | vs transformers | share of the limit (sum / GEMV) |")

@@ -1,7 +1,6 @@
 """`lmforge ladder --task TASK.yaml --out DIR`: prompt only → RAG → LoRA → LoRA + RAG on one task, measured alike,
 and the rung the numbers recommend."""
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lmforge.commands.common import JsonFlag, reflow
+from lmforge.commands.common import JsonFlag, emit, reflow
 from lmforge.config import config_help, load_config
 from lmforge.ladder import RUNGS, LadderTask
 
@@ -62,7 +61,7 @@ def ladder(
     cfg = load_config(LadderTask, task, list(overrides or []))
     result = run_ladder(cfg, out, overwrite=overwrite)
     if as_json:
-        print(json.dumps(result, indent=2))
+        emit(result, as_json=True)
         return
     print_table(result)
 
