@@ -46,12 +46,12 @@ def engines(request, tmp_path_factory, tokenizer_dir) -> tuple[Engine, Engine]:
 
 
 def assert_same(got: list[Completion], want: list[Completion]) -> None:
-    """The same tokens, text, finish and top alternatives; log-probs within float rounding."""
+    """Each sample as `assert_alone` checks it (tokens, text, finish, log-probs within float rounding), and the
+    same stop token and top alternatives in the same order."""
     assert len(got) == len(want)
     for mine, theirs in zip(got, want, strict=True):
-        assert mine.token_ids == theirs.token_ids and mine.text == theirs.text
-        assert (mine.finish_reason, mine.stop_token) == (theirs.finish_reason, theirs.stop_token)
-        assert mine.logprobs == pytest.approx(theirs.logprobs, abs=1e-4)
+        assert_alone(mine, theirs)
+        assert mine.stop_token == theirs.stop_token
         assert [list(t) for t in mine.top_logprobs] == [list(t) for t in theirs.top_logprobs]
 
 
@@ -167,5 +167,4 @@ def test_compiled_scheduler_with_lora_rows_equals_eager_alone(tiny_model_dir, ti
         for name, path in tiny_lora_dirs.items()
     }
     for k, r in enumerate(requests):
-        for got, want in zip(events[k][-1], alone[r.adapter].generate([r.ids], r.cfg), strict=True):
-            assert_alone(got, want)
+        assert_same(events[k][-1], alone[r.adapter].generate([r.ids], r.cfg))
