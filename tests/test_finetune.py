@@ -119,7 +119,8 @@ def test_lora_adapter_generates_and_merges_exactly(world, tmp_path):
                                  "--chat", "--max-new-tokens", "4", "--temperature", "0", "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
     via_cli = json.loads(result.stdout)["results"][0]["samples"][0]["token_ids"]
-    from lmforge.infer.engine import Engine, prompt_ids
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.prompts import prompt_ids
     from lmforge.infer.sampling import GenerationConfig
 
     engine = Engine.from_dir(merged_dir, device="cpu")

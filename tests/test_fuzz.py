@@ -45,7 +45,7 @@ from lmforge.data.formats import FORMATS, detect_format, to_examples
 from lmforge.data.prepare import PrepareConfig
 from lmforge.data.readers import decode_chunk, iter_files, read_records, text_chunks, text_split
 from lmforge.errors import LmforgeError
-from lmforge.infer.engine import read_prompts
+from lmforge.infer.prompts import read_prompts
 from lmforge.infer.sampling import GenerationConfig, generation_config
 from lmforge.model.configs import preset
 from lmforge.model.hf import build_model, save_model

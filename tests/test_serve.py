@@ -225,7 +225,8 @@ def adapted(model_dir, tiny_lora_dirs):
 
 def alone(model_dir, tiny_lora_dirs, model: str, prompt: str, max_tokens: int):
     """What `model` (the base, "a" or "b", applied to its own copy of the base) answers alone, greedily."""
-    from lmforge.infer.engine import Engine, prompt_ids
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.prompts import prompt_ids
     from lmforge.infer.sampling import GenerationConfig
 
     engine = Engine.from_dir(model_dir, device="cpu", adapter=tiny_lora_dirs.get(model))
@@ -347,7 +348,8 @@ def test_64_clients_with_dropped_streams(tiny_model_dir, tiny_lora_dirs):
     streamed and not, a third of the streams dropped after their first chunk): no 5xx, every completed greedy
     output equal to that model's output for the request alone, and the queue, running and batch gauges back to
     0 at the end (no leaked slots)."""
-    from lmforge.infer.engine import Engine, prompt_ids
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.prompts import prompt_ids
     from lmforge.infer.sampling import GenerationConfig
 
     expected = {}

@@ -125,7 +125,8 @@ def generate(
     token's text and bytes with its top alternatives (OpenAI's logprobs.content), finish reason, time to first
     token and tokens/s.
     """
-    from lmforge.infer.engine import Engine, TokenText, fit_prompts, prompt_ids, read_prompts
+    from lmforge.infer.engine import Engine, TokenText
+    from lmforge.infer.prompts import fit_prompts, prompt_ids, read_prompts
     from lmforge.infer.sampling import generation_config
 
     given = {k: v for k, v in locals().items() if k in GENERATION_FLAGS and v is not None}
@@ -136,7 +137,7 @@ def generate(
     engine = Engine.from_dir(model, device=device, adapter=adapter, compile=compile)
     rags: list = [None] * len(texts)
     if rag is not None:
-        from lmforge.infer.engine import as_messages
+        from lmforge.infer.prompts import as_messages
         from lmforge.rag.prompt import rag_prompt_ids
 
         retriever = open_retriever(rag, k, rag_mode, min_score)

@@ -121,7 +121,7 @@ def exact_match(
     as plain text for a base model to continue): accuracy overall and per group (with 95% Wilson intervals), a
     few examples, and under "answers" every item's question, group, expected value, answer and verdict. With a
     `retriever` (lmforge.rag.prompt.Retriever), each question gets its passages and each answer its citations."""
-    from lmforge.infer.engine import prompt_ids
+    from lmforge.infer.prompts import prompt_ids
 
     room = engine.config.max_position_embeddings - max_new_tokens - engine.model.extra_positions
     tok = engine.tokenizer

@@ -210,7 +210,7 @@ def run_safety(
 
 def _prompt_ids(engine: Any, name: str, probe: Probe) -> list[int]:
     """The probe's ids by the model's chat template, or an error naming the model, the set and the probe."""
-    from lmforge.infer.engine import prompt_ids
+    from lmforge.infer.prompts import prompt_ids
 
     try:
         return prompt_ids(engine, list(probe.messages), chat=True, system=None)
@@ -227,7 +227,7 @@ def _prompt_ids(engine: Any, name: str, probe: Probe) -> list[int]:
 
 
 def _renders(engine: Any, messages: list[dict[str, str]]) -> bool:
-    from lmforge.infer.engine import prompt_ids
+    from lmforge.infer.prompts import prompt_ids
 
     try:
         prompt_ids(engine, messages, chat=True, system=None)

@@ -89,7 +89,7 @@ def generate_replies(
 ) -> list[tuple[str, bool]]:
     """Greedy replies to chat prompts through the chat template: (text, ended its turn) each, in order."""
     from lmforge.eval.qa import greedy_completions, turn_end_ids
-    from lmforge.infer.engine import prompt_ids
+    from lmforge.infer.prompts import prompt_ids
 
     room = engine.context - max_new_tokens
     ids = [prompt_ids(engine, list(p), chat=True, system=None, room=room, truncate=True) for p in prompts]

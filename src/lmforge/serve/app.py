@@ -32,7 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmforge.adapters.multilora import LoraBank
 from lmforge.errors import LmforgeError
 from lmforge.infer.embed import Embedder
-from lmforge.infer.engine import Completion, Delta, Engine, TokenText, prompt_ids
+from lmforge.infer.engine import Completion, Delta, Engine, TokenText
+from lmforge.infer.prompts import prompt_ids
 from lmforge.infer.sampling import GenerationConfig, generation_config
 from lmforge.infer.scheduler import Event, QueueFull, Scheduler, TimedOut
 from lmforge.infer.scheduler import Request as Job
